@@ -1,0 +1,1 @@
+"""Compiled programs behind ``overinterp_jax.sis`` (backward selection and its records)."""

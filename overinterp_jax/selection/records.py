@@ -1,0 +1,66 @@
+"""What follows from a backward-selection record: SISes at any threshold, keep masks.
+
+A record of one input is ``order [m]`` (feature ids, first removed first) and
+``values [m]`` (the score after each removal). The score recorded at step t
+is the score with only the features removed *after* step t present.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def sis_length(values: np.ndarray, threshold: float) -> np.ndarray:
+  """Number of trailing removals that form the SIS (FindSIS), per record.
+
+  FindSIS walks back from the last removal and stops at the first step whose
+  recorded score is ``>= threshold``; the removals after it are the SIS. With
+  no such step the SIS is every removal; with the last value itself
+  ``>= threshold`` (the fully masked input suffices) the SIS is empty.
+
+  Args:
+    values: ``[..., m]`` scores over backward selection.
+    threshold: the SIS threshold.
+
+  Returns:
+    ``[...]`` int64 SIS sizes (``0 .. m``).
+  """
+  values = np.asarray(values)
+  m = values.shape[-1]
+  reached = values >= threshold
+  # Last step (from the start) whose value reaches the threshold; -1 if none.
+  last = np.where(reached.any(axis=-1), m - 1 - np.argmax(reached[..., ::-1], axis=-1), -1)
+  return (m - 1 - last).astype(np.int64)
+
+
+def pixels_to_keep(num_features: int, frac_kept: float) -> int:
+  """``ceil(frac_kept · d)`` features; e.g. 52 of 1,024 at ``frac_kept=0.05``."""
+  if not (isinstance(frac_kept, (int, float)) and 0 < frac_kept <= 1):
+    raise ValueError(f"frac_kept must be in (0, 1], got {frac_kept!r}.")
+  # Round away float noise before the ceiling (0.05 · 1024 = 51.2000000001).
+  return max(1, math.ceil(round(frac_kept * num_features, 9)))
+
+
+def keep_last_removed(order: np.ndarray, num_kept: np.ndarray | int,
+                      num_features: int) -> np.ndarray:
+  """Boolean feature masks keeping the last ``num_kept`` removed features.
+
+  Args:
+    order: ``[N, d]`` feature ids in removal order (first removed first).
+    num_kept: int or ``[N]`` ints, how many of the last removals to keep.
+    num_features: ``d``.
+
+  Returns:
+    ``[N, d]`` bool, True on kept features.
+  """
+  order = np.asarray(order)
+  if order.ndim != 2 or order.shape[1] != num_features:
+    raise ValueError(f"order must have shape [N, {num_features}], got {order.shape}.")
+  n = order.shape[0]
+  num_kept = np.broadcast_to(np.asarray(num_kept), (n,))
+  position = np.arange(num_features)[None, :]
+  kept_positions = position >= (num_features - num_kept[:, None])
+  mask = np.zeros((n, num_features), bool)
+  np.put_along_axis(mask, order, kept_positions, axis=1)
+  return mask

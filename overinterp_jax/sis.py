@@ -1,0 +1,657 @@
+"""Sufficient Input Subsets (SIS) in JAX: backward selection, FindSIS, SIS collections.
+
+Two layers, both pure (no file I/O, no logging):
+
+* **Reference-compatible API** — ``find_sis``, ``sis_collection``,
+  ``SISResult``, ``make_empty_boolean_mask*``, ``produce_masked_inputs`` take
+  the arguments and return the types of the ``sufficient_input_subsets``
+  library (Carter et al. 2019), so switching is a change of import. ``f`` maps
+  a batch ``[B, *D]`` to scores ``[B]`` and must be JAX-traceable. Two
+  deliberate differences (docs/paper.md §6): the starting check ``f >= τ`` is
+  made on the input *with the initial mask applied*, and an empty SIS (the
+  fully masked input already scores ``>= τ``) gets an all-False mask.
+* **Batched API for models** — ``batched_backselect`` (exact) and
+  ``gradient_backselect`` (Batched Gradient SIS) run backward selection for N
+  images at once, sharded over all local devices, and return a
+  ``BackselectResult``; ``sis_from_backselect``, ``keep_mask`` and
+  ``apply_feature_mask`` turn results into SISes and pixel-subsets.
+
+Backward selection runs as one compiled program (no Python per step); see
+``overinterp_jax/selection/``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from overinterp_jax import sharding
+from overinterp_jax.selection import exact, features, gradient, records
+
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Beyond this many masked inputs per model call, throughput stops improving on
+# any backend we measured, while memory keeps growing.
+MAX_EVAL_BATCH = 2048
+
+# --------------------------------------------------------------------------
+# Reference-compatible API
+# --------------------------------------------------------------------------
+
+
+class SISResult(NamedTuple):
+  """One SIS and the backward selection it came from.
+
+  Fields (``m`` features present at the start, ``k`` in the SIS, mask ``M``):
+    sis: ``[k, len(M)]`` int indices into the mask, last-removed first.
+    ordering_over_entire_backselect: ``[m, len(M)]`` indices, first removed first.
+    values_over_entire_backselect: ``[m]`` score after each removal.
+    mask: ``M`` bool, True on the SIS.
+  """
+  sis: np.ndarray
+  ordering_over_entire_backselect: np.ndarray
+  values_over_entire_backselect: np.ndarray
+  mask: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.sis.shape[0])
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, SISResult):
+      return False
+    return all(np.array_equal(a, b) for a, b in zip(self, other))
+
+  def __ne__(self, other) -> bool:
+    return not self.__eq__(other)
+
+  __hash__ = None  # Results hold arrays; like the reference they are unhashable.
+
+  def approx_equal(self, other, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    """Exact on indices and mask; ``np.allclose`` on the values."""
+    if not isinstance(other, SISResult):
+      return False
+    return (np.array_equal(self.sis, other.sis)
+            and np.array_equal(self.ordering_over_entire_backselect,
+                               other.ordering_over_entire_backselect)
+            and np.array_equal(self.mask, other.mask)
+            and self.values_over_entire_backselect.shape
+            == other.values_over_entire_backselect.shape
+            and np.allclose(self.values_over_entire_backselect,
+                            other.values_over_entire_backselect, rtol=rtol, atol=atol))
+
+
+def make_empty_boolean_mask(shape: Sequence[int]) -> np.ndarray:
+  """All-True mask of ``shape`` (every feature present)."""
+  return np.ones(tuple(shape), dtype=bool)
+
+
+def make_empty_boolean_mask_broadcast_over_axis(shape: Sequence[int], axis) -> np.ndarray:
+  """All-True mask of ``shape`` with size 1 along ``axis`` (int or tuple).
+
+  E.g. ``(32, 32, 3)`` with ``axis=2`` gives ``(32, 32, 1)``: one feature per pixel.
+  """
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  shape = list(shape)
+  for a in axes:
+    shape[a] = 1
+  return np.ones(tuple(shape), dtype=bool)
+
+
+def produce_masked_inputs(input_to_mask, fully_masked_input, batch_of_masks) -> np.ndarray:
+  """``[B, *D]`` masked copies: ``where(mask, input, fully_masked)`` per mask.
+
+  Works for any dtype (strings too). Raises ``TypeError`` unless the masks
+  have exactly one more dimension (the batch) than the input.
+  """
+  x = np.asarray(input_to_mask)
+  masks = np.asarray(batch_of_masks)
+  if masks.ndim != x.ndim + 1:
+    raise TypeError(
+        f"batch_of_masks must have one more dimension than the input: got masks of shape "
+        f"{masks.shape} for an input of shape {x.shape}.")
+  return np.where(masks, x[None], np.asarray(fully_masked_input)[None])
+
+
+def _check_threshold(threshold, probability: bool) -> float:
+  try:
+    tau = float(threshold)
+  except (TypeError, ValueError):
+    raise ValueError(f"threshold must be a number, got {threshold!r}.") from None
+  if not math.isfinite(tau):
+    raise ValueError(f"threshold must be finite, got {threshold!r}.")
+  if probability and not 0.0 <= tau <= 1.0:
+    raise ValueError(f"threshold must be in [0, 1] for probability scores, got {tau}.")
+  return tau
+
+
+def _check_input_and_mask(current_input, current_mask, fully_masked_input):
+  x = jnp.asarray(current_input)
+  fm = jnp.asarray(fully_masked_input)
+  if fm.shape != x.shape:
+    raise ValueError(
+        f"fully_masked_input has shape {fm.shape} but the input has shape {x.shape}; "
+        "they must match.")
+  mask = np.asarray(current_mask)
+  if mask.dtype != bool:
+    raise ValueError(f"The mask must be boolean, got dtype {mask.dtype}.")
+  padded = features.mask_shape_for(x.shape, mask.shape)
+  return x, fm, mask, padded
+
+
+def _eval_batch_size(score_fn, params, example, targets, *, budget_bytes, cap) -> int:
+  """Masked inputs per model call that fit ``budget_bytes`` (measured, not guessed).
+
+  Compiles the score function at a probe batch and reads XLA's memory
+  analysis; falls back to 64 input-sized buffers per evaluation.
+  """
+  probe = 8
+  input_bytes = int(np.prod(example.shape[1:])) * example.dtype.itemsize
+  per_eval = 64 * input_bytes
+  try:
+    xs = jax.ShapeDtypeStruct((probe,) + example.shape[1:], example.dtype)
+    rows = jax.ShapeDtypeStruct((probe,), jnp.int32)
+    stats = jax.jit(score_fn).lower(params, xs, rows, targets).compile().memory_analysis()
+    if stats is not None:
+      per_eval = max(int(stats.temp_size_in_bytes) // probe, 1) + 4 * input_bytes
+  except Exception:  # Some backends offer no memory analysis; keep the fallback.
+    pass
+  return int(max(1, min(cap, MAX_EVAL_BATCH, budget_bytes // per_eval)))
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_input_program(f, eval_batch: int, num_steps: int, mask_shape: tuple[int, ...]):
+  score_fn = lambda params, x, rows, targets: f(x)
+  program = exact.exact_backselect_program(
+      score_fn, eval_batch=eval_batch, num_steps=num_steps, mask_shape=mask_shape,
+      use_feature_map=False)
+  return jax.jit(program)
+
+
+def _cached(builder, *key):
+  """Calls the lru-cached ``builder`` when the key is hashable, else builds afresh."""
+  try:
+    hash(key)
+  except TypeError:
+    return builder.__wrapped__(*key)
+  return builder(*key)
+
+
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def _check_scores(name: str, scores) -> None:
+  scores = np.asarray(scores)
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f"{name} returned NaN or infinite scores; SIS needs finite scores.")
+
+
+def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
+               eval_batch_size: int | None = None,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
+  """Exact backward selection over the features present in ``current_mask``.
+
+  Args:
+    f: JAX-traceable ``[B, *D] -> [B]`` score.
+    current_input: ``D`` input.
+    current_mask: ``M`` bool, broadcastable onto ``D``; True = present.
+    fully_masked_input: ``D`` replacement values.
+    eval_batch_size: masked inputs per call of ``f``; by default as many as
+      fit ``memory_budget_bytes``.
+
+  Returns:
+    ``(ordering, values)``: ``ordering [m, len(M)]`` int64 mask indices, first
+    removed first (ties: lowest row-major index); ``values [m]`` the score
+    after each removal. ``m`` is the number of present features (may be 0).
+
+  Raises:
+    ValueError: mismatched shapes, a non-boolean or non-broadcastable mask, or
+      NaN/infinite scores from ``f``.
+  """
+  x, fm, mask, padded = _check_input_and_mask(current_input, current_mask, fully_masked_input)
+  d = int(mask.size)
+  m = int(mask.sum())
+  if m == 0:
+    return np.zeros((0, mask.ndim), np.int64), np.zeros((0,), np.float32)
+  targets = jnp.zeros((1,), jnp.int32)
+  score_fn = lambda params, xb, rows, t: f(xb)
+  if eval_batch_size is None:
+    eval_batch_size = _eval_batch_size(score_fn, None, x[None], targets,
+                                       budget_bytes=memory_budget_bytes, cap=d)
+  program = _cached(_single_input_program, f, int(eval_batch_size), d, padded)
+  order, values, nonfinite = program(None, x[None], fm[None],
+                                     jnp.asarray(mask.reshape(1, d)), targets, None)
+  if bool(nonfinite[0]):
+    raise ValueError("f returned NaN or infinite scores during backward selection.")
+  order = np.asarray(order[0, :m])
+  ordering = np.stack(np.unravel_index(order, mask.shape), axis=1).astype(np.int64)
+  return ordering, np.asarray(values[0, :m])
+
+
+def find_sis(f: Callable, threshold, current_input, current_mask,
+             fully_masked_input, **backselect_kwargs) -> SISResult | None:
+  """One SIS of ``current_input`` among the features present in ``current_mask``.
+
+  Returns None when ``f`` on the masked input is below ``threshold`` or when
+  no feature is present. ``threshold`` may be any finite number (``f`` is an
+  arbitrary score here). Extra keyword arguments go to ``backselect``.
+  """
+  tau = _check_threshold(threshold, probability=False)
+  x, fm, mask, padded = _check_input_and_mask(current_input, current_mask, fully_masked_input)
+  start = f(jnp.where(jnp.asarray(mask.reshape(padded)), x, fm)[None])
+  if jnp.shape(start) != (1,):
+    raise ValueError(f"f must map [B, *D] to [B] scores; for B=1 it returned shape "
+                     f"{jnp.shape(start)}.")
+  _check_scores("f", start)
+  if float(start[0]) < tau or not mask.any():
+    return None
+  ordering, values = backselect(f, x, mask, fm, **backselect_kwargs)
+  k = int(records.sis_length(values, tau))
+  sis = ordering[len(ordering) - k:][::-1]
+  sis_mask = np.zeros(mask.shape, bool)
+  if k:
+    sis_mask[tuple(sis.T)] = True
+  return SISResult(sis=sis, ordering_over_entire_backselect=ordering,
+                   values_over_entire_backselect=values, mask=sis_mask)
+
+
+def sis_collection(f: Callable, threshold, initial_input, fully_masked_input,
+                   initial_mask=None, **backselect_kwargs) -> list[SISResult]:
+  """Disjoint SISes: find one, mask it out permanently, repeat until none is left.
+
+  An empty SIS (the fully masked input already scores ``>= threshold``) ends
+  the collection, since every further search would return it again.
+  """
+  x = jnp.asarray(initial_input)
+  fm = jnp.asarray(fully_masked_input)
+  mask = (make_empty_boolean_mask(x.shape) if initial_mask is None
+          else np.array(initial_mask, copy=True))
+  collection = []
+  while True:
+    result = find_sis(f, threshold, x, mask, fm, **backselect_kwargs)
+    if result is None:
+      break
+    collection.append(result)
+    if len(result) == 0:
+      break
+    padded = features.mask_shape_for(x.shape, mask.shape)
+    x = jnp.where(jnp.asarray(result.mask.reshape(padded)), fm, x)
+    mask = mask & ~result.mask
+  _assert_sis_collection_disjoint(collection)
+  return collection
+
+
+def _assert_sis_collection_disjoint(collection: Sequence[SISResult]) -> None:
+  seen: set[tuple[int, ...]] = set()
+  for result in collection:
+    for idx in map(tuple, np.asarray(result.sis).tolist()):
+      if idx in seen:
+        raise AssertionError(f"SIS collection is not disjoint: index {idx} appears twice.")
+      seen.add(idx)
+
+
+# --------------------------------------------------------------------------
+# Batched API for classifiers
+# --------------------------------------------------------------------------
+
+
+class BackselectResult(NamedTuple):
+  """Backward selection of N images (``d`` features each).
+
+  Fields:
+    target_classes: ``[N]`` int32 class whose score was kept high.
+    original_scores: ``[N]`` target score on the full image.
+    order: ``[N, d]`` int32 feature ids, first removed first.
+    values: ``[N, d]`` target score after each removal (the last entry is the
+      fully masked image's score).
+  """
+  target_classes: np.ndarray
+  original_scores: np.ndarray
+  order: np.ndarray
+  values: np.ndarray
+
+
+def _class_score_fn(predict_fn, takes_params: bool, apply_softmax: bool):
+  def class_scores(params, x):
+    out = predict_fn(params, x) if takes_params else predict_fn(x)
+    if out.ndim != 2 or out.shape[0] != x.shape[0]:
+      raise ValueError(f"predict_fn must map [B, H, W, C] images to [B, num_classes] "
+                       f"outputs; for B={x.shape[0]} it returned shape {out.shape}.")
+    return jax.nn.softmax(out.astype(jnp.float32), axis=-1) if apply_softmax else out
+
+  def score(params, x, rows, targets):
+    return jnp.take_along_axis(class_scores(params, x), targets[rows][:, None], axis=1)[:, 0]
+
+  return class_scores, score
+
+
+def _targets_and_start(class_scores, params, images, targets_in):
+  scores = class_scores(params, images)
+  targets = jnp.where(targets_in >= 0, targets_in, jnp.argmax(scores, axis=1)).astype(jnp.int32)
+  start = jnp.take_along_axis(scores, targets[:, None], axis=1)[:, 0]
+  return targets, start
+
+
+def _grouped(per_group, group: int):
+  """Applies ``per_group`` to consecutive groups of ``group`` images with ``lax.map``.
+
+  Every image is evaluated inside a group of the same global images whatever
+  the number of devices, so results are bitwise independent of it.
+  """
+  def run(params, feature_map, *batched):
+    n = batched[0].shape[0]
+    split = lambda a: a.reshape((n // group, group) + a.shape[1:])
+    out = jax.lax.map(lambda args: per_group(params, feature_map, *args),
+                      tuple(map(split, batched)))
+    return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
+  return run
+
+
+@functools.lru_cache(maxsize=32)
+def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, group, d, mesh):
+  class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  core = exact.exact_backselect_program(
+      score, eval_batch=eval_batch, num_steps=d, mask_shape=None, use_feature_map=True)
+
+  def per_group(params, feature_map, images, fully_masked, targets_in):
+    targets, start = _targets_and_start(class_scores, params, images, targets_in)
+    present0 = jnp.ones((images.shape[0], d), bool)
+    order, values, nonfinite = core(params, images, fully_masked, present0, targets,
+                                    feature_map)
+    return targets, start, order, values, nonfinite | ~jnp.isfinite(start)
+
+  return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=3)
+
+
+@functools.lru_cache(maxsize=32)
+def _batched_gradient_program(predict_fn, takes_params, apply_softmax, k, group, d, noise_std,
+                              mesh):
+  class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  core = gradient.gradient_backselect_program(
+      score, remove_per_step=k, num_features=d, mask_shape=None, use_feature_map=True,
+      noise_std=noise_std)
+
+  def per_group(params, feature_map, images, fully_masked, targets_in, noise_keys):
+    targets, _ = _targets_and_start(class_scores, params, images, targets_in)
+    order, values, start, nonfinite = core(params, images, fully_masked, targets,
+                                           feature_map, noise_keys)
+    return targets, start, order, values, nonfinite
+
+  return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=4)
+
+
+def _shard_over_images(per_device, mesh, num_batched_args: int):
+  """jit(shard_map): params and the feature map replicated, images split on ``data``."""
+  data = P(sharding.DATA_AXIS)
+  in_specs = (P(), P()) + (data,) * num_batched_args
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=data,
+                               check_vma=False))
+
+
+def _prepare_images(images, fully_masked, feature_map, target_classes):
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
+  if images.shape[0] == 0:
+    raise ValueError("images is empty (N = 0).")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be floating point (normalised), got {images.dtype}.")
+  n, h, w, c = images.shape
+  if fully_masked is None:
+    fully_masked = jnp.zeros((h, w, c), images.dtype)
+  fully_masked = jnp.asarray(fully_masked, images.dtype)
+  if fully_masked.shape == (h, w, c):
+    fully_masked = jnp.broadcast_to(fully_masked, images.shape)
+  if fully_masked.shape != images.shape:
+    raise ValueError(f"fully_masked must be [H, W, C] = {(h, w, c)} or [N, H, W, C] = "
+                     f"{images.shape}, got {fully_masked.shape}.")
+  if feature_map is None:
+    feature_map = features.pixel_feature_map(h, w)
+  fmap, d = features.validate_feature_map(feature_map, (h, w))
+  if target_classes is None:
+    targets = np.full((n,), -1, np.int32)
+  else:
+    targets = np.asarray(target_classes)
+    if targets.shape != (n,) or not np.issubdtype(targets.dtype, np.integer):
+      raise ValueError(f"target_classes must be [N] = [{n}] integers, got shape "
+                       f"{targets.shape} and dtype {targets.dtype}.")
+    if np.any(targets < 0):
+      raise ValueError("target_classes must be >= 0.")
+    targets = targets.astype(np.int32)
+  return images, fully_masked, jnp.asarray(fmap), d, targets
+
+
+def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
+  class_scores, _ = _class_score_fn(predict_fn, params is not None, apply_softmax)
+  out = jax.eval_shape(class_scores, _abstract(params),
+                       jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+  num_classes = out.shape[1]
+  if np.any(targets >= num_classes):
+    raise ValueError(f"target_classes must be < num_classes = {num_classes}; got "
+                     f"{int(targets.max())}.")
+
+
+def _run_sharded(program, mesh, group: int, params, batched: Sequence, feature_map, n):
+  multiple = group * mesh.devices.size
+  padded = [sharding.pad_batch(a, multiple)[0] for a in batched]
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
+  out = program(params, feature_map, *map(put, padded))
+  targets, start, order, values, nonfinite = (np.asarray(o)[:n] for o in out)
+  if nonfinite.any():
+    bad = np.flatnonzero(nonfinite)[:10].tolist()
+    raise ValueError(f"predict_fn produced NaN or infinite scores for images {bad}; "
+                     "SIS needs finite scores (check the inputs and the model).")
+  return BackselectResult(targets, start, order, values)
+
+
+def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
+                       target_classes=None, fully_masked=None, feature_map=None,
+                       apply_softmax: bool = True, eval_batch_size: int | None = None,
+                       images_per_group: int | None = None,
+                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                       mesh=None) -> BackselectResult:
+  """Exact backward selection of N images, sharded across devices.
+
+  Each image's target score is ``softmax(predict_fn(x))[target]``. Every step
+  evaluates every still-present feature's removal; the removal leaving the
+  highest score wins (ties: lowest feature id). Cost: ``d(d+1)/2`` model
+  evaluations per image, packed into calls of ``eval_batch_size``.
+
+  Args:
+    predict_fn: ``predict_fn(images [B, H, W, C]) -> logits [B, K]``, or
+      ``predict_fn(params, images)`` when ``params`` is given (preferred for
+      real models: parameters are then arguments, not compiled-in constants).
+    images: ``[N, H, W, C]`` float, already normalised.
+    params: optional pytree passed to ``predict_fn``.
+    target_classes: ``[N]`` ints; default the argmax class on the full image.
+    fully_masked: ``[H, W, C]`` or ``[N, H, W, C]`` masked values; default zeros
+      (the dataset mean after normalisation).
+    feature_map: ``[H, W]`` int feature ids ``0..d-1`` (superpixels, patches);
+      default one feature per pixel (``d = H·W``, channels masked together).
+    apply_softmax: False when ``predict_fn`` already returns the scores.
+    eval_batch_size: masked images per model call per device; default from
+      ``memory_budget_bytes`` (per device).
+    images_per_group: images whose candidate removals are packed together into
+      model calls; default enough to keep the padding of partly filled calls
+      small. Groups are formed from consecutive images, independently of the
+      number of devices.
+    mesh: a 1-D mesh from ``overinterp_jax.sharding.data_mesh``; default all
+      local devices. Results do not depend on the number of devices.
+
+  Returns:
+    ``BackselectResult`` of numpy arrays.
+  """
+  images, fully_masked, fmap, d, targets = _prepare_images(
+      images, fully_masked, feature_map, target_classes)
+  _check_num_classes(predict_fn, params, images, targets, apply_softmax)
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  n = images.shape[0]
+  takes_params = params is not None
+  if eval_batch_size is None:
+    _, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
+    eval_batch_size = _eval_batch_size(
+        score, _abstract(params), images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
+        budget_bytes=memory_budget_bytes, cap=n * d)
+  eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+  if images_per_group is None:
+    # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
+    images_per_group = min(n, -(-16 * eval_batch_size // d))
+  group = _positive_int("images_per_group", images_per_group)
+  program = _cached(_batched_exact_program, predict_fn, takes_params, bool(apply_softmax),
+                    eval_batch_size, group, d, mesh)
+  return _run_sharded(program, mesh, group, params, [images, fully_masked, targets], fmap, n)
+
+
+def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 1,
+                        params: Any = None, target_classes=None, fully_masked=None,
+                        feature_map=None, apply_softmax: bool = True,
+                        noise_std: float = 0.0, seed: int = 0, batch_size: int = 64,
+                        mesh=None) -> BackselectResult:
+  """Batched Gradient SIS backward selection (paper §3) of N images.
+
+  Each step takes the gradient of the target score with respect to a
+  continuous per-feature removal mask and removes the ``remove_per_step``
+  present features whose removal is predicted to hurt the score least.
+  Cost: ``ceil(d / k) + 1`` forward and backward passes per image.
+
+  ``values`` hold the true score after each step's removals (repeated for
+  the removals of one step), so ``sis_from_backselect`` applies unchanged.
+  ``noise_std > 0`` adds Gaussian noise to the gradients to break ties, drawn
+  from ``seed`` and the image's position (deterministic). The public code
+  uses ``k = 100`` and no noise on ImageNet. ``batch_size`` images share one
+  forward and backward pass per step. Other arguments as in
+  ``batched_backselect``.
+  """
+  if not isinstance(remove_per_step, (int, np.integer)) or remove_per_step < 1:
+    raise ValueError(f"remove_per_step must be a positive integer, got {remove_per_step!r}.")
+  if not (math.isfinite(noise_std) and noise_std >= 0):
+    raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+  images, fully_masked, fmap, d, targets = _prepare_images(
+      images, fully_masked, feature_map, target_classes)
+  _check_num_classes(predict_fn, params, images, targets, apply_softmax)
+  if remove_per_step > d:
+    raise ValueError(f"remove_per_step={remove_per_step} exceeds the {d} features.")
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  n = images.shape[0]
+  group = _positive_int("batch_size", min(n, batch_size))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+  program = _cached(_batched_gradient_program, predict_fn, params is not None,
+                    bool(apply_softmax), int(remove_per_step), group, d, float(noise_std), mesh)
+  return _run_sharded(program, mesh, group, params, [images, fully_masked, targets, keys],
+                      fmap, n)
+
+
+# --------------------------------------------------------------------------
+# From backward selection to SISes and pixel-subsets
+# --------------------------------------------------------------------------
+
+
+class SISBatch(NamedTuple):
+  """SISes of N images at one threshold.
+
+  Fields:
+    exists: ``[N]`` bool; False where the full image scores below the threshold.
+    size: ``[N]`` int SIS size in features (0 where no SIS exists).
+    mask: ``[N, d]`` bool feature mask, True on the SIS.
+  """
+  exists: np.ndarray
+  size: np.ndarray
+  mask: np.ndarray
+
+
+def sis_from_backselect(result: BackselectResult, threshold: float, *,
+                        probability: bool = True) -> SISBatch:
+  """The SIS of every image at ``threshold`` from one backward selection.
+
+  ``probability=True`` (softmax scores) requires ``threshold`` in [0, 1].
+  """
+  tau = _check_threshold(threshold, probability=probability)
+  values = np.asarray(result.values)
+  if not np.all(np.isfinite(values)) or not np.all(np.isfinite(result.original_scores)):
+    raise ValueError("The backselect result holds NaN or infinite scores.")
+  exists = np.asarray(result.original_scores) >= tau
+  size = np.where(exists, records.sis_length(values, tau), 0)
+  mask = records.keep_last_removed(result.order, size, values.shape[1])
+  return SISBatch(exists=exists, size=size, mask=mask)
+
+
+def keep_mask(result_or_order, frac_kept: float) -> np.ndarray:
+  """``[N, d]`` bool masks keeping the last-removed ``ceil(frac_kept · d)`` features.
+
+  ``frac_kept=0.05`` keeps 52 of 1,024 CIFAR pixels. Accepts a
+  ``BackselectResult`` or its ``order`` array.
+  """
+  order = np.asarray(getattr(result_or_order, "order", result_or_order))
+  if order.ndim != 2:
+    raise ValueError(f"order must be [N, d], got shape {order.shape}.")
+  d = order.shape[1]
+  return records.keep_last_removed(order, records.pixels_to_keep(d, frac_kept), d)
+
+
+def random_keep_mask(num_images: int, num_features: int, frac_kept: float,
+                     seed: int) -> np.ndarray:
+  """``[N, d]`` bool masks keeping ``ceil(frac_kept · d)`` uniformly random features.
+
+  Deterministic in ``seed``; each image gets its own draw (the paper's random
+  baseline). Uses numpy's PCG64 so subsets do not depend on the JAX backend.
+  """
+  k = records.pixels_to_keep(num_features, frac_kept)
+  rng = np.random.default_rng(seed)
+  scores = rng.random((num_images, num_features))
+  kept = np.argpartition(scores, num_features - k, axis=1)[:, num_features - k:]
+  mask = np.zeros((num_images, num_features), bool)
+  np.put_along_axis(mask, kept, True, axis=1)
+  return mask
+
+
+def feature_mask_to_pixels(feature_mask, feature_map=None, spatial_shape=None) -> np.ndarray:
+  """``[N, d]`` feature masks -> ``[N, H, W]`` pixel masks.
+
+  Give ``feature_map [H, W]``, or ``spatial_shape (H, W)`` for pixel features.
+  """
+  feature_mask = np.asarray(feature_mask)
+  if feature_map is None:
+    if spatial_shape is None:
+      raise ValueError("Give feature_map or spatial_shape.")
+    h, w = spatial_shape
+    if feature_mask.shape[1] != h * w:
+      raise ValueError(f"Feature masks have {feature_mask.shape[1]} features but the "
+                       f"image has {h * w} pixels.")
+    return feature_mask.reshape(-1, h, w)
+  fmap, d = features.validate_feature_map(feature_map, np.shape(feature_map))
+  if feature_mask.shape[1] != d:
+    raise ValueError(f"Feature masks have {feature_mask.shape[1]} features but the "
+                     f"feature_map defines {d}.")
+  return feature_mask[:, fmap[..., 0]]
+
+
+def apply_feature_mask(images, feature_mask, fully_masked=None, feature_map=None):
+  """Masks images: kept features stay, the rest take ``fully_masked`` (default 0).
+
+  Args:
+    images: ``[N, H, W, C]``.
+    feature_mask: ``[N, d]`` bool, True = kept.
+    fully_masked: ``[H, W, C]`` or ``[N, H, W, C]``; default zeros.
+    feature_map: ``[H, W]`` ids; default one feature per pixel.
+
+  Returns:
+    ``[N, H, W, C]`` array of the images' type (numpy in, numpy out).
+  """
+  xp = np if isinstance(images, np.ndarray) else jnp
+  n, h, w, _ = images.shape
+  feature_mask = np.asarray(feature_mask)
+  if feature_mask.ndim != 2 or feature_mask.shape[0] != n:
+    raise ValueError(f"feature_mask must be [N, d] with N = {n}, got {feature_mask.shape}.")
+  pixels = feature_mask_to_pixels(feature_mask, feature_map, (h, w))
+  fm = xp.zeros((), images.dtype) if fully_masked is None else xp.asarray(fully_masked)
+  return xp.where(xp.asarray(pixels)[..., None], images, fm)

@@ -1,0 +1,28 @@
+"""overinterp_jax: find overinterpretation in image classifiers with JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="overinterp_jax",
+    version="0.1.0",
+    description=("Sufficient Input Subsets (SIS) and the overinterpretation "
+                 "pipeline, accelerator-native in JAX/Flax."),
+    packages=find_packages(include=["overinterp_jax", "overinterp_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it.
+        "numpy>=1.26",
+        "pillow>=10",  # JPEG/PNG decoding for image-folder datasets.
+        "tqdm>=4.66",  # progress bars on long loops.
+        "matplotlib>=3.8",  # report figures.
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.90"],
+    },
+)
