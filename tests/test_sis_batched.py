@@ -110,10 +110,11 @@ def test_each_step_evaluates_only_remaining_candidates():
     jax.debug.callback(lambda: calls.append(1))
     return tiny_mlp(p, b)
 
-  sis.batched_backselect(counting_predict, images(1), params=params, eval_batch_size=4,
+  sis.batched_backselect(counting_predict, images(1), params=params, eval_batch_size=16,
                          mesh=sharding.data_mesh(jax.devices()[:1]))
-  # One call for the full image, then ceil(r / 4) chunks for r = 16 .. 1 remaining.
-  assert len(calls) == 1 + sum(-(-r // 4) for r in range(1, 17))
+  # One call for the full image; then, with r = 16 .. 1 candidates left, r // 16
+  # full calls of 16 and ceil((r % 16) / 2) tail calls of 16 / 8 = 2.
+  assert len(calls) == 1 + sum(r // 16 + -(-(r % 16) // 2) for r in range(1, 17))
 
 
 def test_program_compiles_once_for_repeated_calls():
