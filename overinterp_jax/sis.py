@@ -358,10 +358,13 @@ def _grouped(per_group, group: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, group, d, mesh):
+def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, group, d,
+                           pixel_shape, mesh):
+  """``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map."""
   class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
   core = exact.exact_backselect_program(
-      score, eval_batch=eval_batch, num_steps=d, mask_shape=None, use_feature_map=True)
+      score, eval_batch=eval_batch, num_steps=d, mask_shape=_mask_shape(pixel_shape),
+      use_feature_map=pixel_shape is None)
 
   def per_group(params, feature_map, images, fully_masked, targets_in):
     targets, start = _targets_and_start(class_scores, params, images, targets_in)
@@ -373,21 +376,33 @@ def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, 
   return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=3)
 
 
+def _mask_shape(pixel_shape):
+  return None if pixel_shape is None else tuple(pixel_shape) + (1,)
+
+
 @functools.lru_cache(maxsize=32)
-def _batched_gradient_program(predict_fn, takes_params, apply_softmax, k, group, d, noise_std,
-                              mesh):
+def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, noise_std,
+                               pixel_shape, mesh):
+  """Compiled, sharded ``(init, step, finish)``; each device holds one group of images."""
   class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
-  core = gradient.gradient_backselect_program(
-      score, remove_per_step=k, num_features=d, mask_shape=None, use_feature_map=True,
-      noise_std=noise_std)
+  init, step, finish = gradient.gradient_backselect_steps(
+      score, remove_per_step=k, num_features=d, mask_shape=_mask_shape(pixel_shape),
+      use_feature_map=pixel_shape is None, noise_std=noise_std)
 
-  def per_group(params, feature_map, images, fully_masked, targets_in, noise_keys):
+  def init_group(params, feature_map, images, fully_masked, targets_in, noise_keys):
     targets, _ = _targets_and_start(class_scores, params, images, targets_in)
-    order, values, start, nonfinite = core(params, images, fully_masked, targets,
-                                           feature_map, noise_keys)
-    return targets, start, order, values, nonfinite
+    return targets, init(params, images, fully_masked, targets, feature_map, noise_keys)
 
-  return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=4)
+  data = P(sharding.DATA_AXIS)
+  carry_specs = dict(params=P(), inputs=data, fully_masked=data, targets=data,
+                     feature_map=P(), noise_keys=data, removed=data, order=data,
+                     scores_before=data, nonfinite=data)
+  shard = lambda f, i, o: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o,
+                                                check_vma=False))
+  return (shard(init_group, (P(), P(), data, data, data, data), (data, carry_specs)),
+          jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(carry_specs, P()),
+                                out_specs=carry_specs, check_vma=False), donate_argnums=0),
+          shard(finish, (carry_specs,), data))
 
 
 def _shard_over_images(per_device, mesh, num_batched_args: int):
@@ -415,8 +430,10 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
   if fully_masked.shape != images.shape:
     raise ValueError(f"fully_masked must be [H, W, C] = {(h, w, c)} or [N, H, W, C] = "
                      f"{images.shape}, got {fully_masked.shape}.")
+  pixel_shape = None
   if feature_map is None:
     feature_map = features.pixel_feature_map(h, w)
+    pixel_shape = (h, w)
   fmap, d = features.validate_feature_map(feature_map, (h, w))
   if target_classes is None:
     targets = np.full((n,), -1, np.int32)
@@ -428,7 +445,7 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
     if np.any(targets < 0):
       raise ValueError("target_classes must be >= 0.")
     targets = targets.astype(np.int32)
-  return images, fully_masked, jnp.asarray(fmap), d, targets
+  return images, fully_masked, jnp.asarray(fmap), d, pixel_shape, targets
 
 
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
@@ -447,11 +464,15 @@ def _run_sharded(program, mesh, group: int, params, batched: Sequence, feature_m
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
   out = program(params, feature_map, *map(put, padded))
   targets, start, order, values, nonfinite = (np.asarray(o)[:n] for o in out)
+  _raise_if_nonfinite(nonfinite)
+  return BackselectResult(targets, start, order, values)
+
+
+def _raise_if_nonfinite(nonfinite: np.ndarray) -> None:
   if nonfinite.any():
     bad = np.flatnonzero(nonfinite)[:10].tolist()
     raise ValueError(f"predict_fn produced NaN or infinite scores for images {bad}; "
                      "SIS needs finite scores (check the inputs and the model).")
-  return BackselectResult(targets, start, order, values)
 
 
 def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
@@ -491,7 +512,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
   Returns:
     ``BackselectResult`` of numpy arrays.
   """
-  images, fully_masked, fmap, d, targets = _prepare_images(
+  images, fully_masked, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   mesh = mesh if mesh is not None else sharding.data_mesh()
@@ -508,7 +529,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
     images_per_group = min(n, -(-16 * eval_batch_size // d))
   group = _positive_int("images_per_group", images_per_group)
   program = _cached(_batched_exact_program, predict_fn, takes_params, bool(apply_softmax),
-                    eval_batch_size, group, d, mesh)
+                    eval_batch_size, group, d, pixel_shape, mesh)
   return _run_sharded(program, mesh, group, params, [images, fully_masked, targets], fmap, n)
 
 
@@ -536,7 +557,7 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
     raise ValueError(f"remove_per_step must be a positive integer, got {remove_per_step!r}.")
   if not (math.isfinite(noise_std) and noise_std >= 0):
     raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
-  images, fully_masked, fmap, d, targets = _prepare_images(
+  images, fully_masked, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   if remove_per_step > d:
@@ -545,10 +566,23 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   n = images.shape[0]
   group = _positive_int("batch_size", min(n, batch_size))
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
-  program = _cached(_batched_gradient_program, predict_fn, params is not None,
-                    bool(apply_softmax), int(remove_per_step), group, d, float(noise_std), mesh)
-  return _run_sharded(program, mesh, group, params, [images, fully_masked, targets, keys],
-                      fmap, n)
+  init, step, finish = _cached(
+      _batched_gradient_programs, predict_fn, params is not None, bool(apply_softmax),
+      int(remove_per_step), d, float(noise_std), pixel_shape, mesh)
+  # Each round gives every device one group of consecutive images.
+  per_round = group * mesh.devices.size
+  batched = [sharding.pad_batch(a, per_round)[0] for a in (images, fully_masked, targets, keys)]
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
+  outputs = []
+  for start in range(0, batched[0].shape[0], per_round):
+    targets_r, carry = init(params, fmap, *(put(a[start:start + per_round]) for a in batched))
+    for s in range(gradient.num_steps(d, remove_per_step)):
+      carry = step(carry, s)
+    outputs.append((targets_r,) + tuple(finish(carry)))
+  targets, order, values, start_scores, nonfinite = (
+      np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(5))
+  _raise_if_nonfinite(nonfinite)
+  return BackselectResult(targets, start_scores, order, values)
 
 
 # --------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_program_compiles_once_for_repeated_calls():
   misses = sis._batched_exact_program.cache_info().misses
   sis.batched_backselect(tiny_mlp, images(4, seed=3), params=params, eval_batch_size=8)
   assert sis._batched_exact_program.cache_info().misses == misses
-  program = sis._batched_exact_program(tiny_mlp, True, True, 8, 4, H * W,
+  program = sis._batched_exact_program(tiny_mlp, True, True, 8, 4, H * W, (H, W),
                                        sharding.data_mesh())
   assert program._cache_size() == 1
 

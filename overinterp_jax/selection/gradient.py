@@ -1,4 +1,4 @@
-"""Batched Gradient SIS backward selection (paper §3) as one compiled program.
+"""Batched Gradient SIS backward selection (paper §3): pure per-step functions.
 
 A continuous removal mask ``m`` (1 = removed) mixes each input with its fully
 masked version, ``x_m = x·(1 - m) + fully_masked·m`` per feature. Each step
@@ -19,66 +19,77 @@ from jax import lax
 from overinterp_jax.selection import features
 
 
-def gradient_backselect_program(score_fn, *, remove_per_step: int, num_features: int,
-                                mask_shape: tuple[int, ...], use_feature_map: bool,
-                                noise_std: float):
-  """Builds ``program(params, inputs, fully_masked, targets, feature_map, noise_keys)``.
+def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: int,
+                              mask_shape: tuple[int, ...] | None, use_feature_map: bool,
+                              noise_std: float):
+  """Pure ``(init, step, finish)`` functions of one group of ``n`` inputs.
 
-  Arguments: ``inputs``/``fully_masked`` ``[n, *D]``; ``targets`` ``[n]`` int32;
-  ``feature_map`` ``[*M]`` int32; ``noise_keys`` ``[n]`` PRNG keys (used only
-  when ``noise_std > 0``). ``score_fn(params, x [n, *D], rows [n], targets) -> [n]``.
+  The caller runs ``init`` once, ``step`` for ``s = 0 .. num_steps(d, k) - 1``
+  and ``finish`` once, each compiled as its own top-level program: XLA's CPU
+  backend runs a forward+backward pass inside a ``while`` loop about 2.5×
+  slower than at top level, and dispatch of ~d/k steps costs little.
 
-  Results: ``order [n, d]`` int32 (first removed first; within one step the
-  largest gradient first), ``values [n, d]`` the score after each step's
-  removals (equal for the removals of one step; the last is the fully masked
-  score), ``start_scores [n]`` the score on the unmasked input, and
-  ``nonfinite [n]`` bool.
+  * ``init(params, inputs [n, *D], fully_masked [n, *D], targets [n],
+    feature_map, noise_keys [n]) -> carry``
+  * ``step(carry, s) -> carry``: one gradient step removing ``k`` features.
+  * ``finish(carry) -> (order [n, d] int32, values [n, d], start_scores [n],
+    nonfinite [n] bool)``. ``order`` lists features first removed first (within
+    a step, largest gradient first); ``values`` is the score after each step's
+    removals (equal within a step; the last is the fully masked score).
+  ``score_fn(params, x [n, *D], rows [n], targets) -> [n]``.
   """
   k = remove_per_step
   d = num_features
-  num_steps = math.ceil(d / k)
+  steps = num_steps(d, k)
 
-  def program(params, inputs, fully_masked, targets, feature_map, noise_keys):
+  def scores_of(c, m):
+    m_in = features.expand_presence(
+        m, c["feature_map"] if use_feature_map else None, mask_shape).astype(c["inputs"].dtype)
+    x = c["inputs"] * (1 - m_in) + c["fully_masked"] * m_in
+    rows = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return score_fn(c["params"], x, rows, c["targets"])
+
+  def init(params, inputs, fully_masked, targets, feature_map, noise_keys):
     n = inputs.shape[0]
-    fmap = feature_map if use_feature_map else None
+    c = dict(params=params, inputs=inputs, fully_masked=fully_masked, targets=targets,
+             feature_map=feature_map, noise_keys=noise_keys)
+    dtype = jax.eval_shape(lambda m: scores_of(c, m), jax.ShapeDtypeStruct((n, d), inputs.dtype)).dtype
+    c.update(removed=jnp.zeros((n, d), bool), order=jnp.full((n, steps * k), -1, jnp.int32),
+             scores_before=jnp.zeros((n, steps), dtype), nonfinite=jnp.zeros((n,), bool))
+    return c
+
+  def step(c, s):
+    n = c["inputs"].shape[0]
     rows = jnp.arange(n, dtype=jnp.int32)
+    score, pullback = jax.vjp(lambda m: scores_of(c, m), c["removed"].astype(c["inputs"].dtype))
+    # Each input's score depends on its own mask row only, so one pullback
+    # of ones gives every input's gradient.
+    (grad,) = pullback(jnp.ones_like(score))
+    if noise_std > 0:
+      noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, s), (d,)))(
+          c["noise_keys"])
+      grad = grad + noise_std * noise.astype(grad.dtype)
+    nonfinite = c["nonfinite"] | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
+    grad = jnp.where(c["removed"], -jnp.inf, jnp.nan_to_num(grad))
+    _, picked = lax.top_k(grad, k)  # [n, k]
+    take = jnp.arange(k) < (d - s * k)
+    picked = jnp.where(take, picked, -1).astype(jnp.int32)
+    # Index d is out of bounds and dropped (a negative index would wrap).
+    removed = c["removed"].at[rows[:, None], jnp.where(take, picked, d)].set(True, mode="drop")
+    return {**c, "removed": removed, "nonfinite": nonfinite,
+            "order": lax.dynamic_update_slice(c["order"], picked, (0, s * k)),
+            "scores_before": c["scores_before"].at[:, s].set(score)}
 
-    def scores_of(m):
-      m_in = features.expand_presence(m, fmap, mask_shape).astype(inputs.dtype)
-      x = inputs * (1 - m_in) + fully_masked * m_in
-      return score_fn(params, x, rows, targets)
-
-    def step(s, carry):
-      removed, order, scores_before, nonfinite = carry
-      m = removed.astype(inputs.dtype)
-      score, pullback = jax.vjp(scores_of, m)
-      # Each input's score depends on its own mask row only, so one pullback
-      # of ones gives every input's gradient.
-      (grad,) = pullback(jnp.ones_like(score))
-      if noise_std > 0:
-        noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, s), (d,)))(
-            noise_keys)
-        grad = grad + noise_std * noise.astype(grad.dtype)
-      nonfinite = nonfinite | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
-      grad = jnp.where(removed, -jnp.inf, jnp.nan_to_num(grad))
-      _, picked = lax.top_k(grad, k)  # [n, k]
-      take = jnp.arange(k) < (d - s * k)
-      picked = jnp.where(take, picked, -1).astype(jnp.int32)
-      order = lax.dynamic_update_slice(order, picked, (0, s * k))
-      # Index d is out of bounds and dropped (a negative index would wrap).
-      removed = removed.at[rows[:, None], jnp.where(take, picked, d)].set(True, mode="drop")
-      scores_before = scores_before.at[:, s].set(score)
-      return removed, order, scores_before, nonfinite
-
-    abstract = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-    dtype = jax.eval_shape(score_fn, *jax.tree.map(abstract, (params, inputs, rows, targets))).dtype
-    carry = (jnp.zeros((n, d), bool), jnp.full((n, num_steps * k), -1, jnp.int32),
-             jnp.zeros((n, num_steps), dtype), jnp.zeros((n,), bool))
-    removed, order, scores_before, nonfinite = lax.fori_loop(0, num_steps, step, carry)
-    end_score = scores_of(removed.astype(inputs.dtype))
-    nonfinite = nonfinite | ~jnp.isfinite(end_score)
-    scores_after = jnp.concatenate([scores_before[:, 1:], end_score[:, None]], axis=1)
+  def finish(c):
+    end_score = scores_of(c, c["removed"].astype(c["inputs"].dtype))
+    nonfinite = c["nonfinite"] | ~jnp.isfinite(end_score)
+    scores_after = jnp.concatenate([c["scores_before"][:, 1:], end_score[:, None]], axis=1)
     values = jnp.repeat(scores_after, k, axis=1)[:, :d]
-    return order[:, :d], values, scores_before[:, 0], nonfinite
+    return c["order"][:, :d], values, c["scores_before"][:, 0], nonfinite
 
-  return program
+  return init, step, finish
+
+
+def num_steps(num_features: int, remove_per_step: int) -> int:
+  """Steps to remove every feature, ``k`` at a time."""
+  return math.ceil(num_features / remove_per_step)
