@@ -391,18 +391,18 @@ def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, no
 
   def init_group(params, feature_map, images, fully_masked, targets_in, noise_keys):
     targets, _ = _targets_and_start(class_scores, params, images, targets_in)
-    return targets, init(params, images, fully_masked, targets, feature_map, noise_keys)
+    const = dict(params=params, inputs=images, fully_masked=fully_masked, targets=targets,
+                 feature_map=feature_map, noise_keys=noise_keys)
+    return const, init(const)
 
   data = P(sharding.DATA_AXIS)
-  carry_specs = dict(params=P(), inputs=data, fully_masked=data, targets=data,
-                     feature_map=P(), noise_keys=data, removed=data, order=data,
-                     scores_before=data, nonfinite=data)
-  shard = lambda f, i, o: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o,
-                                                check_vma=False))
-  return (shard(init_group, (P(), P(), data, data, data, data), (data, carry_specs)),
-          jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(carry_specs, P()),
-                                out_specs=carry_specs, check_vma=False), donate_argnums=0),
-          shard(finish, (carry_specs,), data))
+  const_specs = dict(params=P(), inputs=data, fully_masked=data, targets=data,
+                     feature_map=P(), noise_keys=data)
+  shard = lambda f, i, o, **kw: jax.jit(
+      jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=False), **kw)
+  return (shard(init_group, (P(), P(), data, data, data, data), (const_specs, data)),
+          shard(step, (const_specs, data, P()), data, donate_argnums=1),
+          shard(finish, (const_specs, data), data))
 
 
 def _shard_over_images(per_device, mesh, num_batched_args: int):
@@ -575,10 +575,10 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
   outputs = []
   for start in range(0, batched[0].shape[0], per_round):
-    targets_r, carry = init(params, fmap, *(put(a[start:start + per_round]) for a in batched))
+    const, state = init(params, fmap, *(put(a[start:start + per_round]) for a in batched))
     for s in range(gradient.num_steps(d, remove_per_step)):
-      carry = step(carry, s)
-    outputs.append((targets_r,) + tuple(finish(carry)))
+      state = step(const, state, s)
+    outputs.append((const["targets"],) + tuple(finish(const, state)))
   targets, order, values, start_scores, nonfinite = (
       np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(5))
   _raise_if_nonfinite(nonfinite)

@@ -29,10 +29,12 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
   backend runs a forward+backward pass inside a ``while`` loop about 2.5×
   slower than at top level, and dispatch of ~d/k steps costs little.
 
-  * ``init(params, inputs [n, *D], fully_masked [n, *D], targets [n],
-    feature_map, noise_keys [n]) -> carry``
-  * ``step(carry, s) -> carry``: one gradient step removing ``k`` features.
-  * ``finish(carry) -> (order [n, d] int32, values [n, d], start_scores [n],
+  ``const`` is a dict of what no step changes: ``params``, ``inputs [n, *D]``,
+  ``fully_masked [n, *D]``, ``targets [n]``, ``feature_map``, ``noise_keys [n]``.
+
+  * ``init(const) -> state`` (removal mask, order and score buffers).
+  * ``step(const, state, s) -> state``: one gradient step removing ``k`` features.
+  * ``finish(const, state) -> (order [n, d] int32, values [n, d], start_scores [n],
     nonfinite [n] bool)``. ``order`` lists features first removed first (within
     a step, largest gradient first); ``values`` is the score after each step's
     removals (equal within a step; the last is the fully masked score).
@@ -42,50 +44,51 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
   d = num_features
   steps = num_steps(d, k)
 
-  def scores_of(c, m):
+  def scores_of(const, m):
     m_in = features.expand_presence(
-        m, c["feature_map"] if use_feature_map else None, mask_shape).astype(c["inputs"].dtype)
-    x = c["inputs"] * (1 - m_in) + c["fully_masked"] * m_in
+        m, const["feature_map"] if use_feature_map else None, mask_shape)
+    m_in = m_in.astype(const["inputs"].dtype)
+    x = const["inputs"] * (1 - m_in) + const["fully_masked"] * m_in
     rows = jnp.arange(x.shape[0], dtype=jnp.int32)
-    return score_fn(c["params"], x, rows, c["targets"])
+    return score_fn(const["params"], x, rows, const["targets"])
 
-  def init(params, inputs, fully_masked, targets, feature_map, noise_keys):
-    n = inputs.shape[0]
-    c = dict(params=params, inputs=inputs, fully_masked=fully_masked, targets=targets,
-             feature_map=feature_map, noise_keys=noise_keys)
-    dtype = jax.eval_shape(lambda m: scores_of(c, m), jax.ShapeDtypeStruct((n, d), inputs.dtype)).dtype
-    c.update(removed=jnp.zeros((n, d), bool), order=jnp.full((n, steps * k), -1, jnp.int32),
-             scores_before=jnp.zeros((n, steps), dtype), nonfinite=jnp.zeros((n,), bool))
-    return c
+  def init(const):
+    n = const["inputs"].shape[0]
+    dtype = jax.eval_shape(lambda m: scores_of(const, m),
+                           jax.ShapeDtypeStruct((n, d), const["inputs"].dtype)).dtype
+    return dict(removed=jnp.zeros((n, d), bool), order=jnp.full((n, steps * k), -1, jnp.int32),
+                scores_before=jnp.zeros((n, steps), dtype), nonfinite=jnp.zeros((n,), bool))
 
-  def step(c, s):
-    n = c["inputs"].shape[0]
+  def step(const, state, s):
+    n = const["inputs"].shape[0]
     rows = jnp.arange(n, dtype=jnp.int32)
-    score, pullback = jax.vjp(lambda m: scores_of(c, m), c["removed"].astype(c["inputs"].dtype))
+    score, pullback = jax.vjp(lambda m: scores_of(const, m),
+                              state["removed"].astype(const["inputs"].dtype))
     # Each input's score depends on its own mask row only, so one pullback
     # of ones gives every input's gradient.
     (grad,) = pullback(jnp.ones_like(score))
     if noise_std > 0:
       noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, s), (d,)))(
-          c["noise_keys"])
+          const["noise_keys"])
       grad = grad + noise_std * noise.astype(grad.dtype)
-    nonfinite = c["nonfinite"] | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
-    grad = jnp.where(c["removed"], -jnp.inf, jnp.nan_to_num(grad))
+    nonfinite = state["nonfinite"] | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
+    grad = jnp.where(state["removed"], -jnp.inf, jnp.nan_to_num(grad))
     _, picked = lax.top_k(grad, k)  # [n, k]
     take = jnp.arange(k) < (d - s * k)
     picked = jnp.where(take, picked, -1).astype(jnp.int32)
     # Index d is out of bounds and dropped (a negative index would wrap).
-    removed = c["removed"].at[rows[:, None], jnp.where(take, picked, d)].set(True, mode="drop")
-    return {**c, "removed": removed, "nonfinite": nonfinite,
-            "order": lax.dynamic_update_slice(c["order"], picked, (0, s * k)),
-            "scores_before": c["scores_before"].at[:, s].set(score)}
+    removed = state["removed"].at[rows[:, None], jnp.where(take, picked, d)].set(
+        True, mode="drop")
+    return dict(removed=removed, nonfinite=nonfinite,
+                order=lax.dynamic_update_slice(state["order"], picked, (0, s * k)),
+                scores_before=state["scores_before"].at[:, s].set(score))
 
-  def finish(c):
-    end_score = scores_of(c, c["removed"].astype(c["inputs"].dtype))
-    nonfinite = c["nonfinite"] | ~jnp.isfinite(end_score)
-    scores_after = jnp.concatenate([c["scores_before"][:, 1:], end_score[:, None]], axis=1)
+  def finish(const, state):
+    end_score = scores_of(const, state["removed"].astype(const["inputs"].dtype))
+    nonfinite = state["nonfinite"] | ~jnp.isfinite(end_score)
+    scores_after = jnp.concatenate([state["scores_before"][:, 1:], end_score[:, None]], axis=1)
     values = jnp.repeat(scores_after, k, axis=1)[:, :d]
-    return c["order"][:, :d], values, c["scores_before"][:, 0], nonfinite
+    return state["order"][:, :d], values, state["scores_before"][:, 0], nonfinite
 
   return init, step, finish
 
