@@ -5,8 +5,8 @@ For each model (CIFAR-shaped input, 32×32×3, 10 classes) this prints:
   * exact backselect (``sis.batched_backselect``): masked evaluations/s,
     seconds per image, and the ratio of evaluations/s to plain inference;
   * the same backselect structured like the reference library (Python loop
-    per step, masks built in numpy, a jitted ``f`` called on fixed batches),
-    seconds per image, and our speed-up over it;
+    per step, masks built in numpy, a jitted ``f`` called on fixed batches of
+    128 as in the paper's code), seconds per image, and our speed-up over it;
   * Batched Gradient SIS: forward+backward passes/s inside
     ``sis.gradient_backselect`` vs a plain jitted forward+backward of the
     same model at the same batch;
@@ -85,6 +85,14 @@ def fwd_bwd_rate(predict, variables, batch: int, repeats: int) -> float:
   return batch / best_seconds(lambda: g(x).block_until_ready(), repeats)
 
 
+def default_eval_batch(predict, variables) -> int:
+  """The eval batch ``sis.batched_backselect`` picks by default (memory budget)."""
+  _, score = sis._class_score_fn(predict, True, True)
+  return sis._eval_batch_size(score, sis._abstract(variables), jnp.zeros((1,) + IMAGE_SHAPE),
+                              jax.ShapeDtypeStruct((1,), jnp.int32),
+                              budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)
+
+
 def patch_map(num_features: int) -> np.ndarray:
   side = int(round(num_features ** 0.5))
   if side * side != num_features or 32 % side:
@@ -120,7 +128,7 @@ def reference_structured_backselect(predict, variables, image, target, fmap, bat
 
 def program_temp_bytes(predict, variables, images, eval_batch, group, d) -> int | None:
   program = sis._batched_exact_program(predict, True, True, eval_batch, group, d,
-                                       (32, 32) if d == 1024 else None,
+                                       (32, 32) if d == 1024 else None, True,
                                        jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
   fmap = jnp.asarray(patch_map(d) if d != 1024 else np.arange(1024).reshape(32, 32))[..., None]
   n = images.shape[0]
@@ -139,8 +147,8 @@ def bench_model(name: str, args) -> dict:
   n_images = args.images if full else args.patch_images
   fmap = patch_map(d) if d != 1024 else None
   fmap_np = patch_map(d) if d != 1024 else np.arange(1024, dtype=np.int32).reshape(32, 32)
-  b = args.eval_batch
-  out = {"model": name, "features": d, "eval_batch": b}
+  b = args.eval_batch or default_eval_batch(predict, variables)
+  out = {"model": name, "features": d, "eval_batch": b, "reference_batch": args.reference_batch}
   out["plain_inference_img_per_s"] = plain_inference_rate(predict, variables, b, args.repeats)
 
   images = jax.random.normal(jax.random.key(3), (n_images,) + IMAGE_SHAPE)
@@ -162,7 +170,8 @@ def bench_model(name: str, args) -> dict:
 
   t0 = time.perf_counter()
   ref_order = reference_structured_backselect(predict, variables, images[0],
-                                              int(res.target_classes[0]), fmap_np, b)
+                                              int(res.target_classes[0]), fmap_np,
+                                              args.reference_batch)
   ref_seconds = time.perf_counter() - t0
   out["reference_loop_seconds_per_image"] = ref_seconds
   out["speedup_vs_reference_loop"] = ref_seconds / out["exact_seconds_per_image"]
@@ -200,7 +209,12 @@ def main():
                       help="images per exact backselect at 1,024 pixels")
   parser.add_argument("--patch_images", type=int, default=4,
                       help="images per exact backselect on the coarser feature map")
-  parser.add_argument("--eval_batch", type=int, default=128)
+  parser.add_argument("--eval_batch", type=int, default=0,
+                      help="masked images per model call; 0 = the library's default "
+                           "(from its memory budget). Plain inference uses the same batch.")
+  parser.add_argument("--reference_batch", type=int, default=128,
+                      help="fixed batch of the reference-structured loop (the paper's code "
+                           "evaluates f in chunks of 128)")
   parser.add_argument("--grad_batch", type=int, default=64)
   parser.add_argument("--remove_per_step", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)

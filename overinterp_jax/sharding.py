@@ -18,12 +18,12 @@ DATA_AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: this process's local devices).
+  """A 1-D mesh over ``devices`` (default: every device of every process).
 
   The axis type is ``Auto``: the partitioner propagates shardings itself,
   and ``shard_map`` regions state theirs explicitly.
   """
-  devices = list(devices) if devices is not None else jax.local_devices()
+  devices = list(devices) if devices is not None else jax.devices()
   if not devices:
     raise ValueError("data_mesh needs at least one device.")
   return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
@@ -55,3 +55,40 @@ def pad_batch(x: np.ndarray | jax.Array, multiple: int):
   xp = jax.numpy if isinstance(x, jax.Array) else np
   filler = xp.broadcast_to(x[:1], (extra,) + tuple(x.shape[1:]))
   return xp.concatenate([x, filler], axis=0), n
+
+
+def process_slice(global_size: int) -> slice:
+  """This process's contiguous share of a global batch of ``global_size`` rows."""
+  count, index = jax.process_count(), jax.process_index()
+  if global_size % count:
+    raise ValueError(f"Global batch {global_size} is not divisible by {count} processes.")
+  per = global_size // count
+  return slice(index * per, (index + 1) * per)
+
+
+def global_batch(mesh: Mesh, local_rows: np.ndarray) -> jax.Array:
+  """A batch sharded over ``mesh``'s data axis from this process's rows.
+
+  One process: the rows are the whole batch. Several: each process passes
+  its ``process_slice`` and the result is the global batch across them.
+  """
+  spec = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(local_rows, spec)
+  return jax.make_array_from_process_local_data(spec, local_rows)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) sharded array as numpy, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def shard_rows(mesh: Mesh, rows) -> jax.Array:
+  """``rows`` (the same on every process) sharded over ``mesh``'s data axis."""
+  rows = np.asarray(rows) if not isinstance(rows, jax.Array) else rows
+  if jax.process_count() == 1:
+    return jax.device_put(rows, batch_sharding(mesh))
+  return global_batch(mesh, np.asarray(rows[process_slice(rows.shape[0])]))

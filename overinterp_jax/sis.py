@@ -171,7 +171,7 @@ def _single_input_program(f, eval_batch: int, num_steps: int, mask_shape: tuple[
   score_fn = lambda params, x, rows, targets: f(x)
   program = exact.exact_backselect_program(
       score_fn, eval_batch=eval_batch, num_steps=num_steps, mask_shape=mask_shape,
-      use_feature_map=False)
+      use_feature_map=False, shared_fully_masked=True)
   return jax.jit(program)
 
 
@@ -359,12 +359,13 @@ def _grouped(per_group, group: int):
 
 @functools.lru_cache(maxsize=32)
 def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, group, d,
-                           pixel_shape, mesh):
-  """``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map."""
+                           pixel_shape, shared_fully_masked, mesh):
+  """``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
+  ``shared_fully_masked`` when every image has the same masked values."""
   class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
   core = exact.exact_backselect_program(
       score, eval_batch=eval_batch, num_steps=d, mask_shape=_mask_shape(pixel_shape),
-      use_feature_map=pixel_shape is None)
+      use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
 
   def per_group(params, feature_map, images, fully_masked, targets_in):
     targets, start = _targets_and_start(class_scores, params, images, targets_in)
@@ -425,7 +426,8 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
   if fully_masked is None:
     fully_masked = jnp.zeros((h, w, c), images.dtype)
   fully_masked = jnp.asarray(fully_masked, images.dtype)
-  if fully_masked.shape == (h, w, c):
+  shared_fully_masked = fully_masked.shape == (h, w, c)
+  if shared_fully_masked:
     fully_masked = jnp.broadcast_to(fully_masked, images.shape)
   if fully_masked.shape != images.shape:
     raise ValueError(f"fully_masked must be [H, W, C] = {(h, w, c)} or [N, H, W, C] = "
@@ -445,7 +447,7 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
     if np.any(targets < 0):
       raise ValueError("target_classes must be >= 0.")
     targets = targets.astype(np.int32)
-  return images, fully_masked, jnp.asarray(fmap), d, pixel_shape, targets
+  return images, fully_masked, shared_fully_masked, jnp.asarray(fmap), d, pixel_shape, targets
 
 
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
@@ -461,9 +463,8 @@ def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
 def _run_sharded(program, mesh, group: int, params, batched: Sequence, feature_map, n):
   multiple = group * mesh.devices.size
   padded = [sharding.pad_batch(a, multiple)[0] for a in batched]
-  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
-  out = program(params, feature_map, *map(put, padded))
-  targets, start, order, values, nonfinite = (np.asarray(o)[:n] for o in out)
+  out = program(params, feature_map, *(sharding.shard_rows(mesh, a) for a in padded))
+  targets, start, order, values, nonfinite = (sharding.to_host(o)[:n] for o in out)
   _raise_if_nonfinite(nonfinite)
   return BackselectResult(targets, start, order, values)
 
@@ -506,13 +507,14 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
       model calls; default enough to keep the padding of partly filled calls
       small. Groups are formed from consecutive images, independently of the
       number of devices.
-    mesh: a 1-D mesh from ``overinterp_jax.sharding.data_mesh``; default all
-      local devices. Results do not depend on the number of devices.
+    mesh: a 1-D mesh from ``overinterp_jax.sharding.data_mesh``; default every
+      device (of every process, after ``jax.distributed.initialize()``).
+      Results do not depend on the number of devices.
 
   Returns:
     ``BackselectResult`` of numpy arrays.
   """
-  images, fully_masked, fmap, d, pixel_shape, targets = _prepare_images(
+  images, fully_masked, shared_fm, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   mesh = mesh if mesh is not None else sharding.data_mesh()
@@ -529,7 +531,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
     images_per_group = min(n, -(-16 * eval_batch_size // d))
   group = _positive_int("images_per_group", images_per_group)
   program = _cached(_batched_exact_program, predict_fn, takes_params, bool(apply_softmax),
-                    eval_batch_size, group, d, pixel_shape, mesh)
+                    eval_batch_size, group, d, pixel_shape, shared_fm, mesh)
   return _run_sharded(program, mesh, group, params, [images, fully_masked, targets], fmap, n)
 
 
@@ -557,7 +559,7 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
     raise ValueError(f"remove_per_step must be a positive integer, got {remove_per_step!r}.")
   if not (math.isfinite(noise_std) and noise_std >= 0):
     raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
-  images, fully_masked, fmap, d, pixel_shape, targets = _prepare_images(
+  images, fully_masked, _, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   if remove_per_step > d:
@@ -572,15 +574,15 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   # Each round gives every device one group of consecutive images.
   per_round = group * mesh.devices.size
   batched = [sharding.pad_batch(a, per_round)[0] for a in (images, fully_masked, targets, keys)]
-  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh))
   outputs = []
   for start in range(0, batched[0].shape[0], per_round):
-    const, state = init(params, fmap, *(put(a[start:start + per_round]) for a in batched))
+    const, state = init(params, fmap,
+                        *(sharding.shard_rows(mesh, a[start:start + per_round]) for a in batched))
     for s in range(gradient.num_steps(d, remove_per_step)):
       state = step(const, state, s)
     outputs.append((const["targets"],) + tuple(finish(const, state)))
   targets, order, values, start_scores, nonfinite = (
-      np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(5))
+      np.concatenate([sharding.to_host(o[i]) for o in outputs])[:n] for i in range(5))
   _raise_if_nonfinite(nonfinite)
   return BackselectResult(targets, start_scores, order, values)
 

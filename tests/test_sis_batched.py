@@ -24,7 +24,7 @@ def images(n, seed=1):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(n, H, W, C)), jnp.float32)
 
 
-def brute_force_backselect(predict, x, target, fmap):
+def brute_force_backselect(predict, x, target, fmap, fully_masked=0.0):
   """Reference-structured loop: every present feature's removal, argmax, repeat."""
   d = int(fmap.max()) + 1
   present = np.ones(d, bool)
@@ -34,7 +34,7 @@ def brute_force_backselect(predict, x, target, fmap):
     masks = np.repeat(present[None], len(cands), 0)
     masks[np.arange(len(cands)), cands] = False
     pix = masks[:, fmap][..., None]
-    batch = np.where(pix, np.asarray(x)[None], 0.0)
+    batch = np.where(pix, np.asarray(x)[None], np.asarray(fully_masked)[None])
     probs = np.asarray(jax.nn.softmax(predict(jnp.asarray(batch)), axis=-1))[:, target]
     best = int(np.argmax(probs))
     order.append(cands[best])
@@ -60,6 +60,19 @@ def test_exact_matches_brute_force(eval_batch_size):
     np.testing.assert_array_equal(res.order[i], order)
     np.testing.assert_allclose(res.values[i], values, rtol=1e-5, atol=1e-6)
     assert sorted(res.order[i]) == list(range(H * W))
+
+
+def test_per_image_masked_values_match_brute_force():
+  params = tiny_mlp_params(5)
+  x = images(3, seed=8)
+  fm = images(3, seed=9)  # e.g. a blurred copy or noise: different per image
+  res = sis.batched_backselect(tiny_mlp, x, params=params, fully_masked=fm, eval_batch_size=8)
+  fmap = np.arange(H * W).reshape(H, W)
+  for i in range(3):
+    order, values = brute_force_backselect(lambda b: tiny_mlp(params, b), x[i],
+                                           res.target_classes[i], fmap, fm[i])
+    np.testing.assert_array_equal(res.order[i], order)
+    np.testing.assert_allclose(res.values[i], values, rtol=1e-5, atol=1e-6)
 
 
 def test_superpixel_feature_map_matches_brute_force():
@@ -123,7 +136,7 @@ def test_program_compiles_once_for_repeated_calls():
   misses = sis._batched_exact_program.cache_info().misses
   sis.batched_backselect(tiny_mlp, images(4, seed=3), params=params, eval_batch_size=8)
   assert sis._batched_exact_program.cache_info().misses == misses
-  program = sis._batched_exact_program(tiny_mlp, True, True, 8, 4, H * W, (H, W),
+  program = sis._batched_exact_program(tiny_mlp, True, True, 8, 4, H * W, (H, W), True,
                                        sharding.data_mesh())
   assert program._cache_size() == 1
 

@@ -42,13 +42,15 @@ def _score_dtype(score_fn, params, inputs, targets, eval_batch):
 
 
 def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: int,
-                             mask_shape: tuple[int, ...], use_feature_map: bool):
+                             mask_shape: tuple[int, ...], use_feature_map: bool,
+                             shared_fully_masked: bool = False):
   """Builds ``program(params, inputs, fully_masked, present0, targets, feature_map)``.
 
   Program arguments (``n`` inputs, ``d`` features, mask shape ``M``):
     params: any pytree handed to ``score_fn`` unchanged.
     inputs: ``[n, *D]`` inputs.
-    fully_masked: ``[n, *D]`` replacement values.
+    fully_masked: ``[n, *D]`` replacement values (only row 0 is read when
+      ``shared_fully_masked``: every input has the same ones).
     present0: ``[n, d]`` bool, the features present at the start.
     targets: ``[n]`` int32 handed to ``score_fn`` (e.g. class per input).
     feature_map: ``[*M]`` int32 feature ids (ignored unless ``use_feature_map``).
@@ -78,24 +80,28 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
       ends = jnp.cumsum(remaining)
       starts = ends - remaining
       total = ends[-1]
+      # Inputs with this step's absent features masked; a candidate masks one more.
+      base = features.apply_presence(inputs, fully_masked,
+                                     features.expand_presence(present, fmap, mask_shape))
 
       def chunk(size):
         offsets = jnp.arange(size, dtype=jnp.int32)
 
         def body(c):
-          base, scores, nonfinite = c
-          pair = base + offsets
+          first, scores, nonfinite = c
+          pair = first + offsets
           valid = pair < total
           row = jnp.minimum(jnp.searchsorted(ends, pair, side="right"), n - 1).astype(jnp.int32)
           col = jnp.where(valid, pair - starts[row], 0)
           removed = candidates[row, col]
-          keep = present[row] & (feature_ids[None, :] != removed[:, None])
+          keep = feature_ids[None, :] != removed[:, None]
+          fm_rows = fully_masked[:1] if shared_fully_masked else fully_masked[row]
           masked = features.apply_presence(
-              inputs[row], fully_masked[row], features.expand_presence(keep, fmap, mask_shape))
+              base[row], fm_rows, features.expand_presence(keep, fmap, mask_shape))
           s = score_fn(params, masked, row, targets).astype(dtype)
           nonfinite = nonfinite.at[row].max(valid & ~jnp.isfinite(s))
           scores = scores.at[jnp.where(valid, row, n), col].set(s, mode="drop")
-          return base + size, scores, nonfinite
+          return first + size, scores, nonfinite
 
         return body
 

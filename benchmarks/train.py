@@ -1,0 +1,73 @@
+"""Training throughput vs plain inference of the same model, in one run.
+
+Prints images/s of the compiled training step (forward, backward, SGD update,
+on-device crop+flip augmentation) and of plain inference at the same batch,
+and the ratio ``train / (inference / 3)`` (a training step costs about three
+forward passes, so 1.0 means no overhead beyond that).
+
+  python benchmarks/train.py --model resnet20 --batch 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from overinterp_jax import sharding, train
+from overinterp_jax.data import augment
+from overinterp_jax.models import create_model
+
+
+def rate(fn, batch: int, min_seconds: float = 3.0, rounds: int = 3) -> float:
+  fn()
+  best = 0.0
+  for _ in range(rounds):
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+      fn()
+      calls += 1
+    best = max(best, calls * batch / (time.perf_counter() - t0))
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--batch", type=int, default=128)
+  args = parser.parse_args()
+  config = ml_collections.ConfigDict(dict(
+      lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2, momentum=0.9,
+      nesterov=True, weight_decay=5e-4))
+  model = create_model(args.model, num_classes=10)
+  tx = train.make_optimizer(config, steps_per_epoch=100)
+  mesh = sharding.data_mesh()
+  state = train.create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  steps = train.compile_steps(mesh, augment.augment_images)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3)))
+  y = np.arange(args.batch, dtype=np.int32) % 10
+  key = jax.random.key(2)
+  holder = [state]
+
+  def step():
+    holder[0], m = steps.train(holder[0], x, y, key)
+    m["loss"].block_until_ready()
+
+  infer = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  plain = rate(lambda: infer(variables, x).block_until_ready(), args.batch)
+  training = rate(step, args.batch)
+  out = {"model": args.model, "batch": args.batch, "devices": len(jax.devices()),
+         "plain_inference_img_per_s": plain, "train_img_per_s": training,
+         "train_vs_inference_over_3": training / (plain / 3)}
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run a config on every worker of a Cloud TPU VM (single host or pod slice).
+#
+#   launch/tpu_vm.sh TPU_NAME ZONE configs/cifar10.py gs://bucket/workdirs/cifar10 [--config.key=value ...]
+#
+# Each worker runs the same command; `--config.distributed=True` makes main call
+# jax.distributed.initialize(), which finds the other workers by itself on TPU VMs.
+# The work directory must be shared storage (a GCS bucket) so every host sees the
+# same checkpoints; re-running the same command resumes.
+set -euo pipefail
+tpu=$1 zone=$2 config=$3 workdir=$4
+shift 4
+repo=${REPO_URL:-$(git config --get remote.origin.url)}
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
+  set -e
+  [ -d overinterp_jax ] || git clone '$repo' overinterp_jax
+  cd overinterp_jax && git pull --ff-only
+  python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+  python3 -m overinterp_jax.main --config='$config' --workdir='$workdir' --config.distributed=True $*
+"

@@ -1,0 +1,147 @@
+"""Datasets as in-memory arrays, from an image folder / archive, TFDS, or synthetic data.
+
+``load_dataset(source, ...)`` (or ``load_for_config(config.data, workdir)``)
+returns a ``Dataset``: uint8 train/test images ``[N, H, W, C]``, int32 labels
+``[N]``, class names, the normalisation, and the two functions training needs:
+``prepare(images uint8) -> float32`` (normalised) and
+``augment_fn(key, images float32) -> images`` (random crop + flip, in JAX).
+
+Sources:
+  * ``'image_folder'``: ``path`` = directory or ``.tar.gz`` of ``<split>/<class>/<image>``
+    (``image_folder.py``; decoded once, cached as ``.npz`` in ``cache_dir``).
+  * ``'tfds'``: ``name`` = ``cifar10`` prepared in ``data_dir`` (``tfds_source.py``).
+  * ``'synthetic'``: class-pattern images for tests (``synthetic.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from overinterp_jax.data import augment, image_folder, normalize, synthetic, tfds_source
+from overinterp_jax.data.augment import augment_batch, augment_images, random_crop_flip
+from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS,
+                                              load_image_folder, load_image_folder_splits)
+from overinterp_jax.data.labelled import LabelledImages
+from overinterp_jax.data.normalize import CIFAR10, Normalization, channel_stats
+from overinterp_jax.data.synthetic import make_synthetic
+from overinterp_jax.data.tfds_source import load_tfds_arrays, tfds_data_source
+
+SOURCES = ("image_folder", "tfds", "synthetic")
+
+
+@dataclasses.dataclass(eq=False)
+class Dataset:
+  """Train and test arrays plus how to turn them into model inputs.
+
+  Attributes:
+    train_images, test_images: ``[N, H, W, C]`` uint8.
+    train_labels, test_labels: ``[N]`` int32.
+    class_names: name of each label.
+    normalization: per-channel mean/std used by ``prepare``.
+  """
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  class_names: tuple[str, ...]
+  normalization: Normalization
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train_images.shape[1:])
+
+  def prepare(self, images: np.ndarray) -> np.ndarray:
+    """``[B, H, W, C]`` uint8 -> normalised float32 (0 = mean colour = masked value)."""
+    return self.normalization.normalize(images)
+
+  @staticmethod
+  def augment_fn(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Random crop (4 px padding with 0) + flip of normalised ``[B, H, W, C]`` images."""
+    return augment_images(key, images)
+
+
+def _normalization(kind: str, train: LabelledImages) -> Normalization:
+  """``'cifar10'`` constants, ``'train'`` statistics, or ``'auto'``: CIFAR-10 constants
+  for 32×32 RGB images with the CIFAR-10 classes, else the training set's statistics."""
+  if kind == "auto":
+    is_cifar = (train.class_names == CIFAR10_CLASSES and train.images.shape[1:] == (32, 32, 3))
+    kind = "cifar10" if is_cifar else "train"
+  if kind == "cifar10":
+    return CIFAR10
+  if kind == "train":
+    return channel_stats(train.images)
+  raise ValueError(f"normalization must be 'auto', 'cifar10' or 'train', got {kind!r}.")
+
+
+def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar10",
+                 data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+                 expected_counts=None, num_train: int = 256, num_test: int = 64,
+                 image_size: int = 32, num_classes: int = 10, seed: int = 0,
+                 normalization: str = "auto", progress: bool = True) -> Dataset:
+  """Loads train and test splits from ``source`` (see the module docstring).
+
+  Args:
+    source: ``'image_folder'``, ``'tfds'`` or ``'synthetic'``.
+    path: image folder or archive (image_folder).
+    name: TFDS dataset name (tfds; only ``cifar10`` fits in memory).
+    data_dir: TFDS data directory holding the prepared dataset (tfds).
+    cache_dir: decoded-array cache (image_folder); None = no cache.
+    expected_counts: per-split counts to verify (image_folder).
+    num_train, num_test, image_size, num_classes, seed: synthetic data.
+    normalization: ``'auto'``, ``'cifar10'`` or ``'train'`` (see ``_normalization``).
+  """
+  if source == "image_folder":
+    if not path:
+      raise ValueError("source='image_folder' needs path (a directory or .tar.gz).")
+    splits = load_image_folder_splits(path, ("train", "test"), cache_dir=cache_dir,
+                                      expected_counts=expected_counts, progress=progress)
+  elif source == "tfds":
+    loaded = load_tfds_arrays(name, data_dir, ("train", tfds_source.EVAL_SPLIT.get(name, "test")),
+                              progress=progress)
+    splits = {"train": loaded["train"], "test": loaded[tfds_source.EVAL_SPLIT.get(name, "test")]}
+  elif source == "synthetic":
+    splits = make_synthetic(num_train, num_test, image_size=image_size,
+                            num_classes=num_classes, seed=seed)
+  else:
+    raise ValueError(f"Unknown data source {source!r}; known: {list(SOURCES)}.")
+  train, test = splits["train"], splits["test"]
+  return Dataset(train.images, train.labels, test.images, test.labels, train.class_names,
+                 _normalization(normalization, train))
+
+
+def load_for_config(data_config, workdir: str) -> Dataset:
+  """``load_dataset`` from a ``config.data`` ConfigDict (keys as in configs/cifar10.py).
+
+  Reads ``source``, ``path``, ``name``, ``data_dir``, ``cache_dir`` (empty =
+  ``<workdir>/data_cache``), ``expected_train``/``expected_test`` (image
+  counts to verify; 0 = unchecked) and, when present, ``num_train``, ``num_test``,
+  ``image_size``, ``num_classes``, ``seed``, ``normalization``, ``progress``.
+  """
+  get = data_config.get
+  cache_dir = get("cache_dir", "") or os.path.join(workdir, "data_cache")
+  expected = {split: int(get(f"expected_{split}", 0)) for split in ("train", "test")}
+  expected = {split: n for split, n in expected.items() if n > 0} or None
+  return load_dataset(get("source"), path=get("path", None), name=get("name", "cifar10"),
+                      data_dir=get("data_dir", None) or None, cache_dir=cache_dir,
+                      expected_counts=expected,
+                      num_train=get("num_train", 256), num_test=get("num_test", 64),
+                      image_size=get("image_size", 32), num_classes=get("num_classes", 10),
+                      seed=get("seed", 0), normalization=get("normalization", "auto"),
+                      progress=get("progress", True))
+
+
+__all__ = [
+    "Dataset", "LabelledImages", "Normalization", "SOURCES", "load_dataset", "load_for_config",
+    "load_image_folder", "load_image_folder_splits", "load_tfds_arrays", "tfds_data_source",
+    "make_synthetic", "channel_stats", "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_EXPECTED_COUNTS",
+    "augment_batch", "augment_images", "random_crop_flip",
+    "augment", "image_folder", "normalize", "synthetic", "tfds_source",
+]

@@ -1,0 +1,91 @@
+"""CIFAR-10 and ImageNet through tensorflow-datasets, for data already prepared in ``data_dir``.
+
+Reads the array_record files of a prepared TFDS dataset with
+``tfds.data_source`` (random access, no TensorFlow needed) and never
+downloads (``download=False``). Prepare the data once elsewhere, e.g.
+
+    tfds build cifar10 --data_dir=/data/tfds --file_format=array_record
+
+(ImageNet needs its archives placed in the manual download directory first.)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from overinterp_jax.data.labelled import LabelledImages
+
+SUPPORTED = ("cifar10", "imagenet2012")
+# The split used as the test set: ImageNet's test labels are not public.
+EVAL_SPLIT = {"cifar10": "test", "imagenet2012": "validation"}
+
+
+def _check_prepared(name: str, data_dir: Optional[str]) -> None:
+  """Fails fast (before importing TFDS) unless ``data_dir/name`` exists."""
+  if name not in SUPPORTED:
+    raise ValueError(f"Unsupported TFDS dataset {name!r}; supported: {list(SUPPORTED)}.")
+  if not data_dir:
+    raise ValueError(f"TFDS dataset {name!r} needs data_dir, the folder where it was prepared "
+                     f"(this code never downloads); e.g. `tfds build {name} "
+                     "--data_dir=DIR --file_format=array_record`.")
+  if not os.path.isdir(os.path.join(data_dir, name)):
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir!r}: no folder "
+        f"{os.path.join(data_dir, name)}. Prepare it with `tfds build {name} "
+        f"--data_dir={data_dir} --file_format=array_record` (this code never downloads).")
+
+
+def tfds_data_source(name: str, split: str, data_dir: str) -> Any:
+  """The random-access source of a prepared split (a sequence of feature dicts).
+
+  Each element is ``{'image': [H, W, 3] uint8, 'label': int, ...}``; hand the
+  source to grain for large datasets such as ImageNet.
+
+  Raises:
+    ValueError / FileNotFoundError: unsupported name, no ``data_dir``, or the
+      dataset is not prepared there (as array_record).
+  """
+  _check_prepared(name, data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except  # TFDS raises many kinds here
+    raise FileNotFoundError(
+        f"Cannot open TFDS {name!r} split {split!r} in {data_dir!r}: {type(e).__name__}: {e}. "
+        "The dataset must be prepared there in array_record format (tfds build "
+        f"{name} --data_dir={data_dir} --file_format=array_record).") from e
+
+
+def class_names(name: str, data_dir: str) -> tuple[str, ...]:
+  """Label names of a prepared dataset, in label order."""
+  _check_prepared(name, data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tuple(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
+
+
+def load_tfds_arrays(name: str, data_dir: str, splits: Sequence[str] = ("train", "test"),
+                     progress: bool = True) -> dict[str, LabelledImages]:
+  """Small prepared datasets (CIFAR-10) as in-memory arrays.
+
+  Returns ``{split: LabelledImages}`` with images ``[N, H, W, 3]`` uint8 and
+  labels ``[N]`` int32. ImageNet (1.28M images of varied sizes) does not fit
+  this form: use ``tfds_data_source`` with a grain pipeline.
+  """
+  if name == "imagenet2012":
+    raise ValueError("imagenet2012 is too large (and its images vary in size) to load as "
+                     "arrays; use tfds_data_source(name, split, data_dir) with grain.")
+  names = class_names(name, data_dir)
+  out = {}
+  for split in splits:
+    source = tfds_data_source(name, split, data_dir)
+    images, labels = [], []
+    for i in tqdm(range(len(source)), desc=f"{name} {split}", unit="img",
+                  disable=not progress):
+      ex = source[i]
+      images.append(np.asarray(ex["image"], np.uint8))
+      labels.append(int(ex["label"]))
+    out[split] = LabelledImages(np.stack(images), np.array(labels, np.int32), names)
+  return out

@@ -1,0 +1,299 @@
+"""Training: optax SGD-Nesterov, data-parallel pure steps, orbax checkpoints, resume.
+
+``train_and_evaluate(config, workdir, data)`` trains one model and is
+resumable: a checkpoint is written (atomically, by orbax) after every epoch,
+and a re-run with the same work directory continues from the last one. Each
+epoch's shuffling and augmentation keys derive from ``(seed, epoch)`` only,
+so a run that was killed and resumed ends with the same parameters as one
+that was not.
+
+The step functions are pure and compiled once; the batch is split over the
+data axis of ``sharding.data_mesh()`` and the state replicated, so the same
+code runs on 1 CPU or many accelerators (XLA inserts the gradient all-reduce;
+batch-norm statistics are over the global batch, as on one device).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import struct
+from tqdm import tqdm
+
+from overinterp_jax import sharding
+from overinterp_jax.models import InputDropout, create_model
+
+# Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
+# docs/paper.md §6.4) is deterministic.
+EVAL_INPUT_DROPOUT_KEY = 0
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a training step reads and writes (a pytree)."""
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  apply_fn: Callable = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """Per-step learning rate.
+
+  ``config.schedule``: ``"multistep"`` (the paper: ``lr`` × ``lr_decay`` at each
+  epoch in ``lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
+  ``lr``, for short budgets) or ``"cosine"`` (cosine decay from ``lr``).
+  """
+  total = config.num_epochs * steps_per_epoch
+  if config.schedule == "multistep":
+    boundaries = {int(e) * steps_per_epoch: float(config.lr_decay)
+                  for e in config.lr_milestones}
+    return optax.piecewise_constant_schedule(config.lr, boundaries)
+  if config.schedule == "onecycle":
+    return optax.cosine_onecycle_schedule(total, config.lr, pct_start=config.warmup_fraction,
+                                          div_factor=25.0, final_div_factor=1e3)
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, total)
+  raise ValueError(f"config.schedule must be 'multistep', 'onecycle' or 'cosine', got "
+                   f"{config.schedule!r}.")
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and (PyTorch-style, coupled) weight decay on all parameters."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                nesterov=config.nesterov))
+
+
+def build_model(config) -> nn.Module:
+  """``config.model`` from the registry, wrapped in input dropout when
+  ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and evaluation)."""
+  model = create_model(config.model, num_classes=config.num_classes)
+  keep_prob = float(config.get("input_dropout_keep_prob", 1.0))
+  if not 0 < keep_prob <= 1:
+    raise ValueError(f"config.input_dropout_keep_prob must be in (0, 1], got {keep_prob}.")
+  return InputDropout(model, keep_prob=keep_prob) if keep_prob < 1 else model
+
+
+def create_train_state(model: nn.Module, tx, image_shape, key) -> TrainState:
+  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  variables = dict(variables)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    apply_fn=model.apply, tx=tx)
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, images, labels, key, augment_fn=None):
+  """One SGD step on a batch. ``images [B, H, W, C]`` float32, ``labels [B]`` int32.
+
+  ``augment_fn(key, images) -> images`` runs on device inside the step; the
+  model's ``dropout`` and ``input_dropout`` streams get keys split from ``key``.
+  Returns the new state and ``{"loss", "accuracy"}`` of the batch.
+  """
+  augment_key, dropout_key, input_dropout_key = jax.random.split(key, 3)
+  if augment_fn is not None:
+    images = augment_fn(augment_key, images)
+  rngs = {"dropout": dropout_key, "input_dropout": input_dropout_key}
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     images, train=True, mutable=["batch_stats"], rngs=rngs)
+    return cross_entropy(logits, labels), (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, param_updates),
+                            batch_stats=updates.get("batch_stats", state.batch_stats),
+                            opt_state=opt_state)
+  accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: TrainState, images, labels, valid):
+  """Sums over a padded batch: ``valid [B]`` bool marks real examples."""
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                          images, train=False,
+                          rngs={"input_dropout": jax.random.key(EVAL_INPUT_DROPOUT_KEY)})
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {"loss_sum": jnp.sum(jnp.where(valid, loss, 0.0)),
+          "correct": jnp.sum(correct & valid), "count": jnp.sum(valid)}
+
+
+@dataclass
+class Steps:
+  """The compiled steps of one model, sharded over ``mesh``."""
+  train: Callable
+  eval: Callable
+  mesh: Any
+
+
+def compile_steps(mesh, augment_fn=None) -> Steps:
+  data = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  train = jax.jit(lambda s, x, y, k: train_step(s, x, y, k, augment_fn),
+                  in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
+                  donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(repl, data, data, data), out_shardings=repl)
+  return Steps(train=train, eval=evaluate, mesh=mesh)
+
+
+def evaluate(steps: Steps, state: TrainState, images: np.ndarray, labels: np.ndarray,
+             batch_size: int, prepare: Callable = lambda x: x) -> dict:
+  """Loss and accuracy over every example once (the last batch padded and masked)."""
+  ndev = steps.mesh.devices.size  # a multiple of the process count
+  batch_size = -(-batch_size // ndev) * ndev
+  totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
+  for start in range(0, len(images), batch_size):
+    x = prepare(images[start:start + batch_size])
+    y = labels[start:start + batch_size]
+    n = len(y)
+    valid = np.arange(batch_size) < n
+    if n < batch_size:
+      x = np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)])
+      y = np.concatenate([y, np.repeat(y[:1], batch_size - n, 0)])
+    mine = sharding.process_slice(batch_size)
+    x, y, valid = (sharding.global_batch(steps.mesh, a[mine]) for a in (x, y, valid))
+    out = jax.device_get(steps.eval(state, x, y, valid))
+    for k in totals:
+      totals[k] += out[k]
+  count = max(int(totals["count"]), 1)
+  return {"loss": float(totals["loss_sum"]) / count, "accuracy": int(totals["correct"]) / count,
+          "count": int(totals["count"])}
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example order of one epoch: a function of (seed, epoch) only."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _checkpoint_manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+  """Replaces ``path`` atomically with one JSON object per line."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as fh:
+    fh.writelines(json.dumps(r) + "\n" for r in records)
+    fh.flush()
+    os.fsync(fh.fileno())
+  os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Per-epoch records of ``metrics.jsonl`` (empty if the file does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    return [json.loads(line) for line in fh if line.strip()]
+
+
+def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
+                       test_images: np.ndarray, test_labels: np.ndarray, *,
+                       prepare: Callable = lambda x: x, augment_fn=None, mesh=None,
+                       max_epochs_this_run: int | None = None) -> tuple[TrainState, dict]:
+  """Trains ``config.model`` and returns the final state and test metrics.
+
+  Args:
+    config: ``model``, ``num_classes``, ``num_epochs``, ``batch_size``, ``lr``,
+      ``schedule`` (+ its keys), ``momentum``, ``nesterov``, ``weight_decay``,
+      ``seed``, ``eval_batch_size``, ``checkpoints_to_keep``.
+    workdir: checkpoints go to ``workdir/checkpoints``, per-epoch metrics to
+      ``workdir/metrics.jsonl``. An existing checkpoint is resumed.
+    train_images, test_images: ``[N, H, W, C]`` arrays, turned into model
+      inputs by ``prepare`` (e.g. uint8 -> normalised float32) batch by batch.
+    augment_fn: ``(key, images) -> images`` applied on device in each step.
+    max_epochs_this_run: stop after this many epochs in this call (tests use
+      it to simulate a killed run); the checkpoint stays resumable.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  ndev = mesh.devices.size
+  if config.batch_size % ndev:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"{ndev} devices.")
+  n = len(train_images)
+  steps_per_epoch = n // config.batch_size
+  mine = sharding.process_slice(config.batch_size)  # this process's rows of each batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} training examples.")
+  model = build_model(config)
+  tx = make_optimizer(config, steps_per_epoch)
+  state = create_train_state(model, tx, train_images.shape[1:],
+                             jax.random.key(config.seed))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  steps = compile_steps(mesh, augment_fn)
+
+  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"),
+                                config.get("checkpoints_to_keep", 2))
+  start_epoch = 0
+  if manager.latest_step() is not None:
+    start_epoch = manager.latest_step()
+    restored = manager.restore(start_epoch, args=ocp.args.StandardRestore(state))
+    state = jax.device_put(restored, sharding.replicated(mesh))
+    logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  # Records are written before their checkpoint; drop any past the checkpoint.
+  history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+  test_metrics = {}
+  end_epoch = config.num_epochs
+  if max_epochs_this_run is not None:
+    end_epoch = min(end_epoch, start_epoch + max_epochs_this_run)
+  for epoch in range(start_epoch, end_epoch):
+    order = epoch_permutation(config.seed, epoch, n)
+    epoch_key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
+    t0 = time.perf_counter()
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.num_epochs}",
+               unit="batch", leave=False, disable=not config.get("progress", True))
+    for i in bar:
+      idx = order[i * config.batch_size:(i + 1) * config.batch_size][mine]
+      x = sharding.global_batch(mesh, prepare(train_images[idx]))
+      y = sharding.global_batch(mesh, train_labels[idx])
+      state, m = steps.train(state, x, y, jax.random.fold_in(epoch_key, i))
+      if i % 20 == 0 or i == steps_per_epoch - 1:
+        m = jax.device_get(m)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}",
+                        img_s=f"{(i + 1) * config.batch_size / (time.perf_counter() - t0):.0f}")
+      for k in sums:
+        sums[k] += m[k]
+    seconds = time.perf_counter() - t0
+    test_metrics = evaluate(steps, state, test_images, test_labels,
+                            config.get("eval_batch_size", 500), prepare)
+    record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / steps_per_epoch,
+              "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+              "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
+              "epoch_seconds": seconds,
+              "train_images_per_second": steps_per_epoch * config.batch_size / seconds}
+    logging.info("%s", record)
+    history.append(record)
+    _write_jsonl(metrics_path, history)
+    manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+  if not test_metrics:
+    test_metrics = evaluate(steps, state, test_images, test_labels,
+                            config.get("eval_batch_size", 500), prepare)
+  manager.close()
+  return state, test_metrics

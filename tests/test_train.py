@@ -1,0 +1,148 @@
+"""Training and the main CLI on the smoke config (synthetic data, tiny CNN)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from overinterp_jax import data as data_lib
+from overinterp_jax import sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, workdir):
+  return subprocess.run(
+      [sys.executable, "-m", "overinterp_jax.main", "--config=configs/smoke.py",
+       f"--workdir={workdir}", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_end_to_end_and_rerun_resumes(tmp_path):
+  proc = run_main(workdir=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["train"]["model"] == "cnn3"
+  assert results["train"]["count"] == 64
+  # Synthetic classes are separable: two epochs beat chance (10%) clearly.
+  assert results["train"]["accuracy"] > 0.3
+  metrics = train.read_metrics(str(tmp_path / "base_model" / "metrics.jsonl"))
+  assert [m["epoch"] for m in metrics] == [1, 2]
+  assert all(m["train_images_per_second"] > 0 for m in metrics)
+  # A second run finds the finished checkpoint and trains no further epoch.
+  again = run_main(workdir=tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert len(train.read_metrics(str(tmp_path / "base_model" / "metrics.jsonl"))) == 2
+
+
+def test_main_rejects_unknown_config_key(tmp_path):
+  proc = run_main("--config.not_a_key=3", workdir=tmp_path)
+  assert proc.returncode != 0
+  assert "not_a_key" in proc.stderr
+
+
+def test_main_rejects_bad_values_before_work(tmp_path):
+  proc = run_main("--config.num_epochs=0", workdir=tmp_path)
+  assert proc.returncode != 0
+  assert "config.num_epochs" in proc.stderr
+  assert not (tmp_path / "base_model").exists()
+
+
+def _smoke_data(tmp_path):
+  config = smoke.get_config()
+  return config, data_lib.load_for_config(config.data, str(tmp_path))
+
+
+def _train(config, ds, workdir, **kw):
+  return train.train_and_evaluate(config, str(workdir), ds.train_images, ds.train_labels,
+                                  ds.test_images, ds.test_labels, prepare=ds.prepare,
+                                  augment_fn=ds.augment_fn, **kw)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 3
+  full_state, full_metrics = _train(config, ds, tmp_path / "full")
+  _train(config, ds, tmp_path / "resumed", max_epochs_this_run=1)
+  assert len(train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))) == 1
+  resumed_state, resumed_metrics = _train(config, ds, tmp_path / "resumed")
+  for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(resumed_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed_metrics == full_metrics
+  epochs = [m["epoch"] for m in train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))]
+  assert epochs == [1, 2, 3]
+
+
+def test_train_step_same_loss_on_one_and_four_devices(tmp_path, devices):
+  config, ds = _smoke_data(tmp_path)
+  model = train.create_model("resnet20", num_classes=10)
+  x = ds.prepare(ds.train_images[:32])
+  y = ds.train_labels[:32]
+  key = jax.random.key(0)
+  out = []
+  for mesh in (sharding.data_mesh(devices[:1]), sharding.data_mesh(devices)):
+    tx = train.make_optimizer(config, steps_per_epoch=8)
+    state = train.create_train_state(model, tx, x.shape[1:], jax.random.key(1))
+    state = jax.device_put(state, sharding.replicated(mesh))
+    steps = train.compile_steps(mesh, ds.augment_fn)
+    state, m1 = steps.train(state, x, y, key)
+    state, m2 = steps.train(state, x, y, key)
+    out.append((float(m1["loss"]), float(m2["loss"]),
+                np.asarray(jax.tree.leaves(state.params)[0])))
+  (a1, a2, pa), (b1, b2, pb) = out
+  assert a1 == pytest.approx(b1, rel=1e-5) and a2 == pytest.approx(b2, rel=1e-5)
+  np.testing.assert_allclose(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_schedules():
+  config = smoke.get_config()
+  config.num_epochs = 200
+  config.schedule = "multistep"
+  config.lr = 0.1
+  lr = train.learning_rate_schedule(config, steps_per_epoch=10)
+  assert float(lr(0)) == pytest.approx(0.1)
+  assert float(lr(600)) == pytest.approx(0.02)
+  assert float(lr(1600)) == pytest.approx(0.1 * 0.2 ** 3)
+  config.schedule = "onecycle"
+  lr = train.learning_rate_schedule(config, steps_per_epoch=10)
+  assert float(lr(int(2000 * config.warmup_fraction))) == pytest.approx(0.1, rel=1e-3)
+  config.schedule = "nope"
+  with pytest.raises(ValueError, match="config.schedule"):
+    train.learning_rate_schedule(config, steps_per_epoch=10)
+
+
+def test_models_with_random_streams_train(tmp_path):
+  """Input dropout (train and eval) and dropout layers get their PRNG streams."""
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 1
+  config.input_dropout_keep_prob = 0.8
+  state, metrics = _train(config, ds, tmp_path / "input_dropout")
+  assert metrics["count"] == 64 and np.isfinite(metrics["loss"])
+  # Evaluation uses a fixed input-dropout key: deterministic.
+  steps = train.compile_steps(sharding.data_mesh())
+  x, y = ds.prepare(ds.test_images[:8]), ds.test_labels[:8]
+  valid = np.ones(8, bool)
+  assert (jax.device_get(steps.eval(state, x, y, valid))
+          == jax.device_get(steps.eval(state, x, y, valid)))
+
+  from overinterp_jax.models import WideResNet
+  model = WideResNet(depth=10, widen_factor=1, dropout_rate=0.3, num_classes=10)
+  tx = train.make_optimizer(config, steps_per_epoch=4)
+  state = train.create_train_state(model, tx, x.shape[1:], jax.random.key(0))
+  _, a = train.train_step(state, x, y, jax.random.key(1))
+  _, b = train.train_step(state, x, y, jax.random.key(2))
+  assert float(a["loss"]) != float(b["loss"])  # different dropout draws
+
+
+def test_bad_input_dropout_value_is_named():
+  config = smoke.get_config()
+  config.input_dropout_keep_prob = 0.0
+  with pytest.raises(ValueError, match="config.input_dropout_keep_prob"):
+    train.build_model(config)
