@@ -567,7 +567,9 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
   group = _positive_int("batch_size", min(n, batch_size))
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
+  # Raw key data (uint32), so keys shard and gather like any other array.
+  keys = jax.random.key_data(
+      jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n)))
   init, step, finish = _cached(
       _batched_gradient_programs, predict_fn, params is not None, bool(apply_softmax),
       int(remove_per_step), d, float(noise_std), pixel_shape, mesh)

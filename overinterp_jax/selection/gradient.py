@@ -30,7 +30,8 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
   slower than at top level, and dispatch of ~d/k steps costs little.
 
   ``const`` is a dict of what no step changes: ``params``, ``inputs [n, *D]``,
-  ``fully_masked [n, *D]``, ``targets [n]``, ``feature_map``, ``noise_keys [n]``.
+  ``fully_masked [n, *D]``, ``targets [n]``, ``feature_map``, ``noise_keys [n, 2]``
+  (raw PRNG key data, ``jax.random.key_data``).
 
   * ``init(const) -> state`` (removal mask, order and score buffers).
   * ``step(const, state, s) -> state``: one gradient step removing ``k`` features.
@@ -68,8 +69,8 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
     # of ones gives every input's gradient.
     (grad,) = pullback(jnp.ones_like(score))
     if noise_std > 0:
-      noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, s), (d,)))(
-          const["noise_keys"])
+      noise = jax.vmap(lambda key: jax.random.normal(
+          jax.random.fold_in(jax.random.wrap_key_data(key), s), (d,)))(const["noise_keys"])
       grad = grad + noise_std * noise.astype(grad.dtype)
     nonfinite = state["nonfinite"] | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
     grad = jnp.where(state["removed"], -jnp.inf, jnp.nan_to_num(grad))
