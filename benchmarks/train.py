@@ -14,7 +14,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

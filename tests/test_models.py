@@ -1,6 +1,5 @@
 """Models: parameter counts, output shapes, registry errors, predict functions,
 mean ensembles and input dropout."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
