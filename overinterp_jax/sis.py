@@ -166,11 +166,15 @@ def _abstract(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
 
 
+def _input_score(f):
+  """A user's ``f: [B, *D] -> [B]`` in the engine's score signature."""
+  return lambda params, x, rows, targets: f(x)
+
+
 @functools.lru_cache(maxsize=64)
 def _single_input_program(f, eval_batch: int, num_steps: int, mask_shape: tuple[int, ...]):
-  score_fn = lambda params, x, rows, targets: f(x)
   program = exact.exact_backselect_program(
-      score_fn, eval_batch=eval_batch, num_steps=num_steps, mask_shape=mask_shape,
+      _input_score(f), eval_batch=eval_batch, num_steps=num_steps, mask_shape=mask_shape,
       use_feature_map=False, shared_fully_masked=True)
   return jax.jit(program)
 
@@ -224,9 +228,8 @@ def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
   if m == 0:
     return np.zeros((0, mask.ndim), np.int64), np.zeros((0,), np.float32)
   targets = jnp.zeros((1,), jnp.int32)
-  score_fn = lambda params, xb, rows, t: f(xb)
   if eval_batch_size is None:
-    eval_batch_size = _eval_batch_size(score_fn, None, x[None], targets,
+    eval_batch_size = _eval_batch_size(_input_score(f), None, x[None], targets,
                                        budget_bytes=memory_budget_bytes, cap=d)
   program = _cached(_single_input_program, f, int(eval_batch_size), d, padded)
   order, values, nonfinite = program(None, x[None], fm[None],
@@ -399,19 +402,21 @@ def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, no
   data = P(sharding.DATA_AXIS)
   const_specs = dict(params=P(), inputs=data, fully_masked=data, targets=data,
                      feature_map=P(), noise_keys=data)
-  shard = lambda f, i, o, **kw: jax.jit(
-      jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=False), **kw)
-  return (shard(init_group, (P(), P(), data, data, data, data), (const_specs, data)),
-          shard(step, (const_specs, data, P()), data, donate_argnums=1),
-          shard(finish, (const_specs, data), data))
+  return (_jit_shard_map(init_group, mesh, (P(), P(), data, data, data, data),
+                         (const_specs, data)),
+          _jit_shard_map(step, mesh, (const_specs, data, P()), data, donate_argnums=1),
+          _jit_shard_map(finish, mesh, (const_specs, data), data))
+
+
+def _jit_shard_map(f, mesh, in_specs, out_specs, **jit_kwargs):
+  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                               check_vma=False), **jit_kwargs)
 
 
 def _shard_over_images(per_device, mesh, num_batched_args: int):
   """jit(shard_map): params and the feature map replicated, images split on ``data``."""
   data = P(sharding.DATA_AXIS)
-  in_specs = (P(), P()) + (data,) * num_batched_args
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=data,
-                               check_vma=False))
+  return _jit_shard_map(per_device, mesh, (P(), P()) + (data,) * num_batched_args, data)
 
 
 def _prepare_images(images, fully_masked, feature_map, target_classes):

@@ -162,6 +162,7 @@ def evaluate(steps: Steps, state: TrainState, images: np.ndarray, labels: np.nda
   ndev = steps.mesh.devices.size  # a multiple of the process count
   batch_size = -(-batch_size // ndev) * ndev
   totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
+  mine = sharding.process_slice(batch_size)
   for start in range(0, len(images), batch_size):
     x = prepare(images[start:start + batch_size])
     y = labels[start:start + batch_size]
@@ -170,7 +171,6 @@ def evaluate(steps: Steps, state: TrainState, images: np.ndarray, labels: np.nda
     if n < batch_size:
       x = np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)])
       y = np.concatenate([y, np.repeat(y[:1], batch_size - n, 0)])
-    mine = sharding.process_slice(batch_size)
     x, y, valid = (sharding.global_batch(steps.mesh, a[mine]) for a in (x, y, valid))
     out = jax.device_get(steps.eval(state, x, y, valid))
     for k in totals:
