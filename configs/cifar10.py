@@ -22,7 +22,8 @@ SHARED_ARCHIVE = os.path.normpath(os.path.join(
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = ("train",)
+  # Pipeline stages, run in this order; a finished stage is skipped on re-run.
+  c.stages = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"            # "tfds" | "image_folder" | "synthetic"
@@ -51,4 +52,55 @@ def get_config():
   c.checkpoints_to_keep = 2
   c.progress = True
   c.distributed = False             # True on multi-host runs: jax.distributed.initialize()
+
+  # Stage backselect: rank every pixel of every train and test image.
+  c.backselect = ml_collections.ConfigDict()
+  c.backselect.method = "exact"     # "exact" | "gradient" (Batched Gradient SIS)
+  c.backselect.remove_per_step = 1  # gradient only: pixels removed per step
+  c.backselect.noise_std = 0.0      # gradient only: tie-breaking noise
+  c.backselect.batch_size = 64      # gradient only: images per forward/backward pass
+  c.backselect.shard_size = 1000    # images per result file
+  c.backselect.seed = 0
+
+  # Stage subsets: keep the last-removed ceil(frac_kept·d) pixels; random baseline.
+  c.subsets = ml_collections.ConfigDict()
+  c.subsets.frac_kept = 0.05        # 52 of 1,024 CIFAR pixels
+  c.subsets.random_seed_train = 1234  # the public code's seeds
+  c.subsets.random_seed_test = 5678
+
+  # Stage retrain: fresh models on subsets; "mask_only" is the leakage control.
+  c.retrain = ml_collections.ConfigDict()
+  c.retrain.kinds = ("bs", "random", "mask_only")
+  c.retrain.num_epochs = 0          # 0 = num_epochs
+
+  # Stage sis: exact SISes of a sample of test images per model.
+  c.sis = ml_collections.ConfigDict()
+  c.sis.threshold = 0.99
+  c.sis.num_images = 100
+  c.sis.sample_seed = 0
+  c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
+  c.sis.models = ("single", "ensemble", "input_dropout")
+  c.sis.ensemble_size = 3           # base model + 2 replicates (seeds seed+1, seed+2)
+  c.sis.ensemble_epochs = 0         # 0 = num_epochs
+  c.sis.input_dropout_keep_prob = 0.8
+  c.sis.input_dropout_epochs = 0    # 0 = num_epochs
+  c.sis.input_dropout_samples = 4   # fixed dropout masks averaged at SIS time
+  c.sis.input_dropout_key = 0
+
+  # Stage controls (see overinterp_jax/pipeline/controls.py).
+  c.controls = ml_collections.ConfigDict()
+  c.controls.smoothed = True
+  c.controls.dilation = 3           # k×k neighbourhood
+  c.controls.smoothed_images = 0    # backselect (test) SISes checked; 0 = all
+  c.controls.targeted = True
+  c.controls.target_seed = 0
+  c.controls.masking_values = ("mean", "blur", "noise")
+  c.controls.masking_test_images = 0  # test images backselected per masked value; 0 = all
+  c.controls.blur_sigma = 2.0       # pixels
+  c.controls.noise_scale = 1.0      # uniform in [-s, s] (normalised units)
+  c.controls.noise_seed = 0
+  c.controls.confidence_rise = True
+
+  c.report = ml_collections.ConfigDict()
+  c.report.num_figure_images = 8
   return c

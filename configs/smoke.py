@@ -1,4 +1,4 @@
-"""Seconds-long run of the whole code path on synthetic data (used by the tests).
+"""About a minute of every pipeline stage on synthetic data (used by the tests).
 
   python -m overinterp_jax.main --config=configs/smoke.py --workdir=/tmp/smoke
 """
@@ -20,4 +20,19 @@ def get_config():
   c.schedule = "onecycle"
   c.lr = 0.05
   c.progress = False
+
+  c.backselect.method = "gradient"
+  c.backselect.remove_per_step = 16
+  c.backselect.shard_size = 128     # 2 train shards, 1 test shard
+  c.retrain.num_epochs = 2
+  c.sis.num_images = 6
+  c.retrain.kinds = ("bs", "random", "mask_only", "full")
+  c.sis.patch_size = 2              # 64 features of 2×2 pixels
+  c.sis.threshold = 0.4             # the 2-epoch model is not confident; exercise real SISes
+  c.sis.ensemble_size = 2
+  c.sis.ensemble_epochs = 1
+  c.sis.input_dropout_epochs = 1
+  c.sis.input_dropout_samples = 2
+  c.controls.masking_test_images = 32
+  c.report.num_figure_images = 4
   return c

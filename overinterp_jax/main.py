@@ -1,6 +1,7 @@
 """Command line: ``python -m overinterp_jax.main --config=configs/<name>.py --workdir=<dir>``.
 
-Runs the stages listed in ``config.stages`` (today: ``train``). Any config
+Runs the pipeline stages listed in ``config.stages`` (``pipeline/runner.py``):
+train → backselect → subsets → retrain → sis → controls → report. Any config
 key can be overridden with ``--config.<key>=<value>``; the config is locked,
 so a key that does not exist is rejected with a message naming it. Re-running
 with the same ``--workdir`` resumes.
@@ -15,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from overinterp_jax import data as data_lib
-from overinterp_jax import train
+from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
@@ -23,19 +24,57 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-KNOWN_STAGES = ("train",)
+KNOWN_STAGES = runner.STAGES
+
+
+def _subset_of(key: str, values, known) -> None:
+  unknown = [v for v in values if v not in known]
+  if unknown:
+    raise ValueError(f"config.{key} has unknown values {unknown}; known: {list(known)}.")
+
+
+def _in_range(key: str, value, low, high, low_open=True) -> None:
+  ok = (low < value if low_open else low <= value) and value <= high
+  if not ok:
+    raise ValueError(f"config.{key} must be in {'(' if low_open else '['}{low}, {high}], "
+                     f"got {value}.")
 
 
 def validate_config(config) -> None:
   """Fails before any work starts, naming the offending key."""
-  unknown = [s for s in config.stages if s not in KNOWN_STAGES]
-  if unknown:
-    raise ValueError(f"config.stages has unknown stages {unknown}; known: {list(KNOWN_STAGES)}.")
+  _subset_of("stages", config.stages, KNOWN_STAGES)
   for key in ("num_epochs", "batch_size", "eval_batch_size", "num_classes"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
   if not config.lr > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
+  d = config.data
+  if d.source == "image_folder" and not os.path.exists(d.path):
+    raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
+                     "'image_folder' needs a folder or .tar.gz of <split>/<class>/<image>).")
+  if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
+    raise ValueError(f"config.data.data_dir={d.data_dir!r} is not a directory.")
+  b = config.backselect
+  _subset_of("backselect.method", [b.method], ("exact", "gradient"))
+  for key in ("remove_per_step", "batch_size", "shard_size"):
+    if int(b[key]) < 1:
+      raise ValueError(f"config.backselect.{key} must be >= 1, got {b[key]}.")
+  if not b.noise_std >= 0:
+    raise ValueError(f"config.backselect.noise_std must be >= 0, got {b.noise_std}.")
+  _in_range("subsets.frac_kept", config.subsets.frac_kept, 0, 1)
+  _subset_of("retrain.kinds", config.retrain.kinds, retrain_stage.KINDS)
+  s = config.sis
+  _in_range("sis.threshold", s.threshold, 0, 1)
+  _subset_of("sis.models", s.models, sis_stage.MODELS)
+  _in_range("sis.input_dropout_keep_prob", s.input_dropout_keep_prob, 0, 1)
+  for key in ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"):
+    if int(s[key]) < 1:
+      raise ValueError(f"config.sis.{key} must be >= 1, got {s[key]}.")
+  c = config.controls
+  _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
+  if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:
+    raise ValueError(f"config.controls.dilation must be a positive odd integer, got "
+                     f"{c.dilation}.")
 
 
 def run(config, workdir: str) -> dict:
@@ -45,16 +84,7 @@ def run(config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as fh:
     fh.write(config.to_json_best_effort(indent=1))
   dataset = data_lib.load_for_config(config.data, workdir)
-  results = {}
-  if "train" in config.stages:
-    _, test_metrics = train.train_and_evaluate(
-        config, os.path.join(workdir, "base_model"),
-        dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
-        prepare=dataset.prepare,
-        augment_fn=dataset.augment_fn if config.data.augment else None)
-    results["train"] = {"model": config.model, **test_metrics}
-    logging.info("Test accuracy %.4f on %d images.", test_metrics["accuracy"],
-                 test_metrics["count"])
+  results = runner.run_pipeline(config, workdir, dataset)
   tmp = os.path.join(workdir, "results.json.tmp")
   with open(tmp, "w") as fh:
     json.dump(results, fh, indent=1)

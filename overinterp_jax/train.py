@@ -209,6 +209,25 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in fh if line.strip()]
 
 
+def restore_trained(config, workdir: str, image_shape, num_train: int,
+                    mesh=None) -> TrainState | None:
+  """The final state of a finished ``train_and_evaluate`` run in ``workdir``, else None."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  manager = _checkpoint_manager(directory, config.get("checkpoints_to_keep", 2))
+  try:
+    if manager.latest_step() != config.num_epochs:
+      return None
+    tx = make_optimizer(config, max(1, num_train // config.batch_size))
+    state = create_train_state(build_model(config), tx, image_shape, jax.random.key(config.seed))
+    state = manager.restore(config.num_epochs, args=ocp.args.StandardRestore(state))
+  finally:
+    manager.close()
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  return jax.device_put(state, sharding.replicated(mesh))
+
+
 def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
                        test_images: np.ndarray, test_labels: np.ndarray, *,
                        prepare: Callable = lambda x: x, augment_fn=None, mesh=None,

@@ -1,0 +1,106 @@
+"""What every stage shares: config, work directory, data, mesh, and cached results.
+
+Stages ask the context for what they build on (``base_model()``,
+``backselect(split)``, ``subsets()``...); each is computed once per process
+and read back from the work directory on a re-run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+
+from overinterp_jax import data as data_lib
+from overinterp_jax import sharding
+from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, trained
+
+
+class Context:
+  """Shared state of one pipeline run in ``workdir``."""
+
+  def __init__(self, config, workdir: str, dataset: data_lib.Dataset, mesh=None):
+    self.config, self.workdir, self.data = config, workdir, dataset
+    self.mesh = mesh if mesh is not None else sharding.data_mesh()
+    self.progress = bool(config.get("progress", True))
+    self.data_fp = artifacts.fingerprint(
+        config.data, dataset.train_images.shape, dataset.test_images.shape,
+        artifacts.checksum({"y": dataset.train_labels, "t": dataset.test_labels}))
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  @property
+  def height_width(self) -> tuple[int, int]:
+    return tuple(self.data.image_shape[:2])
+
+  @property
+  def augment_fn(self):
+    return self.data.augment_fn if self.config.data.augment else None
+
+  def split_images(self, split: str) -> np.ndarray:
+    return self.data.train_images if split == "train" else self.data.test_images
+
+  def split_labels(self, split: str) -> np.ndarray:
+    return self.data.train_labels if split == "train" else self.data.test_labels
+
+  def train_model(self, name: str, config, train_images=None, test_images=None,
+                  data_fp: Optional[str] = None) -> trained.Trained:
+    """Trains (or loads) ``config`` in ``workdir/name`` on full or given (masked) images."""
+    full = train_images is None
+    return trained.ensure_trained(
+        config, self.path(name),
+        self.data.train_images if full else train_images, self.data.train_labels,
+        self.data.test_images if full else test_images, self.data.test_labels,
+        prepare=self.data.prepare if full else (lambda x: x), augment_fn=self.augment_fn,
+        data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
+        mesh=self.mesh)
+
+  @functools.cached_property
+  def base(self) -> trained.Trained:
+    return self.train_model("base_model", self.config)
+
+  @property
+  def base_fp(self) -> str:
+    return artifacts.fingerprint({k: self.config.get(k) for k in trained.TRAIN_KEYS},
+                                 self.data_fp)
+
+  def backselect_fp(self, split: str, fully_masked_kind: str = "mean") -> str:
+    return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind)
+
+  @functools.lru_cache(maxsize=None)
+  def backselect(self, split: str, limit: Optional[int] = None,
+                 masking: str = "mean") -> dict:
+    """Backward selection of the first ``limit`` (default all) images of ``split``
+    with the base model, masked value ``masking`` (``masked_data.MASKING_VALUES``)."""
+    images = self.split_images(split)
+    if limit is not None:
+      images = images[:limit]
+    directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
+    fm = self.fully_masked(split, masking, len(images))
+    return backselect_stage.backselect_split(
+        directory, self.base.apply, self.base.variables, images, self.data.prepare,
+        self.config.backselect, self.backselect_fp(split, masking),
+        seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
+        fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
+        mesh=self.mesh)
+
+  def fully_masked(self, split: str, kind: str, count: int, indices=None):
+    """Masked values ``[count, H, W, C]`` for the first ``count`` (or ``indices``) images."""
+    if kind == "mean":
+      return None
+    images = self.split_images(split)
+    images = images[:count] if indices is None else images[indices]
+    c = self.config.controls
+    seed = int(c.noise_seed) + (0 if split == "train" else 1)
+    return masked_data.fully_masked_values(
+        kind, self.data.prepare(images), seed=seed, blur_sigma=float(c.blur_sigma),
+        noise_scale=float(c.noise_scale),
+        indices=np.arange(count) if indices is None else indices)
+
+  def stage_summary_path(self, stage: str) -> str:
+    return self.path("stages", f"{stage}.json")
+
+  def load_summary(self, stage: str) -> Optional[dict]:
+    return artifacts.load_json(self.stage_summary_path(stage))

@@ -1,0 +1,184 @@
+"""Stage ``controls``: tests of the overinterpretation finding itself.
+
+A critique of the paper (Springer 2022) reads a SIS as an adversarial *mask
+pattern*: backward selection searches over masks for one that raises the
+target confidence. These controls let a user weigh both readings:
+
+  * ``smoothed``: confidence on each SIS image and on the SIS dilated by a
+    ``k × k`` neighbourhood (every SIS pixel kept, neighbours added). If the
+    pixels carry the evidence, adding pixels should not hurt.
+  * ``targeted``: backward selection toward a random *wrong* class; how often
+    it reaches τ and how large those SISes are.
+  * ``masking_values``: SIS sizes and the base model's 5% BS accuracy with the
+    masked value set to the dataset mean (0), a blurred copy, or noise.
+  * ``confidence_rise``: the fraction of images whose confidence rises above
+    its full-image value during backward selection.
+(Mask-only leakage is the ``mask_only`` kind of the ``retrain`` stage.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from overinterp_jax import sis
+from overinterp_jax.pipeline import artifacts, sis_stage, trained
+from overinterp_jax.pipeline.masked_data import MASKING_VALUES, MaskedImages, dilate
+from overinterp_jax.selection import records
+
+CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
+
+
+def fingerprint(ctx) -> str:
+  return artifacts.fingerprint(sis_stage.fingerprint(ctx), ctx.backselect_fp("test"),
+                               ctx.config.controls)
+
+
+def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
+  if len(targets) == 0:
+    return np.zeros((0,), np.float64)
+  logits = trained.predict_logits(apply, variables, images,
+                                  batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+  return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
+
+
+def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
+  batch = sis.sis_from_backselect(
+      sis.BackselectResult(rec["targets"], rec["original_scores"], rec["order"], rec["values"]),
+      tau)
+  keep = batch.exists & (batch.size > 0)
+  h, w = ctx.height_width
+  pixels = sis.feature_mask_to_pixels(batch.mask[keep], fmap, (h, w))
+  images = ctx.data.test_images[indices[keep]]
+  targets = rec["targets"][keep]
+  prep = ctx.data.prepare
+  conf_sis = target_confidence(ctx, apply, variables, MaskedImages(images, pixels, prep), targets)
+  conf_dil = target_confidence(ctx, apply, variables,
+                               MaskedImages(images, dilate(pixels, k), prep), targets)
+  summary = {"count": int(keep.sum()), "dilation": k,
+             "median_confidence_sis": float(np.median(conf_sis)) if len(conf_sis) else None,
+             "median_confidence_dilated": float(np.median(conf_dil)) if len(conf_dil) else None,
+             "fraction_dilated_below_threshold": float((conf_dil < tau).mean())
+             if len(conf_dil) else None,
+             "median_pixels_sis": float(np.median(pixels.sum((1, 2)))) if len(pixels) else None,
+             "median_pixels_dilated": float(np.median(dilate(pixels, k).sum((1, 2))))
+             if len(pixels) else None}
+  return summary, conf_sis, conf_dil
+
+
+def smoothed(ctx) -> tuple[dict, dict]:
+  c = ctx.config
+  tau, k = float(c.sis.threshold), int(c.controls.dilation)
+  out, arrays = {}, {}
+  indices = sis_stage.sample_indices(ctx)
+  for name in c.sis.models:
+    apply, variables, _, _ = sis_stage.predictor(ctx, name)
+    rec = sis_stage.records_for(ctx, name)
+    s, a, b = _smoothed_source(ctx, apply, variables, indices, rec, sis_stage.feature_map(ctx),
+                               tau, k)
+    out[f"exact/{name}"], arrays[f"exact/{name}/sis"], arrays[f"exact/{name}/dilated"] = s, a, b
+  limit = int(c.controls.smoothed_images) or len(ctx.data.test_images)
+  rec = {key: v[:limit] for key, v in ctx.backselect("test").items()}
+  s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, np.arange(len(rec["order"])),
+                             rec, None, tau, k)
+  name = f"{c.backselect.method}/single"
+  out[name], arrays[f"{name}/sis"], arrays[f"{name}/dilated"] = s, a, b
+  return out, arrays
+
+
+def wrong_targets(predicted: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+  """A uniformly random class other than ``predicted`` per image (fixed seed)."""
+  shift = np.random.default_rng(seed).integers(1, num_classes, size=len(predicted))
+  return ((predicted + shift) % num_classes).astype(np.int32)
+
+
+def targeted(ctx) -> dict:
+  c = ctx.config
+  tau = float(c.sis.threshold)
+  indices = sis_stage.sample_indices(ctx)
+  own = sis_stage.records_for(ctx, "single")
+  wrong = wrong_targets(own["targets"], int(c.num_classes), int(c.controls.target_seed))
+  rec = sis_stage.exact_records(ctx, "targeted_single", ctx.base.apply, ctx.base.variables,
+                                ctx.base_fp, indices, target_classes=wrong)
+  ppf = sis_stage.pixels_per_feature(ctx)
+  num_pixels = int(np.prod(ctx.height_width))
+  reached = rec["values"].max(axis=1) >= tau
+  sizes = records.sis_length(rec["values"], tau) * ppf
+  own_sis = sis_stage.sis_of(own, tau)
+  return {
+      "num_images": int(len(indices)),
+      "wrong_class": {"fraction_reached_threshold": float(reached.mean()),
+                      "fraction_fully_masked_reaches": float((rec["values"][:, -1] >= tau).mean()),
+                      "median_max_confidence": float(np.median(rec["values"].max(axis=1))),
+                      "median_full_image_confidence": float(np.median(rec["original_scores"])),
+                      **sis_stage.size_stats(sizes, reached, num_pixels)},
+      "predicted_class": sis_stage.size_stats(own_sis.size * ppf, own_sis.exists, num_pixels)}
+
+
+def masking_values(ctx) -> dict:
+  c = ctx.config
+  tau = float(c.sis.threshold)
+  indices = sis_stage.sample_indices(ctx)
+  num_pixels = int(np.prod(ctx.height_width))
+  limit = int(c.controls.masking_test_images) or len(ctx.data.test_images)
+  ppf = sis_stage.pixels_per_feature(ctx)
+  out = {}
+  for kind in c.controls.masking_values:
+    if kind == "mean":
+      rec = sis_stage.records_for(ctx, "single")
+      bs = {key: v[:limit] for key, v in ctx.backselect("test").items()}
+    else:
+      fm = ctx.fully_masked("test", kind, len(indices), indices=indices)
+      rec = sis_stage.exact_records(ctx, f"single_mask_{kind}", ctx.base.apply,
+                                    ctx.base.variables, artifacts.fingerprint(
+                                        ctx.base_fp, kind, c.controls.blur_sigma,
+                                        c.controls.noise_scale, c.controls.noise_seed),
+                                    indices, fully_masked=fm)
+      bs = ctx.backselect("test", limit, kind)
+    batch = sis_stage.sis_of(rec, tau)
+    fm_test = ctx.fully_masked("test", kind, limit)
+    keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
+        -1, *ctx.height_width)
+    images = MaskedImages(ctx.data.test_images[:limit], keep, ctx.data.prepare,
+                          fully_masked=fm_test)
+    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, images,
+                                    batch_size=int(c.eval_batch_size), mesh=ctx.mesh)
+    out[kind] = {"sis": sis_stage.size_stats(batch.size * ppf, batch.exists, num_pixels),
+                 "base_on_bs_subsets": trained.accuracy_and_confidence(
+                     logits, ctx.data.test_labels[:limit], bs["targets"])}
+  return out
+
+
+def rise_fraction(values: np.ndarray, original: np.ndarray) -> dict:
+  rise = values.max(axis=1) - original
+  return {"count": int(len(original)), "fraction_rising": float((rise > 0).mean()),
+          "fraction_rising_by_0.01": float((rise > 0.01).mean()),
+          "median_max_rise": float(np.median(rise))}
+
+
+def confidence_rise(ctx) -> dict:
+  out = {}
+  for name in ctx.config.sis.models:
+    rec = sis_stage.records_for(ctx, name)
+    out[f"exact/{name}"] = rise_fraction(rec["values"], rec["original_scores"])
+  rec = ctx.backselect("test")
+  out[f"{ctx.config.backselect.method}/single"] = rise_fraction(rec["values"],
+                                                               rec["original_scores"])
+  return out
+
+
+def run(ctx) -> dict:
+  c = ctx.config.controls
+  unknown = [k for k in c.masking_values if k not in MASKING_VALUES]
+  if unknown:
+    raise ValueError(f"config.controls.masking_values has unknown values {unknown}; "
+                     f"known: {list(MASKING_VALUES)}.")
+  out = {"fingerprint": fingerprint(ctx), "threshold": float(ctx.config.sis.threshold)}
+  if c.smoothed:
+    out["smoothed"], arrays = smoothed(ctx)
+    artifacts.save(ctx.path("controls", "smoothed.npz"), arrays, out["fingerprint"])
+  if c.targeted:
+    out["targeted"] = targeted(ctx)
+  if c.masking_values:
+    out["masking_values"] = masking_values(ctx)
+  if c.confidence_rise:
+    out["confidence_rise"] = confidence_rise(ctx)
+  return out

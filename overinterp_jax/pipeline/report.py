@@ -1,0 +1,244 @@
+"""Stage ``report``: ``report.md``, ``report.json`` and PNG figures in the work directory.
+
+Built only from what earlier stages stored (stage summaries, backselect
+shards, SIS records), so it never recomputes anything and is identical for
+the same config and seed. Sections for stages that did not run say so.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from overinterp_jax import sis
+from overinterp_jax.pipeline import artifacts, figures, sis_stage
+
+FIGURES = {"sis_examples": "figures/sis_examples.png",
+           "confidence_curves": "figures/confidence_vs_pixels_removed.png",
+           "sis_sizes": "figures/sis_size_histograms.png",
+           "smoothed_sis": "figures/smoothed_sis_confidence.png",
+           "confidence_rise": "figures/confidence_rise.png"}
+EARLIER = ("train", "backselect", "subsets", "retrain", "sis", "controls")
+
+
+def fingerprint(ctx) -> str:
+  from overinterp_jax.pipeline import runner
+  return artifacts.fingerprint([runner.RUNNERS[s][0](ctx) for s in EARLIER
+                                if s in ctx.config.stages], ctx.config.report)
+
+
+def _without_timings(x):
+  if isinstance(x, dict):
+    return {k: _without_timings(v) for k, v in x.items()
+            if "seconds" not in k and k != "fingerprint"}
+  return x
+
+
+def _pct(x) -> str:
+  return "—" if x is None or not np.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _num(x, fmt: str = ".0f") -> str:
+  return "—" if x is None or not np.isfinite(x) else format(x, fmt)
+
+
+def table1(s: dict, config) -> tuple[str, dict]:
+  train, retrain = s.get("train"), s.get("retrain")
+  full = train["test_accuracy"] if train else None
+  models = (retrain or {}).get("models", {})
+  bs = models.get("bs", {}).get("test_accuracy")
+  rnd = models.get("random", {}).get("test_accuracy")
+  mask_only = models.get("mask_only", {}).get("test_accuracy")
+  full_retrained = models.get("full", {}).get("test_accuracy")
+  reference = full_retrained if full_retrained is not None else full
+  row = {"model": config.model, "seed": int(config.seed), "full": full,
+         "full_same_budget": full_retrained, "bs_5pct": bs,
+         "random_5pct": rnd, "mask_only_5pct": mask_only,
+         "bs_minus_random": None if bs is None or rnd is None else bs - rnd,
+         "reference_minus_bs": None if bs is None or reference is None else reference - bs}
+  frac = f"{100 * float(config.subsets.frac_kept):g}%"
+  retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
+  md = figures.markdown_table(
+      ["model", "seed", f"full images ({config.num_epochs} ep)",
+       f"full images ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random", "BS − random",
+       f"{frac} BS mask only"],
+      [[config.model, str(config.seed), _pct(full), _pct(full_retrained), _pct(bs), _pct(rnd),
+        _pct(row["bs_minus_random"]), _pct(mask_only)]])
+  lines = [md, "", "Test accuracy (%); each model trained and tested on the same kind of input. "
+           f"Subset models (and the second full-image column) train for {retrain_epochs} epochs."]
+  if bs is not None and reference is not None:
+    which = "the full-image model of the same budget" if full_retrained is not None else \
+        "the full-image model"
+    lines.append(f"- 5% BS is {100 * (reference - bs):.2f} points below {which} "
+                 "(paper: within a few points).")
+  if bs is not None and rnd is not None:
+    lines.append(f"- 5% BS is {100 * (bs - rnd):.2f} points above 5% random (paper: far above).")
+  if mask_only is not None:
+    chance = 1.0 / int(config.num_classes)
+    verdict = ("the subset **positions alone predict the class** well above chance"
+               if mask_only > chance + 0.1 else "positions alone predict little")
+    lines.append(f"- Mask only: {_pct(mask_only)}% from positions alone (chance "
+                 f"{100 * chance:.0f}%): {verdict}.")
+  base = (retrain or {}).get("base_on_subsets")
+  if base:
+    lines += ["", "Base model on its own 5% test subsets (no retraining):", "",
+              figures.markdown_table(
+                  ["subsets", "accuracy (%)", "mean confidence", "≥ 0.99 confident (%)"],
+                  [[k, _pct(v["accuracy"]), f"{v['mean_confidence']:.4f}",
+                    _pct(v["fraction_confident_99"])] for k, v in base.items()])]
+  return "\n".join(lines), row
+
+
+def sis_table(s: dict) -> str:
+  rows = []
+  for name, m in s["models"].items():
+    rows.append([name, _pct(m["test_accuracy"]), str(m["count"]), _pct(m["fraction_with_sis"]),
+                 _num(m.get("median_pixels")),
+                 f"{_num(m.get('q1_pixels'))}–{_num(m.get('q3_pixels'))}",
+                 _num(m.get("median_percent"), ".2f")])
+  return figures.markdown_table(
+      ["model", "test acc (%)", "SISes", "images with SIS (%)", "median size (px)",
+       "IQR (px)", "median size (% of image)"], rows)
+
+
+def controls_md(s: dict) -> str:
+  tau = s["threshold"]
+  out = []
+  if "smoothed" in s:
+    out += [f"### Smoothed SIS (dilated by {next(iter(s['smoothed'].values()))['dilation']}×"
+            f"{next(iter(s['smoothed'].values()))['dilation']})", "",
+            figures.markdown_table(
+                ["SIS source", "SISes", "median px SIS → dilated", "median conf SIS",
+                 "median conf dilated", f"dilated < τ={tau} (%)"],
+                [[k, str(v["count"]), f"{_num(v['median_pixels_sis'])} → "
+                  f"{_num(v['median_pixels_dilated'])}",
+                  f"{v['median_confidence_sis']:.4f}" if v["count"] else "—",
+                  f"{v['median_confidence_dilated']:.4f}" if v["count"] else "—",
+                  _pct(v["fraction_dilated_below_threshold"])]
+                 for k, v in s["smoothed"].items()]), ""]
+  if "targeted" in s:
+    t = s["targeted"]
+    w, p = t["wrong_class"], t["predicted_class"]
+    out += ["### Targeted SIS (random wrong class)", "",
+            figures.markdown_table(
+                ["target", "images", f"reach τ={tau} (%)", "median SIS (px)",
+                 "median SIS (% of image)"],
+                [["predicted class", str(t["num_images"]), _pct(p.get("fraction_with_sis")),
+                  _num(p.get("median_pixels")), _num(p.get("median_percent"), ".2f")],
+                 ["random wrong class", str(t["num_images"]),
+                  _pct(w["fraction_reached_threshold"]),
+                  _num(w.get("median_pixels")), _num(w.get("median_percent"), ".2f")]]),
+            "", f"Wrong class: median full-image confidence {w['median_full_image_confidence']:.4f}, "
+            f"median best confidence along backward selection {w['median_max_confidence']:.4f}; "
+            f"the fully masked image alone reaches τ for {_pct(w['fraction_fully_masked_reaches'])}%.",
+            ""]
+  if "masking_values" in s:
+    out += ["### Masking value", "",
+            figures.markdown_table(
+                ["masked value", "median SIS (px)", "median SIS (%)", "images with SIS (%)",
+                 "base on own 5% BS test subsets: acc (%)", "mean confidence", "test images"],
+                [[k, _num(v["sis"].get("median_pixels")), _num(v["sis"].get("median_percent"), ".2f"),
+                  _pct(v["sis"].get("fraction_with_sis")),
+                  _pct(v["base_on_bs_subsets"]["accuracy"]),
+                  f"{v['base_on_bs_subsets']['mean_confidence']:.4f}",
+                  str(v["base_on_bs_subsets"]["count"])]
+                 for k, v in s["masking_values"].items()]), ""]
+  if "confidence_rise" in s:
+    out += ["### Confidence along backward selection", "",
+            figures.markdown_table(
+                ["record", "images", "confidence rises above full image (%)",
+                 "rises by > 0.01 (%)", "median max rise"],
+                [[k, str(v["count"]), _pct(v["fraction_rising"]), _pct(v["fraction_rising_by_0.01"]),
+                  f"{v['median_max_rise']:.4f}"] for k, v in s["confidence_rise"].items()]), ""]
+  return "\n".join(out)
+
+
+def draw_figures(ctx, s: dict) -> dict:
+  """Writes the figures whose inputs exist; returns ``{name: relative path}``."""
+  made = {}
+  tau = float(ctx.config.sis.threshold)
+  h, w = ctx.height_width
+  n_fig = int(ctx.config.report.num_figure_images)
+  if "sis" in s:
+    idx = sis_stage.sample_indices(ctx)
+    fmap = sis_stage.feature_map(ctx)
+    recs = {name: sis_stage.records_for(ctx, name) for name in s["sis"]["models"]}
+    masks, exists, sizes, curves = {}, {}, {}, {}
+    for name, rec in recs.items():
+      b = sis_stage.sis_of(rec, tau)
+      masks[name] = sis.feature_mask_to_pixels(b.mask, fmap, (h, w))[:n_fig]
+      exists[name] = b.exists[:n_fig]
+      sizes[name] = (b.size * sis_stage.pixels_per_feature(ctx))[b.exists]
+      curves[f"exact/{name}"] = rec["values"]
+    single = next(iter(recs.values()))
+    names = ctx.data.class_names
+    titles = [f"{names[ctx.data.test_labels[i]]} → {names[t]} {p:.3f}"
+              for i, t, p in zip(idx[:n_fig], single["targets"], single["original_scores"])]
+    made["sis_examples"] = figures.sis_grid(ctx.path(FIGURES["sis_examples"]),
+                                            ctx.data.test_images[idx[:n_fig]], masks,
+                                            titles=titles, exists_by_model=exists,
+                                            max_images=n_fig)
+    made["sis_sizes"] = figures.size_histograms(ctx.path(FIGURES["sis_sizes"]), sizes,
+                                                num_features=h * w)
+    if "backselect" in s:
+      rec = ctx.backselect("test")
+      curves[f"{ctx.config.backselect.method}/single (test)"] = rec["values"][:1000]
+    made["confidence_curves"] = figures.confidence_curves(
+        ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
+  c = s.get("controls", {})
+  if "smoothed" in c:
+    arrays = artifacts.load(ctx.path("controls", "smoothed.npz"), c["fingerprint"])
+    if arrays is not None:
+      before = {k: arrays[f"{k}/sis"] for k in c["smoothed"]}
+      after = {k: arrays[f"{k}/dilated"] for k in c["smoothed"]}
+      made["smoothed_sis"] = figures.paired_confidence(
+          ctx.path(FIGURES["smoothed_sis"]), before, after, threshold=tau,
+          labels=("SIS", f"dilated SIS ({int(ctx.config.controls.dilation)}×"
+                         f"{int(ctx.config.controls.dilation)})"))
+  if "confidence_rise" in c:
+    values, original = {}, {}
+    for name in s["sis"]["models"]:
+      rec = sis_stage.records_for(ctx, name)
+      values[f"exact/{name}"], original[f"exact/{name}"] = rec["values"], rec["original_scores"]
+    rec = ctx.backselect("test")
+    key = f"{ctx.config.backselect.method}/single"
+    values[key], original[key] = rec["values"], rec["original_scores"]
+    made["confidence_rise"] = figures.rise_curves(ctx.path(FIGURES["confidence_rise"]), values,
+                                                  original)
+  return {k: os.path.relpath(v, ctx.workdir) for k, v in made.items()}
+
+
+def run(ctx) -> dict:
+  c = ctx.config
+  s = {stage: ctx.load_summary(stage) for stage in EARLIER if stage in c.stages}
+  s = {k: v for k, v in s.items() if v is not None}
+  md = [f"# Overinterpretation report: {c.model} (seed {c.seed})", "",
+        f"Data: {c.data.source} ({len(ctx.data.train_images)} train / "
+        f"{len(ctx.data.test_images)} test images, {ctx.height_width[0]}×{ctx.height_width[1]}). "
+        f"Stages run: {', '.join(k for k in EARLIER if k in s)}.", ""]
+  md += ["## Table 1: pixel-subset retraining", ""]
+  t1_md, t1 = table1(s, c)
+  md += [t1_md, ""]
+  if "backselect" in s:
+    b = s["backselect"]
+    md += [f"Pixel ranking: {b['method']} backward selection of {b['train']['count']} train and "
+           f"{b['test']['count']} test images"
+           + (f", {c.backselect.remove_per_step} pixels per step." if b["method"] == "gradient"
+              else "."), ""]
+  if "sis" in s:
+    md += [f"## SIS size at τ = {s['sis']['threshold']} ({s['sis']['num_images']} test images, "
+           f"exact backward selection, {s['sis']['patch_size']}×{s['sis']['patch_size']}-pixel "
+           "features)", "", sis_table(s["sis"]), ""]
+  else:
+    md += ["## SIS size", "", "Stage `sis` not run.", ""]
+  if "controls" in s:
+    md += ["## Controls", "", controls_md(s["controls"])]
+  figs = draw_figures(ctx, s)
+  md += ["## Figures", ""] + [f"- {k}: ![{k}]({v})" for k, v in figs.items()] + [""]
+  report = {"table1": t1, "stages": _without_timings(s), "figures": figs}
+  artifacts.save_json(ctx.path("report.json"), report)
+  tmp = ctx.path("report.md.tmp")
+  with open(tmp, "w") as fh:
+    fh.write("\n".join(md))
+  os.replace(tmp, ctx.path("report.md"))
+  return {"report": "report.md", "figures": figs}

@@ -1,0 +1,67 @@
+"""Stage ``retrain``: fresh models trained and tested on pixel-subsets (the paper's Table 1).
+
+Kinds (``config.retrain.kinds``):
+  * ``bs``: 5% backward-selection subsets (pixel values kept, rest masked);
+  * ``random``: 5% random subsets;
+  * ``mask_only``: the BS subsets' *positions* only (kept pixels set to a
+    constant) — if positions alone predict the class, the BS accuracy
+    says little about the pixels' content;
+  * ``full``: full images with the same (possibly short) retraining budget,
+    the fair reference when ``retrain.num_epochs`` is below ``num_epochs``.
+Each model trains on the train subsets (image and mask cropped/flipped
+together every epoch) and is tested on the matching test subsets. The
+stage also measures the base model on its own BS and random test subsets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from overinterp_jax.pipeline import artifacts, subsets_stage, trained
+from overinterp_jax.pipeline.masked_data import MaskedImages
+
+KINDS = ("bs", "random", "mask_only", "full")
+
+
+def masked_split(ctx, masks: dict, kind: str, split: str) -> MaskedImages:
+  if kind == "full":
+    images = ctx.split_images(split)
+    return MaskedImages(images, np.ones(images.shape[:3], bool), ctx.data.prepare)
+  source = "random" if kind == "random" else "bs"
+  return MaskedImages(ctx.split_images(split), masks[f"{source}_{split}"], ctx.data.prepare,
+                      mask_only=kind == "mask_only")
+
+
+def retrain_config(ctx):
+  c = ctx.config
+  epochs = int(c.retrain.num_epochs) or int(c.num_epochs)
+  return trained.variant(c, num_epochs=epochs)
+
+
+def fingerprint(ctx) -> str:
+  return artifacts.fingerprint(subsets_stage.subsets_fp(ctx), ctx.config.retrain,
+                               ctx.base_fp, {k: ctx.config.get(k) for k in trained.TRAIN_KEYS})
+
+
+def run(ctx) -> dict:
+  masks = subsets_stage.load_or_compute(ctx)
+  out = {"fingerprint": fingerprint(ctx), "models": {}, "base_on_subsets": {}}
+  labels = ctx.data.test_labels
+  targets = ctx.backselect("test")["targets"]
+  for kind in ("bs", "random"):
+    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
+                                     masked_split(ctx, masks, kind, "test"),
+                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    m = trained.accuracy_and_confidence(logits, labels, targets)
+    p = trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
+    m["fraction_confident_99"] = float((p >= 0.99).mean())
+    out["base_on_subsets"][kind] = m
+  config = retrain_config(ctx)
+  for kind in ctx.config.retrain.kinds:
+    model = ctx.train_model(f"retrain_{kind}", config,
+                            train_images=masked_split(ctx, masks, kind, "train"),
+                            test_images=masked_split(ctx, masks, kind, "test"),
+                            data_fp=subsets_stage.subsets_fp(ctx))
+    out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],
+                           "test_loss": model.metrics["loss"],
+                           "num_epochs": int(config.num_epochs), "train_seconds": model.seconds}
+  return out

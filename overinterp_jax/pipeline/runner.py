@@ -1,0 +1,78 @@
+"""Runs the configured stages in order, skipping those already done.
+
+A stage is done when ``stages/<stage>.json`` exists with the fingerprint of
+the config parts it depends on. Everything expensive inside a stage (trained
+models, backselect shards, SIS records) is cached on its own, so a stage
+killed half-way resumes where it stopped. Wall time per stage goes to
+``timings.json`` (kept out of the report, which must not depend on it).
+"""
+from __future__ import annotations
+
+import time
+
+from absl import logging
+
+from overinterp_jax.pipeline import (artifacts, controls, report, retrain_stage, sis_stage,
+                                     subsets_stage)
+from overinterp_jax.pipeline.context import Context
+
+STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
+
+
+def _train(ctx) -> dict:
+  return {"fingerprint": ctx.base_fp, "model": ctx.config.model,
+          "test_accuracy": ctx.base.metrics["accuracy"], "test_loss": ctx.base.metrics["loss"],
+          "num_epochs": int(ctx.config.num_epochs)}
+
+
+def _backselect_fp(ctx) -> str:
+  return artifacts.fingerprint(*[ctx.backselect_fp(s) for s in ("train", "test")])
+
+
+def _backselect(ctx) -> dict:
+  out = {"fingerprint": _backselect_fp(ctx), "method": ctx.config.backselect.method}
+  for split in ("train", "test"):
+    r = ctx.backselect(split)
+    out[split] = {"count": int(len(r["order"])), "num_features": int(r["order"].shape[1]),
+                  "mean_original_score": float(r["original_scores"].mean())}
+  return out
+
+
+RUNNERS = {
+    "train": (lambda ctx: ctx.base_fp, _train),
+    "backselect": (_backselect_fp, _backselect),
+    "subsets": (subsets_stage.subsets_fp, subsets_stage.run),
+    "retrain": (retrain_stage.fingerprint, retrain_stage.run),
+    "sis": (sis_stage.fingerprint, sis_stage.run),
+    "controls": (controls.fingerprint, controls.run),
+    "report": (report.fingerprint, report.run),
+}
+
+
+def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
+  """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}``."""
+  import jax
+  ctx = Context(config, workdir, dataset, mesh)
+  timings = artifacts.load_json(ctx.path("timings.json")) or {}
+  summaries = {}
+  for stage in STAGES:
+    if stage not in config.stages:
+      continue
+    fp_fn, run_fn = RUNNERS[stage]
+    fp = fp_fn(ctx)
+    summary = artifacts.load_json(ctx.stage_summary_path(stage), fp)
+    if summary is not None:
+      logging.info("Stage %s: already done.", stage)
+    else:
+      logging.info("Stage %s: running.", stage)
+      t0 = time.perf_counter()
+      summary = run_fn(ctx)
+      summary["fingerprint"] = fp
+      if jax.process_index() == 0:
+        artifacts.save_json(ctx.stage_summary_path(stage), summary)
+      timings[stage] = round(time.perf_counter() - t0, 1)
+      if jax.process_index() == 0:
+        artifacts.save_json(ctx.path("timings.json"), timings)
+      logging.info("Stage %s: done in %.1f s.", stage, timings[stage])
+    summaries[stage] = summary
+  return summaries

@@ -1,0 +1,171 @@
+"""Stage ``sis``: exact SISes at τ for a sample of test images, per model (paper §5).
+
+Models (``config.sis.models``):
+  * ``single``: the base model;
+  * ``ensemble``: mean-logit ensemble of the base model and
+    ``ensemble_size - 1`` replicates trained with other seeds (optionally
+    shorter, ``ensemble_epochs``);
+  * ``input_dropout``: a model trained with input dropout (keep prob
+    ``input_dropout_keep_prob``), evaluated deterministically: logits averaged
+    over ``input_dropout_samples`` fixed dropout masks (paper §6.4).
+Features are pixels (``patch_size=1``) or ``p × p`` patches. Each model's
+backward-selection record is stored in ``sis/<model>.npz``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from overinterp_jax import sis
+from overinterp_jax.pipeline import artifacts, trained
+
+MODELS = ("single", "ensemble", "input_dropout")
+
+
+def sample_indices(ctx) -> np.ndarray:
+  c = ctx.config.sis
+  n = len(ctx.data.test_images)
+  k = min(int(c.num_images), n)
+  return np.sort(np.random.default_rng(int(c.sample_seed)).permutation(n)[:k])
+
+
+def feature_map(ctx) -> Optional[np.ndarray]:
+  """``[H, W]`` feature ids of ``p × p`` patches, or None for pixels."""
+  p = int(ctx.config.sis.patch_size)
+  h, w = ctx.height_width
+  if p == 1:
+    return None
+  if h % p or w % p:
+    raise ValueError(f"config.sis.patch_size={p} must divide the image size {h}x{w}.")
+  rows, cols = np.meshgrid(np.arange(h) // p, np.arange(w) // p, indexing="ij")
+  return (rows * (w // p) + cols).astype(np.int32)
+
+
+def pixels_per_feature(ctx) -> int:
+  return int(ctx.config.sis.patch_size) ** 2
+
+
+def record_check(n: int, d: int):
+  def check(a):
+    for key, shape in (("order", (n, d)), ("values", (n, d)), ("targets", (n,)),
+                       ("original_scores", (n,))):
+      if key not in a or a[key].shape != shape:
+        return f"{key} missing or not of shape {shape}"
+    return None
+  return check
+
+
+def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: np.ndarray, *,
+                  fully_masked=None, target_classes=None) -> dict:
+  """Exact backward selection of test images ``indices`` -> cached ``sis/<name>.npz``."""
+  fmap = feature_map(ctx)
+  d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
+  path = ctx.path("sis", f"{name}.npz")
+  fp = artifacts.fingerprint(fp, ctx.config.sis.patch_size, indices.tolist(),
+                             None if target_classes is None else np.asarray(target_classes).tolist())
+  rec = artifacts.load(path, fp, record_check(len(indices), d))
+  if rec is None:
+    images = ctx.data.prepare(ctx.data.test_images[indices])
+    r = sis.batched_backselect(apply, images, params=variables, feature_map=fmap,
+                               fully_masked=fully_masked, target_classes=target_classes,
+                               mesh=ctx.mesh)
+    rec = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
+           "targets": r.target_classes.astype(np.int32),
+           "original_scores": r.original_scores.astype(np.float32)}
+    artifacts.save(path, rec, fp)
+  return rec
+
+
+def sis_of(rec: dict, threshold: float) -> sis.SISBatch:
+  return sis.sis_from_backselect(
+      sis.BackselectResult(rec["targets"], rec["original_scores"], rec["order"], rec["values"]),
+      threshold)
+
+
+def size_stats(sizes_px: np.ndarray, exists: np.ndarray, num_pixels: int) -> dict:
+  s = sizes_px[exists]
+  if len(s) == 0:
+    return {"count": 0, "fraction_with_sis": 0.0}
+  q1, med, q3 = np.percentile(s, [25, 50, 75])
+  return {"count": int(len(s)), "fraction_with_sis": float(exists.mean()),
+          "median_pixels": float(med), "q1_pixels": float(q1), "q3_pixels": float(q3),
+          "median_percent": float(100 * med / num_pixels),
+          "mean_percent": float(100 * s.mean() / num_pixels)}
+
+
+def ensemble_members(ctx) -> list:
+  c = ctx.config
+  members = [ctx.base]
+  epochs = int(c.sis.ensemble_epochs) or int(c.num_epochs)
+  for i in range(1, int(c.sis.ensemble_size)):
+    members.append(ctx.train_model(f"ensemble_member_{i}",
+                                   trained.variant(c, seed=int(c.seed) + i, num_epochs=epochs)))
+  return members
+
+
+def input_dropout_model(ctx) -> trained.Trained:
+  c = ctx.config
+  epochs = int(c.sis.input_dropout_epochs) or int(c.num_epochs)
+  return ctx.train_model("input_dropout_model", trained.variant(
+      c, input_dropout_keep_prob=float(c.sis.input_dropout_keep_prob), num_epochs=epochs))
+
+
+_APPLY_CACHE: dict = {}
+
+
+def predictor(ctx, name: str):
+  """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``."""
+  c = ctx.config.sis
+  if name == "single":
+    return ctx.base.apply, ctx.base.variables, ctx.base_fp, ctx.base.metrics["accuracy"]
+  if name == "ensemble":
+    members = ensemble_members(ctx)
+    key = ("ensemble", ctx.base.apply)
+    apply = _APPLY_CACHE.setdefault(key, trained.ensemble_apply(ctx.base.apply))
+    stacked = trained.stack_variables(members)
+    fp = artifacts.fingerprint(ctx.base_fp, c.ensemble_size, c.ensemble_epochs)
+    logits = trained.predict_logits(apply, stacked, ctx.data.prepare(ctx.data.test_images),
+                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    acc = float((logits.argmax(-1) == ctx.data.test_labels).mean())
+    return apply, stacked, fp, acc
+  if name == "input_dropout":
+    model = input_dropout_model(ctx)
+    key = ("input_dropout", model.module, int(c.input_dropout_samples), int(c.input_dropout_key))
+    if key not in _APPLY_CACHE:
+      _APPLY_CACHE[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
+                                                      int(c.input_dropout_key))
+    apply = _APPLY_CACHE[key]
+    fp = artifacts.fingerprint(ctx.base_fp, c.input_dropout_keep_prob, c.input_dropout_epochs,
+                               c.input_dropout_samples, c.input_dropout_key)
+    logits = trained.predict_logits(apply, model.variables,
+                                    ctx.data.prepare(ctx.data.test_images),
+                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    acc = float((logits.argmax(-1) == ctx.data.test_labels).mean())
+    return apply, model.variables, fp, acc
+  raise ValueError(f"config.sis.models: unknown model {name!r}; known: {list(MODELS)}.")
+
+
+def records_for(ctx, name: str) -> dict:
+  apply, variables, fp, _ = predictor(ctx, name)
+  return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
+
+
+def fingerprint(ctx) -> str:
+  return artifacts.fingerprint(ctx.base_fp, ctx.config.sis)
+
+
+def run(ctx) -> dict:
+  c = ctx.config.sis
+  tau = float(c.threshold)
+  indices = sample_indices(ctx)
+  num_pixels = int(np.prod(ctx.height_width))
+  out = {"fingerprint": fingerprint(ctx), "threshold": tau, "num_images": int(len(indices)),
+         "patch_size": int(c.patch_size), "models": {}}
+  for name in c.models:
+    apply, variables, fp, acc = predictor(ctx, name)
+    rec = exact_records(ctx, name, apply, variables, fp, indices)
+    batch = sis_of(rec, tau)
+    sizes_px = batch.size * pixels_per_feature(ctx)
+    out["models"][name] = {"test_accuracy": acc, **size_stats(sizes_px, batch.exists, num_pixels)}
+  return out

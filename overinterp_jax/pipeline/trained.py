@@ -1,0 +1,144 @@
+"""Trained models of the pipeline: train once (resumable), then load, and predict.
+
+Every model lives in its own directory under the work directory (orbax
+checkpoints + ``metrics.jsonl`` from ``train.train_and_evaluate``) with a
+``summary.json`` holding its test metrics and the fingerprint of the config
+that trained it. A finished model is restored, not retrained.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from overinterp_jax import sharding, train
+from overinterp_jax.models import InputDropout
+from overinterp_jax.pipeline import artifacts
+
+# Config keys that decide a trained model (a change retrains it).
+TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "batch_size",
+              "schedule", "lr", "lr_milestones", "lr_decay", "warmup_fraction", "momentum",
+              "nesterov", "weight_decay", "seed")
+
+
+def variant(config, **overrides):
+  """A copy of ``config`` with some top-level training keys changed."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for k, v in overrides.items():
+      if k not in c:
+        raise KeyError(f"config has no key {k!r}.")
+      c[k] = v
+  return c
+
+
+class Trained:
+  """A trained model: ``module``, ``variables`` and its ``metrics`` on the test data it was given."""
+
+  def __init__(self, module, variables, metrics: dict, seconds: float):
+    self.module, self.variables, self.metrics, self.seconds = module, variables, metrics, seconds
+
+  def apply(self, variables, images):
+    """``(variables, images [B, H, W, C]) -> logits [B, K]``, eval mode, deterministic."""
+    rngs = {"input_dropout": jax.random.key(train.EVAL_INPUT_DROPOUT_KEY)}
+    module = self.module
+    if isinstance(module, InputDropout):
+      module = module.clone(per_example_masks=False)
+    return module.apply(variables, images, train=False, rngs=rngs)
+
+
+def ensure_trained(config, workdir: str, train_images, train_labels, test_images, test_labels,
+                   *, prepare: Callable, augment_fn, data_fp: str, mesh=None) -> Trained:
+  """Trains ``config`` into ``workdir`` unless a finished model of the same config is there."""
+  fp = artifacts.fingerprint({k: config.get(k) for k in TRAIN_KEYS}, data_fp)
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = artifacts.load_json(summary_path, fp)
+  if summary is None and os.path.exists(summary_path):
+    raise ValueError(f"{workdir} holds a model trained under another config; use a new "
+                     "--workdir or delete that directory.")
+  state = None
+  if summary is not None:
+    state = train.restore_trained(config, workdir, train_images.shape[1:], len(train_images),
+                                  mesh)
+  if state is None:
+    t0 = time.perf_counter()
+    state, metrics = train.train_and_evaluate(
+        config, workdir, train_images, train_labels, test_images, test_labels,
+        prepare=prepare, augment_fn=augment_fn, mesh=mesh)
+    summary = {"fingerprint": fp, "metrics": metrics, "seconds": time.perf_counter() - t0}
+    artifacts.save_json(summary_path, summary)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return Trained(train.build_model(config), variables, summary["metrics"], summary["seconds"])
+
+
+def input_dropout_apply(trained: Trained, num_samples: int, key: int) -> Callable:
+  """Deterministic ``(variables, images) -> logits`` of an input-dropout model:
+  logits averaged over ``num_samples`` fixed dropout masks from ``key`` (paper §6.4)."""
+  module = trained.module
+  if not isinstance(module, InputDropout):
+    raise ValueError("input_dropout_apply needs a model trained with input dropout.")
+  shared = module.clone(per_example_masks=False, num_samples=num_samples)
+  rngs = {"input_dropout": jax.random.key(key)}
+  return lambda variables, images: shared.apply(variables, images, train=False, rngs=rngs)
+
+
+def ensemble_apply(apply: Callable) -> Callable:
+  """``(stacked_variables, images) -> mean logits``: members share one architecture."""
+  def predict(stacked, images):
+    return jax.vmap(lambda v: apply(v, images))(stacked).mean(axis=0)
+  return predict
+
+
+def stack_variables(members) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[m.variables for m in members])
+
+
+def predict_logits(apply: Callable, variables, images, *, batch_size: int = 500,
+                   mesh=None) -> np.ndarray:
+  """``apply(variables, x)`` over array-like ``images [N, ...]`` in batches -> ``[N, K]`` numpy."""
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  ndev = mesh.devices.size
+  batch_size = -(-batch_size // ndev) * ndev
+  fn = _compiled(apply, mesh)
+  mine = sharding.process_slice(batch_size)
+  out = []
+  for start in range(0, len(images), batch_size):
+    x = np.asarray(images[start:start + batch_size], np.float32)
+    n = len(x)
+    x = sharding.pad_batch(x, batch_size)[0]
+    logits = fn(variables, sharding.global_batch(mesh, x[mine]))
+    out.append(sharding.to_host(logits)[:n])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(apply, mesh):
+  key = (apply, mesh)
+  if key not in _COMPILED:
+    _COMPILED[key] = jax.jit(apply, in_shardings=(sharding.replicated(mesh),
+                                                  sharding.batch_sharding(mesh)),
+                             out_shardings=sharding.batch_sharding(mesh))
+  return _COMPILED[key]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = logits - logits.max(axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def accuracy_and_confidence(logits: np.ndarray, labels: np.ndarray,
+                            targets: Optional[np.ndarray] = None) -> dict:
+  """Accuracy vs ``labels``; mean softmax confidence of ``targets`` (default: argmax)."""
+  p = softmax(logits.astype(np.float64))
+  targets = p.argmax(-1) if targets is None else targets
+  conf = p[np.arange(len(p)), targets]
+  return {"accuracy": float((logits.argmax(-1) == labels).mean()),
+          "mean_confidence": float(conf.mean()),
+          "count": int(len(labels))}

@@ -1,0 +1,146 @@
+"""Report figures and tables: PNGs written atomically and deterministically, inputs validated."""
+import os
+
+import numpy as np
+import pytest
+
+from overinterp_jax.pipeline import figures
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _images(n=3, h=8, w=8, c=3, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+
+
+def _masks(n=3, h=8, w=8, seed=1):
+  return np.random.default_rng(seed).random((n, h, w)) < 0.2
+
+
+def _curves(n=5, d=16, seed=2):
+  return np.sort(np.random.default_rng(seed).random((n, d)), axis=1)[:, ::-1].copy()
+
+
+def _confidences(n=6, seed=3):
+  return np.random.default_rng(seed).random(n)
+
+
+CASES = {
+    "sis_grid": lambda p: figures.sis_grid(
+        p, _images(), {"a": _masks(), "b": _masks(seed=5)}, titles=["x 0.9 | 3 px"] * 3,
+        exists_by_model={"b": np.array([True, False, True])}, max_images=2),
+    "sis_grid_gray": lambda p: figures.sis_grid(p, _images(c=1), {"a": _masks()},
+                                                background=np.array([0], np.uint8)),
+    "confidence_curves": lambda p: figures.confidence_curves(
+        p, {"a": _curves(), "b": _curves(d=8, seed=4), "none": np.zeros((0, 4))}, threshold=0.9),
+    "size_histograms": lambda p: figures.size_histograms(
+        p, {"a": np.array([1, 2, 5]), "b": np.array([3, 30]), "none": np.zeros(0, int)},
+        num_features=64),
+    "paired_confidence": lambda p: figures.paired_confidence(
+        p, {"m1": _confidences(), "m2": np.zeros(0)}, {"m1": _confidences(seed=4), "m2": np.zeros(0)},
+        threshold=0.9, title="smoothed"),
+    "rise_curves": lambda p: figures.rise_curves(
+        p, {"a": _curves(), "b": _curves(seed=6)}, {"a": _confidences(5), "b": _confidences(5, 7)},
+        label_by={"a": "model A"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_writes_deterministic_png(tmp_path, name):
+  first = tmp_path / "one" / "deep" / f"{name}.png"
+  second = tmp_path / f"{name}_again.png"
+  assert CASES[name](str(first)) == str(first)
+  CASES[name](second)
+  data = first.read_bytes()
+  assert len(data) > len(PNG_SIGNATURE) and data.startswith(PNG_SIGNATURE)
+  assert data == second.read_bytes()
+  leftovers = [f for _, _, files in os.walk(tmp_path) for f in files if ".tmp" in f]
+  assert leftovers == []
+
+
+def test_sis_grid_draws_sis_on_background(tmp_path):
+  images = np.full((1, 4, 4, 3), 200, np.uint8)
+  masks = np.zeros((1, 4, 4), bool)
+  masks[0, 0, 0] = True
+  path = figures.sis_grid(tmp_path / "g.png", images, {"m": masks},
+                          background=np.array([0, 0, 255], np.uint8))
+  assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: figures.sis_grid(p, _images(), {}), "masks_by_model is empty"),
+    (lambda p: figures.sis_grid(p, _images().astype(np.float32), {"a": _masks()}), "images"),
+    (lambda p: figures.sis_grid(p, _images()[0], {"a": _masks()}), "images"),
+    (lambda p: figures.sis_grid(p, _images(c=2), {"a": _masks()}), "images"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks(h=7)}), r"masks_by_model\['a'\]"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks().astype(np.uint8)}),
+     r"masks_by_model\['a'\]"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks()}, titles=["x"]), "titles"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks()}, background=np.array([1, 2])),
+     "background"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks()},
+                                exists_by_model={"a": np.ones(2, bool)}),
+     r"exists_by_model\['a'\]"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks()},
+                                exists_by_model={"z": np.ones(3, bool)}),
+     r"exists_by_model\['z'\]"),
+    (lambda p: figures.sis_grid(p, _images(), {"a": _masks()}, max_images=0), "max_images"),
+    (lambda p: figures.confidence_curves(p, {}), "curves is empty"),
+    (lambda p: figures.confidence_curves(p, {"a": _confidences()}), r"curves\['a'\]"),
+    (lambda p: figures.confidence_curves(p, {"a": np.ones((2, 3), int)}), r"curves\['a'\]"),
+    (lambda p: figures.size_histograms(p, {}, num_features=10), "sizes is empty"),
+    (lambda p: figures.size_histograms(p, {"a": np.array([0.5])}, num_features=10),
+     r"sizes\['a'\]"),
+    (lambda p: figures.size_histograms(p, {"a": np.array([11])}, num_features=10),
+     r"sizes\['a'\]"),
+    (lambda p: figures.size_histograms(p, {"a": np.array([1])}, num_features=0), "num_features"),
+    (lambda p: figures.paired_confidence(p, {"a": _confidences()}, {"b": _confidences()}),
+     "before and after"),
+    (lambda p: figures.paired_confidence(p, {"a": _confidences()}, {"a": _confidences(5)}),
+     r"before\['a'\] and after\['a'\]"),
+    (lambda p: figures.paired_confidence(p, {"a": _confidences() + 1}, {"a": _confidences()}),
+     r"before\['a'\]"),
+    (lambda p: figures.rise_curves(p, {"a": _curves()}, {"a": _confidences(4)}),
+     r"original\['a'\]"),
+    (lambda p: figures.rise_curves(p, {"a": _curves()}, {}), "original is empty"),
+])
+def test_bad_inputs_raise(tmp_path, call, match):
+  path = tmp_path / "bad.png"
+  with pytest.raises(ValueError, match=match):
+    call(path)
+  assert not path.exists()
+  assert os.listdir(tmp_path) == []
+
+
+def test_rise_curves_fraction(tmp_path, monkeypatch):
+  plotted = []
+  original_plot = figures.Figure.add_subplot
+
+  def spy(self, *args, **kwargs):
+    ax = original_plot(self, *args, **kwargs)
+    real = ax.plot
+    ax.plot = lambda x, y, **kw: plotted.append((np.asarray(x), np.asarray(y))) or real(x, y, **kw)
+    return ax
+
+  monkeypatch.setattr(figures.Figure, "add_subplot", spy)
+  values = np.array([[0.5, 0.9, 0.1, 0.0], [0.2, 0.1, 0.3, 0.0]])
+  figures.rise_curves(tmp_path / "r.png", {"a": values}, {"a": np.array([0.6, 0.25])})
+  (x, y), = plotted
+  np.testing.assert_allclose(x, [0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(y, [0.0, 0.5, 1.0, 1.0])
+
+
+def test_markdown_table():
+  table = figures.markdown_table(["model", "acc", "n", "note"],
+                                 [["a|b", 0.123456, 3, "0.5"], ["c", np.float32(12345.67), 10, ""]])
+  assert table == ("| model | acc | n | note |\n"
+                   "|---|---|---|---|\n"
+                   "| a\\|b | 0.1235 | 3 | 0.5 |\n"
+                   "| c | 1.235e+04 | 10 |  |\n")
+
+
+def test_markdown_table_bad_row():
+  with pytest.raises(ValueError, match=r"rows\[1\] has 1 cells, headers has 2"):
+    figures.markdown_table(["a", "b"], [[1, 2], [3]])
+  with pytest.raises(ValueError, match="headers is empty"):
+    figures.markdown_table([], [])
