@@ -1,0 +1,208 @@
+"""Pipeline building blocks: atomic artifacts, masked images, controls' helpers, config checks."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10, smoke
+from overinterp_jax import data as data_lib
+from overinterp_jax import main
+from overinterp_jax.pipeline import artifacts, backselect_stage, controls, masked_data
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def test_artifact_round_trip_and_rejections(tmp_path):
+  path = str(tmp_path / "a.npz")
+  arrays = {"x": np.arange(6).reshape(2, 3), "y": np.ones(2, np.float32)}
+  artifacts.save(path, arrays, "fp1")
+  got = artifacts.load(path, "fp1")
+  assert set(got) == {"x", "y"} and np.array_equal(got["x"], arrays["x"])
+  assert artifacts.load(path, "other") is None                       # other config
+  assert artifacts.load(path, "fp1", lambda a: "too short") is None  # caller's check
+  assert artifacts.load(str(tmp_path / "missing.npz"), "fp1") is None
+  data = open(path, "rb").read()
+  with open(path, "wb") as fh:                                       # truncated
+    fh.write(data[:len(data) // 2])
+  assert artifacts.load(path, "fp1") is None
+  assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+  with pytest.raises(ValueError, match="reserved"):
+    artifacts.save(path, {"__checksum__": np.zeros(1)}, "fp1")
+
+
+def test_checksum_catches_silent_corruption(tmp_path):
+  path = str(tmp_path / "a.npz")
+  artifacts.save(path, {"x": np.zeros(4)}, "fp")
+  with np.load(path) as f:
+    stored = {k: f[k] for k in f.files}
+  stored["x"] = np.ones(4)  # a file rewritten with other values but the old checksum
+  np.savez(path, **stored)
+  assert artifacts.load(path, "fp") is None
+
+
+def test_fingerprint_is_stable_and_sensitive():
+  c = cifar10.get_config()
+  assert artifacts.fingerprint(c.sis) == artifacts.fingerprint(cifar10.get_config().sis)
+  c.sis.threshold = 0.9
+  assert artifacts.fingerprint(c.sis) != artifacts.fingerprint(cifar10.get_config().sis)
+
+
+# ------------------------------------------------------------------ backselect shards
+
+def _linear_model(d, k=3, seed=0):
+  w = np.random.default_rng(seed).normal(size=(d * 3, k)).astype(np.float32)
+  return lambda params, x: x.reshape(x.shape[0], -1) @ params, w
+
+
+def test_backselect_shards_resume_and_recompute_only_bad_ones(tmp_path, monkeypatch):
+  apply, w = _linear_model(16)
+  images = np.random.default_rng(1).integers(0, 255, (10, 4, 4, 3)).astype(np.uint8)
+  prepare = lambda x: x.astype(np.float32) / 255 - 0.5
+  cfg = cifar10.get_config().backselect
+  cfg.method, cfg.remove_per_step, cfg.shard_size = "gradient", 2, 4
+  first = backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp",
+                                            seed=0, progress=False)
+  assert first["order"].shape == (10, 16)
+  assert sorted(os.listdir(tmp_path)) == ["shard_00000.npz", "shard_00001.npz",
+                                          "shard_00002.npz"]
+  calls = []
+  real = backselect_stage.run_backselect
+  monkeypatch.setattr(backselect_stage, "run_backselect",
+                      lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+  (tmp_path / "shard_00001.npz").write_bytes(b"garbage")
+  again = backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp",
+                                            seed=0, progress=False)
+  assert calls == [4]  # only the bad shard
+  for k in first:
+    np.testing.assert_array_equal(first[k], again[k])
+  backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp2",
+                                    seed=0, progress=False)
+  assert calls == [4, 4, 4, 2]  # another config recomputes everything
+
+
+def test_shard_check_rejects_non_permutations():
+  check = backselect_stage.shard_check(1, 3)
+  good = {"order": np.array([[2, 0, 1]]), "values": np.zeros((1, 3)), "targets": np.zeros(1),
+          "original_scores": np.zeros(1)}
+  assert check(good) is None
+  assert "permutation" in check({**good, "order": np.array([[0, 0, 1]])})
+  assert "values" in check({**good, "values": np.zeros((1, 2))})
+  assert "non-finite" in check({**good, "values": np.array([[0, np.nan, 0]])})
+
+
+# ------------------------------------------------------------------------ masked images
+
+def test_augmenting_the_subset_image_equals_augmenting_image_and_mask_together():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (6, 8, 8, 3)).astype(np.uint8)
+  masks = rng.random((6, 8, 8)) < 0.1
+  prepare = lambda x: x.astype(np.float32) / 127.5 - 1
+  subset = masked_data.MaskedImages(images, masks, prepare)
+  key = jax.random.key(3)
+  aug_subset, _ = data_lib.augment_batch(key, subset[np.arange(6)])
+  aug_x, aug_m = data_lib.augment_batch(key, prepare(images), masks)
+  expected = np.where(np.asarray(aug_m)[..., None], np.asarray(aug_x), 0)
+  np.testing.assert_array_equal(np.asarray(aug_subset), expected)
+
+
+def test_masked_images_views():
+  images = np.full((2, 2, 2, 3), 200, np.uint8)
+  masks = np.array([[[True, False], [False, False]]] * 2)
+  prepare = lambda x: x.astype(np.float32)
+  x = masked_data.MaskedImages(images, masks, prepare)[0:2]
+  assert x.shape == (2, 2, 2, 3) and x[0, 0, 0, 0] == 200 and x[0, 0, 1, 0] == 0
+  only = masked_data.MaskedImages(images, masks, prepare, mask_only=True)[[1]]
+  np.testing.assert_array_equal(only[0, ..., 0], masks[1].astype(np.float32))
+  fm = np.full(images.shape, -7, np.float32)
+  y = masked_data.MaskedImages(images, masks, prepare, fully_masked=fm)[0:1]
+  assert y[0, 1, 1, 2] == -7
+  with pytest.raises(ValueError, match="masks"):
+    masked_data.MaskedImages(images, masks[:, :1], prepare)
+
+
+def test_dilate():
+  m = np.zeros((1, 5, 5), bool)
+  m[0, 0, 0] = m[0, 3, 3] = True
+  d = masked_data.dilate(m, 3)
+  assert d.sum() == 4 + 9
+  assert d[0, 1, 1] and d[0, 4, 4] and not d[0, 0, 3]
+  assert np.array_equal(masked_data.dilate(m, 1), m)
+  with pytest.raises(ValueError, match="odd"):
+    masked_data.dilate(m, 2)
+
+
+def test_masking_values_are_deterministic_and_keyed_by_image_index():
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  assert masked_data.fully_masked_values("mean", x) is None
+  blur = masked_data.fully_masked_values("blur", x, blur_sigma=1.0)
+  assert blur.shape == x.shape and blur.std() < x.std()
+  a = masked_data.fully_masked_values("noise", x, seed=1)
+  np.testing.assert_array_equal(a, masked_data.fully_masked_values("noise", x, seed=1))
+  b = masked_data.fully_masked_values("noise", x[2:3], seed=1, indices=np.array([2]))
+  np.testing.assert_array_equal(a[2:3], b)
+  assert np.abs(a).max() <= 1.0
+  with pytest.raises(ValueError, match="masking value"):
+    masked_data.fully_masked_values("purple", x)
+
+
+def test_pack_masks_round_trip():
+  m = np.random.default_rng(0).random((3, 32, 32)) < 0.05
+  np.testing.assert_array_equal(masked_data.unpack_masks(masked_data.pack_masks(m), 32), m)
+
+
+# ----------------------------------------------------------------------------- controls
+
+def test_wrong_targets_never_hit_the_prediction():
+  pred = np.random.default_rng(0).integers(0, 10, 1000)
+  wrong = controls.wrong_targets(pred, 10, seed=5)
+  assert not np.any(wrong == pred) and set(wrong) == set(range(10))
+  np.testing.assert_array_equal(wrong, controls.wrong_targets(pred, 10, seed=5))
+
+
+def test_rise_fraction():
+  values = np.array([[0.5, 0.7, 0.2], [0.4, 0.3, 0.1], [0.905, 0.1, 0.0]])
+  out = controls.rise_fraction(values, np.array([0.6, 0.5, 0.9]))
+  assert out["fraction_rising"] == pytest.approx(2 / 3)
+  assert out["fraction_rising_by_0.01"] == pytest.approx(1 / 3)
+
+
+# --------------------------------------------------------------------- config checking
+
+@pytest.mark.parametrize("key,value,message", [
+    ("subsets.frac_kept", 0.0, "config.subsets.frac_kept"),
+    ("subsets.frac_kept", 1.5, "config.subsets.frac_kept"),
+    ("sis.threshold", 0.0, "config.sis.threshold"),
+    ("sis.threshold", 1.01, "config.sis.threshold"),
+    ("backselect.method", "magic", "config.backselect.method"),
+    ("backselect.remove_per_step", 0, "config.backselect.remove_per_step"),
+    ("retrain.kinds", ("bs", "nope"), "config.retrain.kinds"),
+    ("sis.models", ("single", "committee"), "config.sis.models"),
+    ("controls.masking_values", ("mean", "purple"), "config.controls.masking_values"),
+    ("controls.dilation", 2, "config.controls.dilation"),
+    ("stages", ("train", "dance"), "config.stages"),
+])
+def test_bad_config_values_are_named(key, value, message):
+  config = smoke.get_config()
+  section, _, leaf = key.rpartition(".")
+  target = config[section] if section else config
+  target[leaf] = value
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    main.validate_config(config)
+
+
+def test_missing_data_is_named(tmp_path):
+  config = cifar10.get_config()
+  config.data.source = "image_folder"
+  config.data.path = str(tmp_path / "nowhere.tar.gz")
+  with pytest.raises(ValueError, match=r"config\.data\.path"):
+    main.validate_config(config)
+
+
+def test_shipped_configs_validate():
+  from configs import cifar10_cpu
+  for module in (cifar10, cifar10_cpu, smoke):
+    config = module.get_config()
+    if config.data.source == "image_folder" and not os.path.exists(config.data.path):
+      continue
+    main.validate_config(config)
