@@ -1,12 +1,26 @@
-"""The paper's CIFAR-10 recipe (Carter et al. 2021, §4.3 of docs/reference_details.md).
+"""The paper's CIFAR-10 experiment (Carter et al. 2021, docs/paper.md §4–5), for accelerators.
 
-ResNet-20, SGD lr 0.1, Nesterov momentum 0.9, weight decay 5e-4, batch 128,
-200 epochs, lr × 0.2 at epochs 60/120/160, random crop (4 px padding) + flip.
-Expected: ~91–92% test accuracy on the original CIFAR-10 (a little less on the
-JPEG copy). Cost: ~2 GPU-hours on one modern GPU, 200 epochs × 50k images.
+What it reproduces, per architecture and seed (one work directory each;
+launch/paper_table1.sh runs the grid ResNet-20 / ResNet-18 / VGG-16 × seeds 0–2
+and python -m overinterp_jax.collect merges the rows):
+  * train: the paper's recipe — SGD lr 0.1, Nesterov momentum 0.9, weight decay
+    5e-4, batch 128, 200 epochs, lr × 0.2 at epochs 60/120/160, random crop
+    (4 px padding) + flip. Expected ~91–92% test accuracy for ResNet-20.
+  * backselect: *exact* backward selection of all 60,000 images (per image
+    d(d+1)/2 = 524,800 masked evaluations at 1,024 pixels).
+  * subsets / retrain: 5% BS, 5% random and mask-only subsets, full 200-epoch
+    retraining on each (Table 1; paper: BS within a few points of full,
+    random ~40–50%).
+  * sis: exact SISes at τ = 0.99 of 100 test images for the model, a 3-member
+    ensemble and an input-dropout (p = 0.8) model; controls of the critique.
+Rough cost (estimated, not measured on an accelerator here): the exact
+backselect dominates, 60,000 × 524,800 ≈ 3.1e10 ResNet-20 evaluations — at
+50–100k evaluations/s on one modern GPU about 90–175 GPU-hours per model;
+training is ~2 GPU-hours per 200-epoch model (6 per run with the retrained
+ones, +4 for the ensemble replicates and input-dropout model). For a cheaper
+run set --config.backselect.method=gradient (paper §3).
 
   python -m overinterp_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10
-  # other architectures: --config.model=resnet56 (see overinterp_jax/models/registry.py)
 Data: TFDS `cifar10` prepared in --config.data.data_dir, or an image folder /
 .tar.gz via --config.data.source=image_folder --config.data.path=...
 """

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Run a config on every worker of a Cloud TPU VM (single host or pod slice).
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE configs/cifar10.py gs://bucket/workdirs/cifar10 [--config.key=value ...]
+#   launch/tpu_vm.sh TPU_NAME ZONE configs/cifar10.py /mnt/gcs/workdirs/cifar10 [--config.key=value ...]
 #
 # Each worker runs the same command; `--config.distributed=True` makes main call
 # jax.distributed.initialize(), which finds the other workers by itself on TPU VMs.
-# The work directory must be shared storage (a GCS bucket) so every host sees the
-# same checkpoints; re-running the same command resumes.
+# The work directory must be a POSIX path on storage every host sees (Filestore/NFS,
+# or a GCS bucket mounted with gcsfuse, e.g. /mnt/gcs/workdirs/cifar10): the pipeline
+# writes .npz/.json results with rename-into-place and validates them on read, so a
+# non-atomic rename (gcsfuse) can tear a file but never make a torn file trusted.
+# Re-running the same command resumes.
 set -euo pipefail
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4

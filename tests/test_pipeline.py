@@ -105,3 +105,12 @@ def test_bad_values_fail_before_work(tmp_path):
   assert proc.returncode != 0
   assert "config.subsets.frac_kept" in proc.stderr
   assert not (tmp_path / "base_model").exists()
+
+
+def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
+  from overinterp_jax import collect
+  table = collect.collect([str(finished), str(finished)])
+  assert table.splitlines()[0].startswith("| model | seed | full images |")
+  assert "| cnn3 | 0 |" in table and "mean of 2" in table
+  with pytest.raises(FileNotFoundError, match="report.json"):
+    collect.collect([str(tmp_path)])

@@ -1,5 +1,4 @@
 """Training and the main CLI on the smoke config (synthetic data, tiny CNN)."""
-import json
 import os
 import subprocess
 import sys

@@ -7,7 +7,8 @@ produced it and a checksum of its arrays; ``load`` returns None (and the
 caller recomputes) when the file is missing, unreadable, truncated, written
 under another config, or fails the caller's shape checks.
 
-Stage summaries are JSON files written the same way.
+Stage summaries are JSON files written the same way. On multi-host runs every
+process computes the same results and only process 0 writes.
 """
 from __future__ import annotations
 
@@ -56,11 +57,19 @@ def _fsync_replace(tmp: str, path: str) -> None:
   os.replace(tmp, path)
 
 
+def is_writer() -> bool:
+  """True on the process that writes files (process 0)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def save(path: str, arrays: Mapping[str, np.ndarray], fp: str) -> None:
   """Writes ``arrays`` (name -> array) to ``path`` atomically, tagged with ``fp``."""
   bad = [k for k in arrays if k in _META_KEYS]
   if bad:
     raise ValueError(f"Array names {bad} are reserved.")
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
   tmp = f"{path}.tmp.npz"
@@ -100,7 +109,9 @@ def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = 
 
 
 def save_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON to ``path`` atomically."""
+  """Writes ``obj`` as JSON to ``path`` atomically (process 0 only)."""
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w") as fh:

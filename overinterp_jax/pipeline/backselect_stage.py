@@ -62,9 +62,8 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
 
   ``fully_masked``: optional ``[N, H, W, C]`` masked values per image.
   Returns ``{"order", "values", "targets", "original_scores"}`` of all images.
-  Only process 0 writes files; every process computes (the mesh spans them).
+  Every process computes (the mesh spans them); process 0 writes the files.
   """
-  import jax
   n = len(images)
   size = int(bs_config.shard_size)
   d = int(np.prod(images.shape[1:3]))
@@ -91,8 +90,7 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
     arrays = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
               "targets": r.target_classes.astype(np.int32),
               "original_scores": r.original_scores.astype(np.float32)}
-    if jax.process_index() == 0:
-      artifacts.save(os.path.join(directory, f"shard_{i:05d}.npz"), arrays, fp)
+    artifacts.save(os.path.join(directory, f"shard_{i:05d}.npz"), arrays, fp)
     results[i] = arrays
     done += stop - start
     bar.update(stop - start)

@@ -233,10 +233,12 @@ def run(ctx) -> dict:
     md += ["## SIS size", "", "Stage `sis` not run.", ""]
   if "controls" in s:
     md += ["## Controls", "", controls_md(s["controls"])]
-  figs = draw_figures(ctx, s)
+  figs = draw_figures(ctx, s) if artifacts.is_writer() else {}
   md += ["## Figures", ""] + [f"- {k}: ![{k}]({v})" for k, v in figs.items()] + [""]
   report = {"table1": t1, "stages": _without_timings(s), "figures": figs}
   artifacts.save_json(ctx.path("report.json"), report)
+  if not artifacts.is_writer():
+    return {"report": "report.md", "figures": figs}
   tmp = ctx.path("report.md.tmp")
   with open(tmp, "w") as fh:
     fh.write("\n".join(md))

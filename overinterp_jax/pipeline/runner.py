@@ -51,7 +51,6 @@ RUNNERS = {
 
 def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
   """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}``."""
-  import jax
   ctx = Context(config, workdir, dataset, mesh)
   timings = artifacts.load_json(ctx.path("timings.json")) or {}
   summaries = {}
@@ -68,11 +67,9 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
       t0 = time.perf_counter()
       summary = run_fn(ctx)
       summary["fingerprint"] = fp
-      if jax.process_index() == 0:
-        artifacts.save_json(ctx.stage_summary_path(stage), summary)
+      artifacts.save_json(ctx.stage_summary_path(stage), summary)
       timings[stage] = round(time.perf_counter() - t0, 1)
-      if jax.process_index() == 0:
-        artifacts.save_json(ctx.path("timings.json"), timings)
+      artifacts.save_json(ctx.path("timings.json"), timings)
       logging.info("Stage %s: done in %.1f s.", stage, timings[stage])
     summaries[stage] = summary
   return summaries

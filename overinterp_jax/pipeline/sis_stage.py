@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import numpy as np
+from absl import logging
 
 from overinterp_jax import sis
-from overinterp_jax.pipeline import artifacts, trained
+from overinterp_jax.pipeline import artifacts, backselect_stage, trained
 
 MODELS = ("single", "ensemble", "input_dropout")
 
@@ -46,16 +47,6 @@ def pixels_per_feature(ctx) -> int:
   return int(ctx.config.sis.patch_size) ** 2
 
 
-def record_check(n: int, d: int):
-  def check(a):
-    for key, shape in (("order", (n, d)), ("values", (n, d)), ("targets", (n,)),
-                       ("original_scores", (n,))):
-      if key not in a or a[key].shape != shape:
-        return f"{key} missing or not of shape {shape}"
-    return None
-  return check
-
-
 def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: np.ndarray, *,
                   fully_masked=None, target_classes=None) -> dict:
   """Exact backward selection of test images ``indices`` -> cached ``sis/<name>.npz``."""
@@ -64,8 +55,9 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   path = ctx.path("sis", f"{name}.npz")
   fp = artifacts.fingerprint(fp, ctx.config.sis.patch_size, indices.tolist(),
                              None if target_classes is None else np.asarray(target_classes).tolist())
-  rec = artifacts.load(path, fp, record_check(len(indices), d))
+  rec = artifacts.load(path, fp, backselect_stage.shard_check(len(indices), d))
   if rec is None:
+    logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices), d)
     images = ctx.data.prepare(ctx.data.test_images[indices])
     r = sis.batched_backselect(apply, images, params=variables, feature_map=fmap,
                                fully_masked=fully_masked, target_classes=target_classes,
