@@ -1,0 +1,115 @@
+"""How close is Batched Gradient SIS to exact backward selection? (Run after the `sis` stage.)
+
+On the `sis` stage's sample of test images, with the base model of a pipeline
+work directory, compares the exact record (``sis/single.npz``, the stage's
+feature map) with gradient backselect on the same features at several k:
+  * overlap of the kept 5% features (last-removed ⌈0.05·d⌉);
+  * the base model's target confidence on each method's 5% subset (and on a
+    random 5% subset), i.e. how "sufficient" each subset is;
+  * Spearman correlation of the removal positions.
+Also, at pixel level, the 5% subsets of the pipeline's k against smaller k.
+
+  python benchmarks/gradient_vs_exact.py --config=configs/cifar10_cpu.py \\
+      --workdir=workdirs/cifar10_cpu --out=benchmarks/results/gradient_vs_exact_cpu.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from overinterp_jax import data as data_lib
+from overinterp_jax import sis
+from overinterp_jax.pipeline import sis_stage, trained
+from overinterp_jax.pipeline.context import Context
+from overinterp_jax.pipeline.masked_data import MaskedImages
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Pipeline config.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory with finished train and sis stages.")
+flags.DEFINE_string("out", "", "Write the results here as JSON.")
+
+
+def _ranks(order: np.ndarray) -> np.ndarray:
+  ranks = np.empty_like(order)
+  np.put_along_axis(ranks, order, np.arange(order.shape[1])[None].repeat(len(order), 0), 1)
+  return ranks
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+  ra, rb = _ranks(a).astype(float), _ranks(b).astype(float)
+  ra -= ra.mean(1, keepdims=True)
+  rb -= rb.mean(1, keepdims=True)
+  return float(np.mean((ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))))
+
+
+def _confidence(ctx, idx, feature_mask, fmap, targets) -> np.ndarray:
+  h, w = ctx.height_width
+  pixels = sis.feature_mask_to_pixels(feature_mask, fmap, (h, w))
+  logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
+                                  MaskedImages(ctx.data.test_images[idx], pixels,
+                                               ctx.data.prepare), mesh=ctx.mesh)
+  return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
+
+
+def compare(ctx) -> dict:
+  frac = float(ctx.config.subsets.frac_kept)
+  idx = sis_stage.sample_indices(ctx)
+  fmap = sis_stage.feature_map(ctx)
+  exact = sis_stage.records_for(ctx, "single")
+  d = exact["order"].shape[1]
+  images = ctx.data.prepare(ctx.data.test_images[idx])
+  targets = exact["targets"]
+  keep_exact = sis.keep_mask(exact["order"], frac)
+  out = {"num_images": int(len(idx)), "num_features": int(d),
+         "kept_features": int(keep_exact[0].sum()),
+         "confidence_full_image": float(np.mean(exact["original_scores"])),
+         "exact": {"mean_confidence_5pct": float(_confidence(ctx, idx, keep_exact, fmap,
+                                                                targets).mean())}}
+  rnd = sis.random_keep_mask(len(idx), d, frac, 5678)
+  out["random"] = {"mean_confidence_5pct": float(_confidence(ctx, idx, rnd, fmap,
+                                                              targets).mean())}
+  pipeline_k = int(ctx.config.backselect.remove_per_step)
+  ks = sorted({1, max(1, pipeline_k * d // int(np.prod(ctx.height_width))), 8, 32})
+  for k in ks:
+    g = sis.gradient_backselect(ctx.base.apply, images, params=ctx.base.variables,
+                                feature_map=fmap, remove_per_step=k, target_classes=targets,
+                                mesh=ctx.mesh)
+    keep = sis.keep_mask(g.order, frac)
+    out[f"gradient_k{k}"] = {
+        "overlap_with_exact": float((keep & keep_exact).sum(1).mean() / keep_exact[0].sum()),
+        "spearman_with_exact": _spearman(g.order, exact["order"]),
+        "mean_confidence_5pct": float(_confidence(ctx, idx, keep, fmap, targets).mean())}
+  # Pixel level: the pipeline's k against finer k on the same images.
+  pix = {}
+  for k in sorted({pipeline_k, 32, 8}):
+    g = sis.gradient_backselect(ctx.base.apply, images, params=ctx.base.variables,
+                                remove_per_step=k, target_classes=targets, mesh=ctx.mesh)
+    pix[k] = sis.keep_mask(g.order, frac)
+  ref = pix[min(pix)]
+  out["pixels"] = {f"k{k}": {
+      "overlap_with_k{}".format(min(pix)): float((m & ref).sum(1).mean() / ref[0].sum()),
+      "mean_confidence_5pct": float(_confidence(ctx, idx, m, None, targets).mean())}
+      for k, m in pix.items()}
+  return out
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  dataset = data_lib.load_for_config(config.data, FLAGS.workdir)
+  out = compare(Context(config, FLAGS.workdir, dataset))
+  text = json.dumps(out, indent=1)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as fh:
+      fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  sys.path.insert(0, ".")
+  app.run(main)
