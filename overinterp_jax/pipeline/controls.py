@@ -51,15 +51,15 @@ def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
   targets = rec["targets"][keep]
   prep = ctx.data.prepare
   conf_sis = target_confidence(ctx, apply, variables, MaskedImages(images, pixels, prep), targets)
-  conf_dil = target_confidence(ctx, apply, variables,
-                               MaskedImages(images, dilate(pixels, k), prep), targets)
+  dilated = dilate(pixels, k)
+  conf_dil = target_confidence(ctx, apply, variables, MaskedImages(images, dilated, prep), targets)
   summary = {"count": int(keep.sum()), "dilation": k,
              "median_confidence_sis": float(np.median(conf_sis)) if len(conf_sis) else None,
              "median_confidence_dilated": float(np.median(conf_dil)) if len(conf_dil) else None,
              "fraction_dilated_below_threshold": float((conf_dil < tau).mean())
              if len(conf_dil) else None,
              "median_pixels_sis": float(np.median(pixels.sum((1, 2)))) if len(pixels) else None,
-             "median_pixels_dilated": float(np.median(dilate(pixels, k).sum((1, 2))))
+             "median_pixels_dilated": float(np.median(dilated.sum((1, 2))))
              if len(pixels) else None}
   return summary, conf_sis, conf_dil
 

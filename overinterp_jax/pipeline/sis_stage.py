@@ -107,7 +107,15 @@ _APPLY_CACHE: dict = {}
 
 
 def predictor(ctx, name: str):
-  """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``."""
+  """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``, built once per run
+  (the ensemble's and input-dropout model's test-set evaluation is not repeated)."""
+  cache = ctx.__dict__.setdefault("_sis_predictors", {})
+  if name not in cache:
+    cache[name] = _build_predictor(ctx, name)
+  return cache[name]
+
+
+def _build_predictor(ctx, name: str):
   c = ctx.config.sis
   if name == "single":
     return ctx.base.apply, ctx.base.variables, ctx.base_fp, ctx.base.metrics["accuracy"]
