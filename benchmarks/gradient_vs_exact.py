@@ -7,7 +7,7 @@ feature map) with gradient backselect on the same features at several k:
   * the base model's target confidence on each method's 5% subset (and on a
     random 5% subset), i.e. how "sufficient" each subset is;
   * Spearman correlation of the removal positions.
-Also, at pixel level, the 5% subsets of the pipeline's k against smaller k.
+Also, at pixel level, the 5% subsets of the pipeline's k against k = 32, 8 and 1.
 
   python benchmarks/gradient_vs_exact.py --config=configs/cifar10_cpu.py \\
       --workdir=workdirs/cifar10_cpu --out=benchmarks/results/gradient_vs_exact_cpu.json
@@ -31,6 +31,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pipeline config.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory with finished train and sis stages.")
 flags.DEFINE_string("out", "", "Write the results here as JSON.")
+flags.DEFINE_integer("num_images", 0, "Test images to compare (0 = the sis stage's sample). "
+                     "Another number draws the same seeded permutation and stores its exact "
+                     "records as sis/single_sample<N>.npz, beside the stage's own.")
 
 
 def _ranks(order: np.ndarray) -> np.ndarray:
@@ -55,11 +58,26 @@ def _confidence(ctx, idx, feature_mask, fmap, targets) -> np.ndarray:
   return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 
+def _stats(conf: np.ndarray, tau: float) -> dict:
+  """Target confidence on the 5% subsets: mean, median, fraction ≥ τ."""
+  return {"mean_confidence_5pct": float(conf.mean()),
+          "median_confidence_5pct": float(np.median(conf)),
+          "fraction_at_least_tau": float((conf >= tau).mean())}
+
+
 def compare(ctx) -> dict:
   frac = float(ctx.config.subsets.frac_kept)
-  idx = sis_stage.sample_indices(ctx)
+  tau = float(ctx.config.sis.threshold)
   fmap = sis_stage.feature_map(ctx)
-  exact = sis_stage.records_for(ctx, "single")
+  if FLAGS.num_images:
+    n = len(ctx.data.test_images)
+    idx = np.sort(np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(n)
+                  [:FLAGS.num_images])
+    exact = sis_stage.exact_records(ctx, f"single_sample{FLAGS.num_images}", ctx.base.apply,
+                                    ctx.base.variables, ctx.base_fp, idx)
+  else:
+    idx = sis_stage.sample_indices(ctx)
+    exact = sis_stage.records_for(ctx, "single")
   d = exact["order"].shape[1]
   images = ctx.data.prepare(ctx.data.test_images[idx])
   targets = exact["targets"]
@@ -67,11 +85,10 @@ def compare(ctx) -> dict:
   out = {"num_images": int(len(idx)), "num_features": int(d),
          "kept_features": int(keep_exact[0].sum()),
          "confidence_full_image": float(np.mean(exact["original_scores"])),
-         "exact": {"mean_confidence_5pct": float(_confidence(ctx, idx, keep_exact, fmap,
-                                                                targets).mean())}}
+         "threshold": tau,
+         "exact": _stats(_confidence(ctx, idx, keep_exact, fmap, targets), tau)}
   rnd = sis.random_keep_mask(len(idx), d, frac, 5678)
-  out["random"] = {"mean_confidence_5pct": float(_confidence(ctx, idx, rnd, fmap,
-                                                              targets).mean())}
+  out["random"] = _stats(_confidence(ctx, idx, rnd, fmap, targets), tau)
   pipeline_k = int(ctx.config.backselect.remove_per_step)
   ks = sorted({1, max(1, pipeline_k * d // int(np.prod(ctx.height_width))), 8, 32})
   for k in ks:
@@ -82,17 +99,17 @@ def compare(ctx) -> dict:
     out[f"gradient_k{k}"] = {
         "overlap_with_exact": float((keep & keep_exact).sum(1).mean() / keep_exact[0].sum()),
         "spearman_with_exact": _spearman(g.order, exact["order"]),
-        "mean_confidence_5pct": float(_confidence(ctx, idx, keep, fmap, targets).mean())}
+        **_stats(_confidence(ctx, idx, keep, fmap, targets), tau)}
   # Pixel level: the pipeline's k against finer k on the same images.
   pix = {}
-  for k in sorted({pipeline_k, 32, 8}):
+  for k in sorted({pipeline_k, 32, 8, 1}):
     g = sis.gradient_backselect(ctx.base.apply, images, params=ctx.base.variables,
                                 remove_per_step=k, target_classes=targets, mesh=ctx.mesh)
     pix[k] = sis.keep_mask(g.order, frac)
   ref = pix[min(pix)]
   out["pixels"] = {f"k{k}": {
       "overlap_with_k{}".format(min(pix)): float((m & ref).sum(1).mean() / ref[0].sum()),
-      "mean_confidence_5pct": float(_confidence(ctx, idx, m, None, targets).mean())}
+      **_stats(_confidence(ctx, idx, m, None, targets), tau)}
       for k, m in pix.items()}
   return out
 

@@ -93,6 +93,7 @@ def get_config():
   c.sis.num_images = 100
   c.sis.sample_seed = 0
   c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
+  c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
   c.sis.models = ("single", "ensemble", "input_dropout")
   c.sis.ensemble_size = 3           # base model + 2 replicates (seeds seed+1, seed+2)
   c.sis.ensemble_epochs = 0         # 0 = num_epochs

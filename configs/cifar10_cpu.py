@@ -36,6 +36,7 @@ def get_config():
   c.retrain.num_epochs = 3
   c.sis.num_images = 6
   c.sis.patch_size = 2
+  c.sis.images_per_call = 2
   c.sis.ensemble_epochs = 2
   c.sis.input_dropout_epochs = 2
   c.sis.input_dropout_samples = 1

@@ -28,6 +28,7 @@ def get_config():
   c.sis.num_images = 6
   c.retrain.kinds = ("bs", "random", "mask_only", "full")
   c.sis.patch_size = 2              # 64 features of 2×2 pixels
+  c.sis.images_per_call = 2         # 3 resumable calls per record
   c.sis.threshold = 0.4             # the 2-epoch model is not confident; exercise real SISes
   c.sis.ensemble_size = 2
   c.sis.ensemble_epochs = 1

@@ -70,6 +70,9 @@ def validate_config(config) -> None:
   for key in ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"):
     if int(s[key]) < 1:
       raise ValueError(f"config.sis.{key} must be >= 1, got {s[key]}.")
+  if int(s.images_per_call) < 0:
+    raise ValueError(f"config.sis.images_per_call must be >= 0 (0 = all at once), got "
+                     f"{s.images_per_call}.")
   c = config.controls
   _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
   if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:

@@ -8,7 +8,8 @@ import pytest
 from configs import cifar10, smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import main
-from overinterp_jax.pipeline import artifacts, backselect_stage, controls, masked_data
+from overinterp_jax import sis
+from overinterp_jax.pipeline import artifacts, backselect_stage, controls, masked_data, sis_stage
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -89,6 +90,50 @@ def test_shard_check_rejects_non_permutations():
   assert "permutation" in check({**good, "order": np.array([[0, 0, 1]])})
   assert "values" in check({**good, "values": np.zeros((1, 2))})
   assert "non-finite" in check({**good, "values": np.array([[0, np.nan, 0]])})
+
+
+class _SisContext:
+  """The part of ``Context`` that ``sis_stage.exact_records`` uses."""
+
+  def __init__(self, workdir, images, images_per_call):
+    self.workdir, self.height_width, self.mesh = str(workdir), images.shape[1:3], None
+    self.config = smoke.get_config()
+    self.config.sis.patch_size, self.config.sis.images_per_call = 1, images_per_call
+    self.data = type("D", (), {"test_images": images,
+                               "prepare": staticmethod(lambda x: x.astype(np.float32) / 255)})
+
+  def path(self, *parts):
+    return os.path.join(self.workdir, *parts)
+
+
+def test_exact_sis_records_resume_per_call_after_a_kill(tmp_path, monkeypatch):
+  apply, w = _linear_model(9)
+  images = np.random.default_rng(2).integers(0, 255, (5, 3, 3, 3)).astype(np.uint8)
+  ctx = _SisContext(tmp_path, images, images_per_call=2)
+  indices = np.arange(5)
+  first = sis_stage.exact_records(ctx, "single", apply, w, "fp", indices)
+  assert first["order"].shape == (5, 9)
+  assert os.listdir(tmp_path / "sis") == ["single.npz"]  # parts removed once merged
+
+  real, calls = sis.batched_backselect, []
+  def killed_after_two(*a, **k):
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed")
+    calls.append(len(a[1]))
+    return real(*a, **k)
+  monkeypatch.setattr(sis, "batched_backselect", killed_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    sis_stage.exact_records(ctx, "other", apply, w, "fp", indices)
+  assert sorted(os.listdir(tmp_path / "sis" / "other.parts")) == ["part_00000.npz",
+                                                                  "part_00002.npz"]
+  (tmp_path / "sis" / "other.parts" / "part_00000.npz").write_bytes(b"torn")
+  calls.clear()
+  monkeypatch.setattr(sis, "batched_backselect", lambda *a, **k: calls.append(len(a[1])) or
+                      real(*a, **k))
+  again = sis_stage.exact_records(ctx, "other", apply, w, "fp", indices)
+  assert calls == [2, 1]  # the torn part and the missing last one; part 2 is reused
+  for k in first:
+    np.testing.assert_array_equal(first[k], again[k])
 
 
 # ------------------------------------------------------------------------ masked images
@@ -181,6 +226,7 @@ def test_rise_fraction():
     ("controls.masking_values", ("mean", "purple"), "config.controls.masking_values"),
     ("controls.dilation", 2, "config.controls.dilation"),
     ("stages", ("train", "dance"), "config.stages"),
+    ("sis.images_per_call", -1, "config.sis.images_per_call"),
 ])
 def test_bad_config_values_are_named(key, value, message):
   config = smoke.get_config()

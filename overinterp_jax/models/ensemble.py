@@ -9,7 +9,8 @@ is (SIS, evaluation, jit, vmap). Two ways to build one:
 
 * ``make_ensemble_apply(model, [variables_1, ..., variables_M])`` — members
   share one architecture (replicates with different seeds): variables are
-  stacked and the model is ``vmap``-ed over them, so it compiles once.
+  stacked and the members run one after another in one compiled ``lax.map``
+  (compiles once; see ``stacked_mean_logits``).
 * ``make_ensemble_apply([model_1, ...], [variables_1, ...])`` — mixed
   architectures (modules or ``apply`` functions), one call each.
 * ``mean_ensemble([predict_1, ...])`` — any predict functions (e.g.
@@ -39,13 +40,25 @@ def mean_ensemble(predict_fns: Sequence[PredictFn]) -> PredictFn:
   return predict
 
 
+def stacked_mean_logits(apply: ApplyFn, stacked: Any, images: jax.Array) -> jax.Array:
+  """Mean over members of ``apply(variables_m, images)`` -> ``[B, K]``.
+
+  ``stacked``: the members' variables stacked on a leading axis ``[M, ...]``.
+  Members run one after another (``lax.map``), not ``vmap``-ed: vmapping a
+  convolution over its weights turns it into a grouped convolution, which
+  XLA's CPU backend ran ~5× slower than M plain ones (3 ResNet-20s, batch 256:
+  5.4 s vs 1.0 s on 2 cores).
+  """
+  return jax.lax.map(lambda v: apply(v, images), stacked).mean(axis=0)
+
+
 def make_ensemble_apply(models: Union[nn.Module, Sequence[Union[nn.Module, ApplyFn]]],
                         variables_list: Sequence[Any]) -> PredictFn:
   """The mean-logit ensemble of ``len(variables_list)`` members, in eval mode.
 
   Args:
     models: one ``nn.Module`` shared by all members (their variables are
-      stacked and the model vmapped over them), or one module or
+      stacked and the members mapped over), or one module or
       ``apply(variables, images, train=False)`` function per member.
     variables_list: each member's ``{'params', 'batch_stats'}``.
 
@@ -64,8 +77,7 @@ def make_ensemble_apply(models: Union[nn.Module, Sequence[Union[nn.Module, Apply
     model = models
 
     def predict(images: jax.Array) -> jax.Array:
-      logits = jax.vmap(lambda v: model.apply(v, images, train=False))(stacked)
-      return logits.mean(axis=0)
+      return stacked_mean_logits(lambda v, x: model.apply(v, x, train=False), stacked, images)
     return predict
 
   models = list(models)

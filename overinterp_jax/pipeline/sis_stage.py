@@ -9,14 +9,20 @@ Models (``config.sis.models``):
     ``input_dropout_keep_prob``), evaluated deterministically: logits averaged
     over ``input_dropout_samples`` fixed dropout masks (paper §6.4).
 Features are pixels (``patch_size=1``) or ``p × p`` patches. Each model's
-backward-selection record is stored in ``sis/<model>.npz``.
+backward-selection record is stored in ``sis/<model>.npz`` (built from
+``images_per_call`` images per compiled call, each call's record kept in
+``sis/<model>.parts/`` until the whole record is written, so a killed run resumes
+at the first missing call).
 """
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Callable, Optional
 
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from overinterp_jax import sis
 from overinterp_jax.pipeline import artifacts, backselect_stage, trained
@@ -58,15 +64,47 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   rec = artifacts.load(path, fp, backselect_stage.shard_check(len(indices), d))
   if rec is None:
     logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices), d)
-    images = ctx.data.prepare(ctx.data.test_images[indices])
-    r = sis.batched_backselect(apply, images, params=variables, feature_map=fmap,
-                               fully_masked=fully_masked, target_classes=target_classes,
-                               mesh=ctx.mesh)
-    rec = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
-           "targets": r.target_classes.astype(np.int32),
-           "original_scores": r.original_scores.astype(np.float32)}
+    rec = _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d,
+                          fully_masked, target_classes)
     artifacts.save(path, rec, fp)
+    shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
   return rec
+
+
+def _parts_dir(ctx, name: str) -> str:
+  return ctx.path("sis", f"{name}.parts")
+
+
+def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_masked,
+                    target_classes) -> dict:
+  """Exact backselect, ``config.sis.images_per_call`` images per compiled call; each call's
+  record is saved in ``sis/<name>.parts/`` so a killed run loses at most one call."""
+  per_call = int(ctx.config.sis.images_per_call) or len(indices)
+  fm = None if fully_masked is None else np.asarray(fully_masked)
+  per_image_fm = fm is not None and fm.ndim == 4
+  parts = []
+  bar = tqdm(total=len(indices), desc=f"exact SIS ({name})", unit="img",
+             disable=not artifacts.is_writer())
+  for start in range(0, len(indices), per_call):
+    part_idx = slice(start, start + per_call)
+    n = len(indices[part_idx])
+    part_path = os.path.join(_parts_dir(ctx, name), f"part_{start:05d}.npz")
+    part_fp = artifacts.fingerprint(fp, per_call, start)
+    part = artifacts.load(part_path, part_fp, backselect_stage.shard_check(n, d))
+    if part is None:
+      r = sis.batched_backselect(
+          apply, ctx.data.prepare(ctx.data.test_images[indices[part_idx]]), params=variables,
+          feature_map=fmap, fully_masked=fm[part_idx] if per_image_fm else fm,
+          target_classes=None if target_classes is None else np.asarray(target_classes)[part_idx],
+          mesh=ctx.mesh)
+      part = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
+              "targets": r.target_classes.astype(np.int32),
+              "original_scores": r.original_scores.astype(np.float32)}
+      artifacts.save(part_path, part, part_fp)
+    parts.append(part)
+    bar.update(n)
+  bar.close()
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def sis_of(rec: dict, threshold: float) -> sis.SISBatch:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overinterp_jax import sharding, train
-from overinterp_jax.models import InputDropout
+from overinterp_jax.models import InputDropout, ensemble
 from overinterp_jax.pipeline import artifacts
 
 # Config keys that decide a trained model (a change retrains it).
@@ -89,7 +89,7 @@ def input_dropout_apply(trained: Trained, num_samples: int, key: int) -> Callabl
 def ensemble_apply(apply: Callable) -> Callable:
   """``(stacked_variables, images) -> mean logits``: members share one architecture."""
   def predict(stacked, images):
-    return jax.vmap(lambda v: apply(v, images))(stacked).mean(axis=0)
+    return ensemble.stacked_mean_logits(apply, stacked, images)
   return predict
 
 
