@@ -87,7 +87,7 @@ def fwd_bwd_rate(predict, variables, batch: int, repeats: int) -> float:
 
 def default_eval_batch(predict, variables) -> int:
   """The eval batch ``sis.batched_backselect`` picks by default (memory budget)."""
-  _, score = sis._class_score_fn(predict, True, True)
+  _, score, _ = sis._class_score_fn(predict, True, True)
   return sis._eval_batch_size(score, sis._abstract(variables), jnp.zeros((1,) + IMAGE_SHAPE),
                               jax.ShapeDtypeStruct((1,), jnp.int32),
                               budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)

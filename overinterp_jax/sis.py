@@ -34,6 +34,9 @@ from overinterp_jax import sharding
 from overinterp_jax.selection import exact, features, gradient, records
 
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Bumped whenever the same inputs can give another order; stored results carry it.
+# 2: candidates are ranked by the target's log-probability (``log_target_probability``).
+SELECTION_VERSION = 2
 # Beyond this many masked inputs per model call, throughput stops improving on
 # any backend we measured, while memory keeps growing.
 MAX_EVAL_BATCH = 2048
@@ -324,18 +327,51 @@ class BackselectResult(NamedTuple):
   values: np.ndarray
 
 
+def log_target_probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``log softmax(logits)[target]`` from logit differences: ``[B, K], [B] -> [B]``.
+
+  ``-softplus(logsumexp_{j != t}(z_j - z_t))``. Unlike ``softmax`` in float32,
+  it keeps its precision (and its gradient keeps the target logit's term) when
+  the model is near-certain: at a logit margin of 20, ``softmax(z)[t]`` rounds
+  to exactly 1.0, every candidate removal ties, and the gradient of the
+  probability is rounding noise (measured on ResNet-20 / CIFAR-10:
+  ``benchmarks/gradient_vs_exact.py``).
+  """
+  z = logits.astype(jnp.float32)
+  is_target = jnp.arange(z.shape[1])[None, :] == targets[:, None]
+  diff = z - jnp.take_along_axis(z, targets[:, None], axis=1)
+  others = jnp.where(is_target, jnp.finfo(jnp.float32).min, diff)
+  return -jax.nn.softplus(jax.nn.logsumexp(others, axis=1))
+
+
 def _class_score_fn(predict_fn, takes_params: bool, apply_softmax: bool):
-  def class_scores(params, x):
+  """``(class_scores, score, to_value)``.
+
+  ``class_scores(params, x) -> [B, K]`` probabilities (or raw outputs);
+  ``score(params, x, rows, targets) -> [B]`` the quantity backward selection
+  ranks: the target's log-probability when ``apply_softmax`` (monotone in the
+  probability, so the same order in exact arithmetic, without float32
+  saturation), else the raw target output; ``to_value`` maps scores back to
+  the target probabilities (or outputs) that results report.
+  """
+  def outputs(params, x):
     out = predict_fn(params, x) if takes_params else predict_fn(x)
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
       raise ValueError(f"predict_fn must map [B, H, W, C] images to [B, num_classes] "
                        f"outputs; for B={x.shape[0]} it returned shape {out.shape}.")
+    return out
+
+  def class_scores(params, x):
+    out = outputs(params, x)
     return jax.nn.softmax(out.astype(jnp.float32), axis=-1) if apply_softmax else out
 
   def score(params, x, rows, targets):
-    return jnp.take_along_axis(class_scores(params, x), targets[rows][:, None], axis=1)[:, 0]
+    if apply_softmax:
+      return log_target_probability(outputs(params, x), targets[rows])
+    return jnp.take_along_axis(outputs(params, x), targets[rows][:, None], axis=1)[:, 0]
 
-  return class_scores, score
+  to_value = jnp.exp if apply_softmax else (lambda v: v)
+  return class_scores, score, to_value
 
 
 def _targets_and_start(class_scores, params, images, targets_in):
@@ -365,7 +401,7 @@ def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, 
                            pixel_shape, shared_fully_masked, mesh):
   """``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
   ``shared_fully_masked`` when every image has the same masked values."""
-  class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  class_scores, score, to_value = _class_score_fn(predict_fn, takes_params, apply_softmax)
   core = exact.exact_backselect_program(
       score, eval_batch=eval_batch, num_steps=d, mask_shape=_mask_shape(pixel_shape),
       use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
@@ -375,7 +411,7 @@ def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, 
     present0 = jnp.ones((images.shape[0], d), bool)
     order, values, nonfinite = core(params, images, fully_masked, present0, targets,
                                     feature_map)
-    return targets, start, order, values, nonfinite | ~jnp.isfinite(start)
+    return targets, start, order, to_value(values), nonfinite | ~jnp.isfinite(start)
 
   return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=3)
 
@@ -388,8 +424,8 @@ def _mask_shape(pixel_shape):
 def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, noise_std,
                                pixel_shape, mesh):
   """Compiled, sharded ``(init, step, finish)``; each device holds one group of images."""
-  class_scores, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
-  init, step, finish = gradient.gradient_backselect_steps(
+  class_scores, score, to_value = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  init, step, finish_scores = gradient.gradient_backselect_steps(
       score, remove_per_step=k, num_features=d, mask_shape=_mask_shape(pixel_shape),
       use_feature_map=pixel_shape is None, noise_std=noise_std)
 
@@ -398,6 +434,10 @@ def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, no
     const = dict(params=params, inputs=images, fully_masked=fully_masked, targets=targets,
                  feature_map=feature_map, noise_keys=noise_keys)
     return const, init(const)
+
+  def finish(const, state):
+    order, values, start, nonfinite = finish_scores(const, state)
+    return order, to_value(values), to_value(start), nonfinite
 
   data = P(sharding.DATA_AXIS)
   const_specs = dict(params=P(), inputs=data, fully_masked=data, targets=data,
@@ -456,7 +496,7 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
 
 
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
-  class_scores, _ = _class_score_fn(predict_fn, params is not None, apply_softmax)
+  class_scores, _, _ = _class_score_fn(predict_fn, params is not None, apply_softmax)
   out = jax.eval_shape(class_scores, _abstract(params),
                        jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
   num_classes = out.shape[1]
@@ -526,7 +566,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
   n = images.shape[0]
   takes_params = params is not None
   if eval_batch_size is None:
-    _, score = _class_score_fn(predict_fn, takes_params, apply_softmax)
+    _, score, _ = _class_score_fn(predict_fn, takes_params, apply_softmax)
     eval_batch_size = _eval_batch_size(
         score, _abstract(params), images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
         budget_bytes=memory_budget_bytes, cap=n * d)

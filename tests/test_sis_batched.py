@@ -143,7 +143,7 @@ def test_program_compiles_once_for_repeated_calls():
 
 def test_eval_batch_shrinks_with_memory_budget():
   params = tiny_mlp_params()
-  _, score = sis._class_score_fn(tiny_mlp, True, True)
+  _, score, _ = sis._class_score_fn(tiny_mlp, True, True)
   args = (score, sis._abstract(params), images(1), jax.ShapeDtypeStruct((1,), jnp.int32))
   small = sis._eval_batch_size(*args, budget_bytes=20_000, cap=10_000)
   large = sis._eval_batch_size(*args, budget_bytes=2_000_000, cap=10_000)
@@ -167,6 +167,28 @@ def test_gradient_k1_equals_exact_on_linear_score():
   np.testing.assert_array_equal(gr.order, ex.order)
   np.testing.assert_allclose(gr.values, ex.values, rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(gr.original_scores, ex.original_scores)
+
+
+def test_near_certain_models_keep_their_ranking():
+  """At a logit margin of ~60, softmax(z)[t] is exactly 1.0 in float32: ranking by the
+  probability would tie every candidate (and its gradient would be rounding noise).
+  Both methods rank by the log-probability, so they still remove the pixel whose
+  contribution to the margin is smallest first."""
+  rng = np.random.default_rng(3)
+  x = rng.uniform(0.5, 1.5, size=(2, 4, 4, 1)).astype(np.float32)
+  w = rng.uniform(1.0, 6.0, size=16).astype(np.float32)
+  predict = lambda v: jnp.stack([v.reshape(v.shape[0], -1) @ w, jnp.zeros(v.shape[0])], -1)
+  contribution = x.reshape(2, -1).astype(np.float64) * w
+  assert np.all(contribution.sum(1) > 40)
+  assert np.all(jax.nn.softmax(predict(jnp.asarray(x)))[:, 0] == 1.0)  # saturated
+  expected = np.argsort(contribution, axis=1, kind="stable")
+  ex = sis.batched_backselect(predict, x)
+  gr = sis.gradient_backselect(predict, x, remove_per_step=1)
+  np.testing.assert_array_equal(ex.order, expected)
+  np.testing.assert_array_equal(gr.order, expected)
+  for r in (ex, gr):
+    assert np.all((r.values >= 0) & (r.values <= 1)) and np.all(r.original_scores == 1.0)
+  np.testing.assert_allclose(ex.values, gr.values, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [3, 5, 16])

@@ -14,6 +14,7 @@ import numpy as np
 
 from overinterp_jax import data as data_lib
 from overinterp_jax import sharding
+from overinterp_jax import sis
 from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, trained
 
 
@@ -67,7 +68,8 @@ class Context:
                                  self.data_fp)
 
   def backselect_fp(self, split: str, fully_masked_kind: str = "mean") -> str:
-    return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind)
+    return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind,
+                                 sis.SELECTION_VERSION)
 
   @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, limit: Optional[int] = None,

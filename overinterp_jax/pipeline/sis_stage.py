@@ -60,7 +60,8 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
   path = ctx.path("sis", f"{name}.npz")
   fp = artifacts.fingerprint(fp, ctx.config.sis.patch_size, indices.tolist(),
-                             None if target_classes is None else np.asarray(target_classes).tolist())
+                             None if target_classes is None else np.asarray(target_classes).tolist(),
+                             sis.SELECTION_VERSION)
   rec = artifacts.load(path, fp, backselect_stage.shard_check(len(indices), d))
   if rec is None:
     logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices), d)
@@ -190,7 +191,7 @@ def records_for(ctx, name: str) -> dict:
 
 
 def fingerprint(ctx) -> str:
-  return artifacts.fingerprint(ctx.base_fp, ctx.config.sis)
+  return artifacts.fingerprint(ctx.base_fp, ctx.config.sis, sis.SELECTION_VERSION)
 
 
 def run(ctx) -> dict:
