@@ -106,11 +106,11 @@ def get_config():
   c.controls = ml_collections.ConfigDict()
   c.controls.smoothed = True
   c.controls.dilation = 3           # k×k neighbourhood
-  c.controls.smoothed_images = 0    # backselect (test) SISes checked; 0 = all
+  c.controls.smoothed_images = 0    # backselect (test) SISes checked (seeded sample); 0 = all
   c.controls.targeted = True
   c.controls.target_seed = 0
   c.controls.masking_values = ("mean", "blur", "noise")
-  c.controls.masking_test_images = 0  # test images backselected per masked value; 0 = all
+  c.controls.masking_test_images = 0  # test images (seeded sample) per masked value; 0 = all
   c.controls.blur_sigma = 2.0       # pixels
   c.controls.noise_scale = 1.0      # uniform in [-s, s] (normalised units)
   c.controls.noise_seed = 0

@@ -136,6 +136,19 @@ def test_exact_sis_records_resume_per_call_after_a_kill(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first[k], again[k])
 
 
+def test_test_samples_are_seeded_random_and_nested(tmp_path):
+  """Image folders are ordered by class: a control on "the first N images" would see only
+  the first classes. Samples are seeded, spread over the split, and nested."""
+  ctx = _SisContext(tmp_path, np.zeros((100, 2, 2, 3), np.uint8), images_per_call=1)
+  small, large = sis_stage.test_sample(ctx, 10), sis_stage.test_sample(ctx, 40)
+  assert len(small) == 10 and np.all(np.diff(small) > 0) and small.max() >= 50
+  assert set(small) <= set(large)
+  np.testing.assert_array_equal(small, sis_stage.test_sample(ctx, 10))
+  np.testing.assert_array_equal(sis_stage.test_sample(ctx, 0), np.arange(100))
+  np.testing.assert_array_equal(sis_stage.sample_indices(ctx),
+                                sis_stage.test_sample(ctx, ctx.config.sis.num_images))
+
+
 # ------------------------------------------------------------------------ masked images
 
 def test_augmenting_the_subset_image_equals_augmenting_image_and_mask_together():

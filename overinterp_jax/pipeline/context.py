@@ -67,39 +67,41 @@ class Context:
     return artifacts.fingerprint({k: self.config.get(k) for k in trained.TRAIN_KEYS},
                                  self.data_fp)
 
-  def backselect_fp(self, split: str, fully_masked_kind: str = "mean") -> str:
+  def backselect_fp(self, split: str, fully_masked_kind: str = "mean",
+                    indices: Optional[tuple] = None) -> str:
     return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind,
-                                 sis.SELECTION_VERSION)
+                                 sis.SELECTION_VERSION,
+                                 *([] if indices is None else [list(indices)]))
 
   @functools.lru_cache(maxsize=None)
-  def backselect(self, split: str, limit: Optional[int] = None,
+  def backselect(self, split: str, indices: Optional[tuple] = None,
                  masking: str = "mean") -> dict:
-    """Backward selection of the first ``limit`` (default all) images of ``split``
-    with the base model, masked value ``masking`` (``masked_data.MASKING_VALUES``)."""
+    """Backward selection of images ``indices`` (a tuple; default all) of ``split`` with the
+    base model, masked value ``masking`` (``masked_data.MASKING_VALUES``)."""
     images = self.split_images(split)
-    if limit is not None:
-      images = images[:limit]
+    if indices is not None:
+      images = images[np.asarray(indices)]
     directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
-    fm = self.fully_masked(split, masking, len(images))
+    fm = self.fully_masked(split, masking, indices)
     return backselect_stage.backselect_split(
         directory, self.base.apply, self.base.variables, images, self.data.prepare,
-        self.config.backselect, self.backselect_fp(split, masking),
+        self.config.backselect, self.backselect_fp(split, masking, indices),
         seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
         fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
         mesh=self.mesh)
 
-  def fully_masked(self, split: str, kind: str, count: int, indices=None):
-    """Masked values ``[count, H, W, C]`` for the first ``count`` (or ``indices``) images."""
+  def fully_masked(self, split: str, kind: str, indices=None):
+    """Masked values ``[len(indices), H, W, C]`` of images ``indices`` (default all) of
+    ``split``; None for the mean (zeros after normalisation)."""
     if kind == "mean":
       return None
     images = self.split_images(split)
-    images = images[:count] if indices is None else images[indices]
+    indices = np.arange(len(images)) if indices is None else np.asarray(indices)
     c = self.config.controls
     seed = int(c.noise_seed) + (0 if split == "train" else 1)
     return masked_data.fully_masked_values(
-        kind, self.data.prepare(images), seed=seed, blur_sigma=float(c.blur_sigma),
-        noise_scale=float(c.noise_scale),
-        indices=np.arange(count) if indices is None else indices)
+        kind, self.data.prepare(images[indices]), seed=seed, blur_sigma=float(c.blur_sigma),
+        noise_scale=float(c.noise_scale), indices=indices)
 
   def stage_summary_path(self, stage: str) -> str:
     return self.path("stages", f"{stage}.json")

@@ -25,11 +25,13 @@ from overinterp_jax.pipeline.masked_data import MASKING_VALUES, MaskedImages, di
 from overinterp_jax.selection import records
 
 CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
+# 2: the smoothed and masking-value controls use a seeded random sample of test images.
+_VERSION = 2
 
 
 def fingerprint(ctx) -> str:
   return artifacts.fingerprint(sis_stage.fingerprint(ctx), ctx.backselect_fp("test"),
-                               ctx.config.controls)
+                               ctx.config.controls, _VERSION)
 
 
 def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
@@ -75,10 +77,9 @@ def smoothed(ctx) -> tuple[dict, dict]:
     s, a, b = _smoothed_source(ctx, apply, variables, indices, rec, sis_stage.feature_map(ctx),
                                tau, k)
     out[f"exact/{name}"], arrays[f"exact/{name}/sis"], arrays[f"exact/{name}/dilated"] = s, a, b
-  limit = int(c.controls.smoothed_images) or len(ctx.data.test_images)
-  rec = {key: v[:limit] for key, v in ctx.backselect("test").items()}
-  s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, np.arange(len(rec["order"])),
-                             rec, None, tau, k)
+  sample = sis_stage.test_sample(ctx, int(c.controls.smoothed_images))
+  rec = {key: v[sample] for key, v in ctx.backselect("test").items()}
+  s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, sample, rec, None, tau, k)
   name = f"{c.backselect.method}/single"
   out[name], arrays[f"{name}/sis"], arrays[f"{name}/dilated"] = s, a, b
   return out, arrays
@@ -118,32 +119,31 @@ def masking_values(ctx) -> dict:
   tau = float(c.sis.threshold)
   indices = sis_stage.sample_indices(ctx)
   num_pixels = int(np.prod(ctx.height_width))
-  limit = int(c.controls.masking_test_images) or len(ctx.data.test_images)
+  sample = sis_stage.test_sample(ctx, int(c.controls.masking_test_images))
   ppf = sis_stage.pixels_per_feature(ctx)
   out = {}
   for kind in c.controls.masking_values:
     if kind == "mean":
       rec = sis_stage.records_for(ctx, "single")
-      bs = {key: v[:limit] for key, v in ctx.backselect("test").items()}
+      bs = {key: v[sample] for key, v in ctx.backselect("test").items()}
     else:
-      fm = ctx.fully_masked("test", kind, len(indices), indices=indices)
+      fm = ctx.fully_masked("test", kind, indices)
       rec = sis_stage.exact_records(ctx, f"single_mask_{kind}", ctx.base.apply,
                                     ctx.base.variables, artifacts.fingerprint(
                                         ctx.base_fp, kind, c.controls.blur_sigma,
                                         c.controls.noise_scale, c.controls.noise_seed),
                                     indices, fully_masked=fm)
-      bs = ctx.backselect("test", limit, kind)
+      bs = ctx.backselect("test", tuple(sample.tolist()), kind)
     batch = sis_stage.sis_of(rec, tau)
-    fm_test = ctx.fully_masked("test", kind, limit)
     keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
         -1, *ctx.height_width)
-    images = MaskedImages(ctx.data.test_images[:limit], keep, ctx.data.prepare,
-                          fully_masked=fm_test)
+    images = MaskedImages(ctx.data.test_images[sample], keep, ctx.data.prepare,
+                          fully_masked=ctx.fully_masked("test", kind, sample))
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, images,
                                     batch_size=int(c.eval_batch_size), mesh=ctx.mesh)
     out[kind] = {"sis": sis_stage.size_stats(batch.size * ppf, batch.exists, num_pixels),
                  "base_on_bs_subsets": trained.accuracy_and_confidence(
-                     logits, ctx.data.test_labels[:limit], bs["targets"])}
+                     logits, ctx.data.test_labels[sample], bs["targets"])}
   return out
 
 

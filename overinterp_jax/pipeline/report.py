@@ -186,7 +186,8 @@ def draw_figures(ctx, s: dict) -> dict:
                                                 num_features=h * w)
     if "backselect" in s:
       rec = ctx.backselect("test")
-      curves[f"{ctx.config.backselect.method}/single (test)"] = rec["values"][:1000]
+      curves[f"{ctx.config.backselect.method}/single (test)"] = \
+          rec["values"][sis_stage.test_sample(ctx, 1000)]
     made["confidence_curves"] = figures.confidence_curves(
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
   c = s.get("controls", {})

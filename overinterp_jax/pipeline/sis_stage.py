@@ -30,11 +30,18 @@ from overinterp_jax.pipeline import artifacts, backselect_stage, trained
 MODELS = ("single", "ensemble", "input_dropout")
 
 
-def sample_indices(ctx) -> np.ndarray:
-  c = ctx.config.sis
+def test_sample(ctx, count: int) -> np.ndarray:
+  """Sorted indices of ``count`` test images (0 = all), the first ``count`` of one permutation
+  seeded by ``sis.sample_seed``: smaller samples are subsets of larger ones. Never the first
+  ``count`` images (image folders are ordered by class)."""
   n = len(ctx.data.test_images)
-  k = min(int(c.num_images), n)
-  return np.sort(np.random.default_rng(int(c.sample_seed)).permutation(n)[:k])
+  k = n if int(count) <= 0 else min(int(count), n)
+  return np.sort(np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(n)[:k])
+
+
+def sample_indices(ctx) -> np.ndarray:
+  """The test images of the exact-SIS sample (``sis.num_images``)."""
+  return test_sample(ctx, int(ctx.config.sis.num_images))
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:
