@@ -10,6 +10,7 @@ import pytest
 from configs import smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import sharding, train
+from overinterp_jax.pipeline import trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,3 +127,37 @@ def test_bad_input_dropout_value_is_named():
   config.input_dropout_keep_prob = 0.0
   with pytest.raises(ValueError, match="config.input_dropout_keep_prob"):
     train.build_model(config)
+
+
+def _ensure(config, ds, workdir, data_fp="data", **kw):
+  return trained.ensure_trained(config, str(workdir), ds.train_images, ds.train_labels,
+                                ds.test_images, ds.test_labels, prepare=ds.prepare,
+                                augment_fn=ds.augment_fn, data_fp=data_fp, **kw)
+
+
+def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 2
+  other = trained.variant(config, seed=1)
+  _ensure(config, ds, tmp_path / "m")
+  with pytest.raises(ValueError, match="another config"):
+    _ensure(other, ds, tmp_path / "m")
+  # A killed run of the first config: one epoch's checkpoint, no summary.
+  _ensure(other, ds, tmp_path / "m", replace_stale=True)
+  killed = tmp_path / "killed"
+  _train(config, ds, killed, max_epochs_this_run=1)
+  with pytest.raises(ValueError, match="another config"):  # unknown origin
+    _ensure(other, ds, killed)
+  replaced = _ensure(other, ds, killed, replace_stale=True)
+  fresh = _ensure(other, ds, tmp_path / "fresh")
+  for a, b in zip(jax.tree.leaves(replaced.variables), jax.tree.leaves(fresh.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Its own killed run resumes.
+  _train(other, ds, tmp_path / "own", max_epochs_this_run=1)
+  (tmp_path / "own" / "fingerprint.json").write_text(
+      (tmp_path / "fresh" / "fingerprint.json").read_text())
+  first_epoch = (tmp_path / "own" / "metrics.jsonl").read_text()  # has wall times
+  resumed = _ensure(other, ds, tmp_path / "own")
+  assert (tmp_path / "own" / "metrics.jsonl").read_text().startswith(first_epoch)
+  for a, b in zip(jax.tree.leaves(resumed.variables), jax.tree.leaves(fresh.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

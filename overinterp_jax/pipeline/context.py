@@ -56,7 +56,7 @@ class Context:
         self.data.test_images if full else test_images, self.data.test_labels,
         prepare=self.data.prepare if full else (lambda x: x), augment_fn=self.augment_fn,
         data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
-        mesh=self.mesh)
+        mesh=self.mesh, replace_stale=name != "base_model")
 
   @functools.cached_property
   def base(self) -> trained.Trained:

@@ -60,7 +60,8 @@ def run(ctx) -> dict:
     model = ctx.train_model(f"retrain_{kind}", config,
                             train_images=masked_split(ctx, masks, kind, "train"),
                             test_images=masked_split(ctx, masks, kind, "test"),
-                            data_fp=subsets_stage.subsets_fp(ctx))
+                            # full images do not depend on the subsets
+                            data_fp="full" if kind == "full" else subsets_stage.subsets_fp(ctx))
     out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],
                            "test_loss": model.metrics["loss"],
                            "num_epochs": int(config.num_epochs), "train_seconds": model.seconds}

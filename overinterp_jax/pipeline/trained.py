@@ -8,12 +8,14 @@ that trained it. A finished model is restored, not retrained.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from overinterp_jax import sharding, train
 from overinterp_jax.models import InputDropout, ensemble
@@ -52,14 +54,31 @@ class Trained:
 
 
 def ensure_trained(config, workdir: str, train_images, train_labels, test_images, test_labels,
-                   *, prepare: Callable, augment_fn, data_fp: str, mesh=None) -> Trained:
-  """Trains ``config`` into ``workdir`` unless a finished model of the same config is there."""
+                   *, prepare: Callable, augment_fn, data_fp: str, mesh=None,
+                   replace_stale: bool = False) -> Trained:
+  """Trains ``config`` into ``workdir`` unless a finished model of the same config is there.
+
+  ``workdir/fingerprint.json`` names the config a (possibly unfinished) run there is
+  training, so a killed run resumes only its own checkpoints. A directory of another
+  config (or of unknown origin) raises, or with ``replace_stale`` is deleted and retrained
+  (models derived from other stages' results, e.g. retraining on changed subsets).
+  """
   fp = artifacts.fingerprint({k: config.get(k) for k in TRAIN_KEYS}, data_fp)
   summary_path = os.path.join(workdir, "summary.json")
+  marker_path = os.path.join(workdir, "fingerprint.json")
   summary = artifacts.load_json(summary_path, fp)
-  if summary is None and os.path.exists(summary_path):
-    raise ValueError(f"{workdir} holds a model trained under another config; use a new "
-                     "--workdir or delete that directory.")
+  if summary is None:
+    stale = os.path.exists(summary_path) or (
+        os.path.isdir(workdir) and os.listdir(workdir)
+        and artifacts.load_json(marker_path, fp) is None)
+    if stale and not replace_stale:
+      raise ValueError(f"{workdir} holds a model trained under another config; use a new "
+                       "--workdir or delete that directory.")
+    if stale:
+      logging.warning("Retraining %s: it holds a model of another config.", workdir)
+      if artifacts.is_writer():
+        shutil.rmtree(workdir)
+    artifacts.save_json(marker_path, {"fingerprint": fp})
   state = None
   if summary is not None:
     state = train.restore_trained(config, workdir, train_images.shape[1:], len(train_images),
