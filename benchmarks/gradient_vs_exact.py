@@ -70,9 +70,7 @@ def compare(ctx) -> dict:
   tau = float(ctx.config.sis.threshold)
   fmap = sis_stage.feature_map(ctx)
   if FLAGS.num_images:
-    n = len(ctx.data.test_images)
-    idx = np.sort(np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(n)
-                  [:FLAGS.num_images])
+    idx = sis_stage.test_sample(ctx, FLAGS.num_images)
     exact = sis_stage.exact_records(ctx, f"single_sample{FLAGS.num_images}", ctx.base.apply,
                                     ctx.base.variables, ctx.base_fp, idx)
   else:

@@ -38,6 +38,13 @@ def shard_check(n: int, d: int) -> Callable[[dict], Optional[str]]:
   return check
 
 
+def to_record(r: sis.BackselectResult) -> dict:
+  """The arrays stored per image set: ``order``, ``values``, ``targets``, ``original_scores``."""
+  return {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
+          "targets": r.target_classes.astype(np.int32),
+          "original_scores": r.original_scores.astype(np.float32)}
+
+
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
                    seed: int, fully_masked=None, target_classes=None, mesh=None
                    ) -> sis.BackselectResult:
@@ -87,9 +94,7 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
     fm = None if fully_masked is None else fully_masked[start:stop]
     r = run_backselect(apply, variables, prepare(images[start:stop]), bs_config,
                        seed=seed + start, fully_masked=fm, mesh=mesh)
-    arrays = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
-              "targets": r.target_classes.astype(np.int32),
-              "original_scores": r.original_scores.astype(np.float32)}
+    arrays = to_record(r)
     artifacts.save(os.path.join(directory, f"shard_{i:05d}.npz"), arrays, fp)
     results[i] = arrays
     done += stop - start

@@ -42,6 +42,13 @@ def _num(x, fmt: str = ".0f") -> str:
   return "—" if x is None or not np.isfinite(x) else format(x, fmt)
 
 
+def _gap_line(name: str, a: float, b: float, other: str, paper: str) -> str:
+  """``- <name> is X points above|below <other> (paper: ...).`` for accuracies in [0, 1]."""
+  gap = 100 * (a - b)
+  return (f"- {name} is {abs(gap):.2f} points {'above' if gap > 0 else 'below'} {other} "
+          f"(paper: {paper}).")
+
+
 def table1(s: dict, config) -> tuple[str, dict]:
   train, retrain = s.get("train"), s.get("retrain")
   full = train["test_accuracy"] if train else None
@@ -70,13 +77,9 @@ def table1(s: dict, config) -> tuple[str, dict]:
                      (full_retrained, f"the full-image model of the same budget "
                                       f"({retrain_epochs} ep)")):
     if bs is not None and ref is not None:
-      gap = 100 * (bs - ref)
-      lines.append(f"- {frac} BS is {abs(gap):.2f} points {'above' if gap > 0 else 'below'} "
-                   f"{which} (paper: within a few points).")
+      lines.append(_gap_line(f"{frac} BS", bs, ref, which, "within a few points"))
   if bs is not None and rnd is not None:
-    gap = 100 * (bs - rnd)
-    lines.append(f"- {frac} BS is {abs(gap):.2f} points {'above' if gap > 0 else 'below'} "
-                 f"{frac} random (paper: far above).")
+    lines.append(_gap_line(f"{frac} BS", bs, rnd, f"{frac} random", "far above"))
   if mask_only is not None:
     chance = 1.0 / int(config.num_classes)
     verdict = ("the subset **positions alone predict the class** well above chance"

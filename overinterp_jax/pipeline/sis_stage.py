@@ -105,9 +105,7 @@ def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_mas
           feature_map=fmap, fully_masked=fm[part_idx] if per_image_fm else fm,
           target_classes=None if target_classes is None else np.asarray(target_classes)[part_idx],
           mesh=ctx.mesh)
-      part = {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
-              "targets": r.target_classes.astype(np.int32),
-              "original_scores": r.original_scores.astype(np.float32)}
+      part = backselect_stage.to_record(r)
       artifacts.save(part_path, part, part_fp)
     parts.append(part)
     bar.update(n)
