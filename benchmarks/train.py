@@ -39,7 +39,12 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="resnet20")
   parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--host_devices", type=int, default=0,
+                      help="CPU devices to split the host into (0 = JAX's default); both "
+                           "training and inference shard the batch over all devices.")
   args = parser.parse_args()
+  if args.host_devices:
+    jax.config.update("jax_num_cpu_devices", args.host_devices)
   config = ml_collections.ConfigDict(dict(
       lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2, momentum=0.9,
       nesterov=True, weight_decay=5e-4))
@@ -58,7 +63,8 @@ def main():
     holder[0], m = steps.train(holder[0], x, y, key)
     m["loss"].block_until_ready()
 
-  infer = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+  infer = jax.jit(lambda v, xb: model.apply(v, xb, train=False),
+                  in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   plain = rate(lambda: infer(variables, x).block_until_ready(), args.batch)
   training = rate(step, args.batch)

@@ -43,6 +43,9 @@ def _in_range(key: str, value, low, high, low_open=True) -> None:
 def validate_config(config) -> None:
   """Fails before any work starts, naming the offending key."""
   _subset_of("stages", config.stages, KNOWN_STAGES)
+  if int(config.host_devices) < 0:
+    raise ValueError(f"config.host_devices must be >= 0 (0 = JAX's default), got "
+                     f"{config.host_devices}.")
   for key in ("num_epochs", "batch_size", "eval_batch_size", "num_classes"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
@@ -99,6 +102,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  if config.host_devices:  # before any JAX operation initialises the CPU backend
+    jax.config.update("jax_num_cpu_devices", int(config.host_devices))
   if config.distributed:
     jax.distributed.initialize()
   logging.info("Devices: %s", jax.devices())

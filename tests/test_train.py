@@ -36,6 +36,22 @@ def test_main_rejects_bad_values_before_work(tmp_path):
   assert not (tmp_path / "base_model").exists()
 
 
+def test_main_rejects_negative_host_devices(tmp_path):
+  proc = run_main("--config.host_devices=-1", workdir=tmp_path)
+  assert proc.returncode != 0
+  assert "config.host_devices" in proc.stderr
+
+
+def test_main_splits_the_host_into_host_devices(tmp_path):
+  """The subprocess starts with JAX's single CPU device; the config asks for two."""
+  proc = run_main("--config.host_devices=2", "--config.stages=('train',)",
+                  "--config.num_epochs=1", workdir=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  devices_line = next(l for l in proc.stderr.splitlines() if "Devices:" in l)
+  assert devices_line.count("CpuDevice") == 2, devices_line
+  assert (tmp_path / "base_model" / "metrics.jsonl").exists()
+
+
 def _smoke_data(tmp_path):
   config = smoke.get_config()
   return config, data_lib.load_for_config(config.data, str(tmp_path))

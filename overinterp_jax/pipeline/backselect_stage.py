@@ -62,6 +62,36 @@ def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
                    f"{bs_config.method!r}.")
 
 
+def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],
+                      d: int, *, desc: str, progress: bool = True) -> dict:
+  """Backselect records of consecutive image rows, one resumable file per shard.
+
+  ``shards``: ``(path, fingerprint, rows)`` per file, the rows in order and
+  together covering all images. A shard whose file is valid (``artifacts.load``
+  with ``shard_check``) is read back; the others get ``compute(rows)`` (a
+  ``to_record`` dict), saved atomically at once, so a killed run loses at most
+  the shard it was computing. Returns the records of all rows concatenated.
+  """
+  results = [artifacts.load(path, fp, shard_check(rows.stop - rows.start, d))
+             for path, fp, rows in shards]
+  missing = [i for i, r in enumerate(results) if r is None]
+  if missing and len(missing) < len(shards):
+    logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(shards))
+  todo = sum(shards[i][2].stop - shards[i][2].start for i in missing)
+  bar = tqdm(total=todo, desc=desc, unit="img",
+             disable=not progress or not todo or not artifacts.is_writer())
+  t0, done = time.perf_counter(), 0
+  for i in missing:
+    path, fp, rows = shards[i]
+    results[i] = compute(rows)
+    artifacts.save(path, results[i], fp)
+    done += rows.stop - rows.start
+    bar.update(rows.stop - rows.start)
+    bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}")
+  bar.close()
+  return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+
 def backselect_split(directory: str, apply: Callable, variables, images: np.ndarray,
                      prepare: Callable, bs_config, fp: str, *, seed: int, fully_masked=None,
                      progress: bool = True, desc: str = "backselect", mesh=None) -> dict:
@@ -73,32 +103,13 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
   """
   n = len(images)
   size = int(bs_config.shard_size)
-  d = int(np.prod(images.shape[1:3]))
-  starts = list(range(0, n, size))
-  results = [None] * len(starts)
-  missing = []
-  for i, start in enumerate(starts):
-    path = os.path.join(directory, f"shard_{i:05d}.npz")
-    count = min(size, n - start)
-    results[i] = artifacts.load(path, fp, shard_check(count, d))
-    if results[i] is None:
-      missing.append(i)
-  if missing:
-    logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(starts))
-  todo = sum(min(size, n - starts[i]) for i in missing)
-  bar = tqdm(total=todo, desc=desc, unit="img", disable=not progress or not todo)
-  t0, done = time.perf_counter(), 0
-  for i in missing:
-    start = starts[i]
-    stop = min(start + size, n)
-    fm = None if fully_masked is None else fully_masked[start:stop]
-    r = run_backselect(apply, variables, prepare(images[start:stop]), bs_config,
-                       seed=seed + start, fully_masked=fm, mesh=mesh)
-    arrays = to_record(r)
-    artifacts.save(os.path.join(directory, f"shard_{i:05d}.npz"), arrays, fp)
-    results[i] = arrays
-    done += stop - start
-    bar.update(stop - start)
-    bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}")
-  bar.close()
-  return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+  shards = [(os.path.join(directory, f"shard_{i:05d}.npz"), fp,
+             slice(start, min(start + size, n))) for i, start in enumerate(range(0, n, size))]
+
+  def compute(rows: slice) -> dict:
+    fm = None if fully_masked is None else fully_masked[rows]
+    return to_record(run_backselect(apply, variables, prepare(images[rows]), bs_config,
+                                    seed=seed + rows.start, fully_masked=fm, mesh=mesh))
+
+  return records_in_shards(shards, compute, int(np.prod(images.shape[1:3])), desc=desc,
+                           progress=progress)

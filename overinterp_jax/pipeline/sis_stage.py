@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from overinterp_jax import sis
 from overinterp_jax.pipeline import artifacts, backselect_stage, trained
@@ -90,27 +89,20 @@ def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_mas
   per_call = int(ctx.config.sis.images_per_call) or len(indices)
   fm = None if fully_masked is None else np.asarray(fully_masked)
   per_image_fm = fm is not None and fm.ndim == 4
-  parts = []
-  bar = tqdm(total=len(indices), desc=f"exact SIS ({name})", unit="img",
-             disable=not artifacts.is_writer())
-  for start in range(0, len(indices), per_call):
-    part_idx = slice(start, start + per_call)
-    n = len(indices[part_idx])
-    part_path = os.path.join(_parts_dir(ctx, name), f"part_{start:05d}.npz")
-    part_fp = artifacts.fingerprint(fp, per_call, start)
-    part = artifacts.load(part_path, part_fp, backselect_stage.shard_check(n, d))
-    if part is None:
-      r = sis.batched_backselect(
-          apply, ctx.data.prepare(ctx.data.test_images[indices[part_idx]]), params=variables,
-          feature_map=fmap, fully_masked=fm[part_idx] if per_image_fm else fm,
-          target_classes=None if target_classes is None else np.asarray(target_classes)[part_idx],
-          mesh=ctx.mesh)
-      part = backselect_stage.to_record(r)
-      artifacts.save(part_path, part, part_fp)
-    parts.append(part)
-    bar.update(n)
-  bar.close()
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  targets = None if target_classes is None else np.asarray(target_classes)
+  shards = [(os.path.join(_parts_dir(ctx, name), f"part_{start:05d}.npz"),
+             artifacts.fingerprint(fp, per_call, start),
+             slice(start, min(start + per_call, len(indices))))
+            for start in range(0, len(indices), per_call)]
+
+  def compute(rows: slice) -> dict:
+    r = sis.batched_backselect(
+        apply, ctx.data.prepare(ctx.data.test_images[indices[rows]]), params=variables,
+        feature_map=fmap, fully_masked=fm[rows] if per_image_fm else fm,
+        target_classes=None if targets is None else targets[rows], mesh=ctx.mesh)
+    return backselect_stage.to_record(r)
+
+  return backselect_stage.records_in_shards(shards, compute, d, desc=f"exact SIS ({name})")
 
 
 def sis_of(rec: dict, threshold: float) -> sis.SISBatch:
