@@ -68,7 +68,7 @@ def get_config():
   c.distributed = False             # True on multi-host runs: jax.distributed.initialize()
   # CPU only: split the host into this many JAX devices (0 = JAX's default, one).
   # Each device runs its share of every batch concurrently; on a 2-core CPU,
-  # 2 devices train ResNet-20 ~1.4x faster than one (benchmarks/train.py).
+  # 2 devices train ResNet-20 1.2-1.4x faster than one (benchmarks/train.py).
   c.host_devices = 0
 
   # Stage backselect: rank every pixel of every train and test image.

@@ -3,7 +3,7 @@
 Same model (ResNet-20), optimiser and augmentation as configs/cifar10.py, on
 the shared real CIFAR-10 archive (../shared/data/cifar10_jpeg.tar.gz, JPEG
 q75), scaled to what 2 cores can do. The host is split into 2 JAX devices
-(~1.4x faster than one on 2 cores). README.md "Measured" has the wall time of
+(1.2-1.4x faster than one on 2 cores). README.md "Measured" has the wall time of
 each stage (the stages after train were timed with an earlier version: one
 host device, 13 epochs of batch 128 at lr 0.2):
   * train: 18 one-cycle epochs, batch 64, peak lr 0.1;
