@@ -102,7 +102,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
-  if config.host_devices:  # before any JAX operation initialises the CPU backend
+  # Before any JAX operation initialises the CPU backend; a negative value is left to
+  # validate_config, which names it.
+  if int(config.host_devices) > 0:
     jax.config.update("jax_num_cpu_devices", int(config.host_devices))
   if config.distributed:
     jax.distributed.initialize()
