@@ -2,11 +2,12 @@
 
 Same model (ResNet-20), optimiser and augmentation as configs/cifar10.py, on
 the shared real CIFAR-10 archive (../shared/data/cifar10_jpeg.tar.gz, JPEG
-q75), scaled to what 2 cores can do. The host is split into 2 JAX devices
-(1.2-1.4x faster than one on 2 cores). README.md "Measured" has the wall time of
-each stage (the stages after train were timed with an earlier version: one
-host device, 13 epochs of batch 128 at lr 0.2):
-  * train: 18 one-cycle epochs, batch 64, peak lr 0.1;
+q75), scaled to what 2 cores can do. The host is split into 2 JAX devices and
+the batch is 16 (8 images per device): the fastest training on 2 cores
+(benchmarks/train.py; README.md "Benchmarks"). README.md "Measured" has the wall
+time of each stage (the stages after train were timed with earlier versions of
+this config, named there):
+  * train: 21 one-cycle epochs, batch 16, peak lr 0.025 (~55 min);
   * backselect: Batched Gradient SIS, 128 pixels per step, on all 60k images
     (exact backward selection would take ~9 min per image with ResNet-20);
   * retrain: BS / random / mask-only subsets and full images, 3 epochs each
@@ -26,11 +27,11 @@ def get_config():
   c = cifar10.get_config()
   c.data.source = "image_folder"
   c.host_devices = 2
-  c.num_epochs = 18
+  c.num_epochs = 21
   c.schedule = "onecycle"
-  c.lr = 0.1
+  c.lr = 0.025        # same lr / batch ratio (and weight decay per epoch) as 0.1 at 64
   c.warmup_fraction = 0.2
-  c.batch_size = 64   # 32 per host device: ~16% more images/s than 128 on 2 cores
+  c.batch_size = 16   # 8 per host device: the fastest training on 2 cores (README)
 
   c.backselect.method = "gradient"
   c.backselect.remove_per_step = 128
