@@ -19,10 +19,10 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.profiler import ProfileData
 
 from overinterp_jax.models import create_model
+from overinterp_jax.train import cross_entropy
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
   def loss(params, batch_stats, images):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                   train=True, mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+    return cross_entropy(logits, y), updates
 
   grad = jax.jit(jax.grad(loss, has_aux=True))
   run = lambda: jax.block_until_ready(grad(variables["params"], variables["batch_stats"], x))
