@@ -42,6 +42,9 @@ def main():
   parser.add_argument("--host_devices", type=int, default=0,
                       help="CPU devices to split the host into (0 = JAX's default); both "
                            "training and inference shard the batch over all devices.")
+  parser.add_argument("--size", type=int, default=32,
+                      help="image side in pixels (progressive resizing trains early epochs "
+                           "at 16 and 24)")
   args = parser.parse_args()
   if args.host_devices:
     jax.config.update("jax_num_cpu_devices", args.host_devices)
@@ -51,10 +54,10 @@ def main():
   model = create_model(args.model, num_classes=10)
   tx = train.make_optimizer(config, steps_per_epoch=100)
   mesh = sharding.data_mesh()
-  state = train.create_train_state(model, tx, (32, 32, 3), jax.random.key(0))
+  state = train.create_train_state(model, tx, (args.size, args.size, 3), jax.random.key(0))
   state = jax.device_put(state, sharding.replicated(mesh))
   steps = train.compile_steps(mesh, augment.augment_images)
-  x = np.asarray(jax.random.normal(jax.random.key(1), (args.batch, 32, 32, 3)))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3)))
   y = np.arange(args.batch, dtype=np.int32) % 10
   key = jax.random.key(2)
   holder = [state]
@@ -68,7 +71,8 @@ def main():
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   plain = rate(lambda: infer(variables, x).block_until_ready(), args.batch)
   training = rate(step, args.batch)
-  out = {"model": args.model, "batch": args.batch, "devices": len(jax.devices()),
+  out = {"model": args.model, "batch": args.batch, "size": args.size,
+         "devices": len(jax.devices()),
          "plain_inference_img_per_s": plain, "train_img_per_s": training,
          "train_vs_inference_over_3": training / (plain / 3)}
   print(json.dumps(out, indent=1))

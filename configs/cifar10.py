@@ -60,6 +60,9 @@ def get_config():
   c.lr_milestones = (60, 120, 160)
   c.lr_decay = 0.2
   c.warmup_fraction = 0.15          # onecycle only
+  # ((scale of the image side, fraction of the epochs), ...) trained at lower
+  # resolution before the full-size epochs (train.epoch_scales); () = none.
+  c.progressive_resizing = ()
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 5e-4

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from overinterp_jax import data as data_lib
+from overinterp_jax import train
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
 FLAGS = flags.FLAGS
@@ -51,6 +52,7 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
   if not config.lr > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
+  train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
   d = config.data
   if d.source == "image_folder" and not os.path.exists(d.path):
     raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="

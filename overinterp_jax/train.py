@@ -31,6 +31,7 @@ from flax import struct
 from tqdm import tqdm
 
 from overinterp_jax import sharding
+from overinterp_jax.data import augment
 from overinterp_jax.models import InputDropout, create_model
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
@@ -67,6 +68,39 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     return optax.cosine_decay_schedule(config.lr, total)
   raise ValueError(f"config.schedule must be 'multistep', 'onecycle' or 'cosine', got "
                    f"{config.schedule!r}.")
+
+
+def epoch_scales(config) -> list[float]:
+  """Scale of the training images' side in each epoch (1.0 = full resolution).
+
+  ``config.progressive_resizing``: ``((scale, fraction of the epochs), ...)``
+  phases trained before the full-resolution epochs, e.g. ``((0.5, 0.25),
+  (0.75, 0.25))``: the first quarter of the epochs on images of half the side,
+  the next quarter at three quarters, the rest at full size. Empty (the
+  default): every epoch at full resolution. Low-resolution epochs are cheaper
+  (a convolution's cost scales with the pixel count), so a fixed time budget
+  fits more epochs; the last ones are at full size, the size of evaluation.
+  """
+  phases = tuple(config.get("progressive_resizing", ()) or ())
+  scales, end = [], 0.0
+  for phase in phases:
+    if len(phase) != 2:
+      raise ValueError("config.progressive_resizing must be ((scale, fraction of the epochs), "
+                       f"...), got {phases!r}.")
+    scale, fraction = float(phase[0]), float(phase[1])
+    if not 0 < scale <= 1 or not fraction > 0:
+      raise ValueError(f"config.progressive_resizing: each scale must be in (0, 1] and each "
+                       f"fraction > 0, got {phases!r}.")
+    end += fraction
+    scales += [scale] * (round(end * config.num_epochs) - len(scales))
+  if end >= 1:
+    raise ValueError(f"config.progressive_resizing: the fractions must sum to < 1 (training "
+                     f"ends at full resolution), got {phases!r}.")
+  return scales + [1.0] * (config.num_epochs - len(scales))
+
+
+def scaled_height_width(height_width, scale: float) -> tuple[int, int]:
+  return tuple(max(1, round(d * scale)) for d in height_width)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -146,10 +180,17 @@ class Steps:
   mesh: Any
 
 
-def compile_steps(mesh, augment_fn=None) -> Steps:
+def compile_steps(mesh, augment_fn=None, train_height_width=None) -> Steps:
+  """Jitted steps. With ``train_height_width``, the training step resizes each
+  (augmented) batch to it (progressive resizing); evaluation is at the input size."""
   data = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
-  train = jax.jit(lambda s, x, y, k: train_step(s, x, y, k, augment_fn),
+  train_augment = augment_fn
+  if train_height_width is not None:
+    def train_augment(key, images):
+      images = images if augment_fn is None else augment_fn(key, images)
+      return augment.resize_images(images, *train_height_width)
+  train = jax.jit(lambda s, x, y, k: train_step(s, x, y, k, train_augment),
                   in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
                   donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(repl, data, data, data), out_shardings=repl)
@@ -263,6 +304,8 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
                              jax.random.key(config.seed))
   state = jax.device_put(state, sharding.replicated(mesh))
   steps = compile_steps(mesh, augment_fn)
+  scales = epoch_scales(config)
+  train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
 
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"),
                                 config.get("checkpoints_to_keep", 2))
@@ -283,15 +326,20 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   for epoch in range(start_epoch, end_epoch):
     order = epoch_permutation(config.seed, epoch, n)
     epoch_key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
+    scale = scales[epoch]
+    train_hw = scaled_height_width(train_images.shape[1:3], scale)
+    if scale not in train_fns:
+      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw).train
     t0 = time.perf_counter()
     sums = {"loss": 0.0, "accuracy": 0.0}
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.num_epochs}",
+    size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
                unit="batch", leave=False, disable=not config.get("progress", True))
     for i in bar:
       idx = order[i * config.batch_size:(i + 1) * config.batch_size][mine]
       x = sharding.global_batch(mesh, prepare(train_images[idx]))
       y = sharding.global_batch(mesh, train_labels[idx])
-      state, m = steps.train(state, x, y, jax.random.fold_in(epoch_key, i))
+      state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
       if i % 20 == 0 or i == steps_per_epoch - 1:
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}",
@@ -304,7 +352,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / steps_per_epoch,
               "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
               "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
-              "epoch_seconds": seconds,
+              "train_height_width": list(train_hw), "epoch_seconds": seconds,
               "train_images_per_second": steps_per_epoch * config.batch_size / seconds}
     logging.info("%s", record)
     history.append(record)

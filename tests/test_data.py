@@ -376,6 +376,20 @@ def test_augmentation_flips_and_pads_with_masked_value():
     augment.random_crop_flip(jax.random.key(0), image, jnp.ones((3, 4), bool))
 
 
+def test_resize_images_downsamples_and_keeps_constants():
+  images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  assert augment.resize_images(images, 8, 8) is images
+  small = augment.resize_images(images, 4, 6)
+  assert small.shape == (2, 4, 6, 3)
+  const = jnp.full((1, 8, 8, 3), 0.7)
+  np.testing.assert_allclose(np.asarray(augment.resize_images(const, 4, 4)), 0.7, rtol=1e-6)
+  # Antialiased: 4x smaller, columns lit every 4th pixel come out near their mean (0.25);
+  # plain bilinear sampling would read the unlit pixels between them (0).
+  stripes = jnp.broadcast_to((jnp.arange(16) % 4 == 0).astype(jnp.float32), (16, 16))
+  small = np.asarray(augment.resize_images(stripes[None, :, :, None], 4, 4))
+  assert np.all((small > 0.15) & (small < 0.35)), small[0, :, :, 0]
+
+
 def test_augment_images_matches_augment_batch():
   images, _ = encoded_image_and_mask(3, 32, 32)
   key = jax.random.key(5)

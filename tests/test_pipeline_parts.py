@@ -1,5 +1,6 @@
 """Pipeline building blocks: atomic artifacts, masked images, controls' helpers, config checks."""
 import os
+import types
 
 import jax
 import numpy as np
@@ -9,7 +10,8 @@ from configs import cifar10, smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
-from overinterp_jax.pipeline import artifacts, backselect_stage, controls, masked_data, sis_stage
+from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data,
+                                     retrain_stage, sis_stage)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -256,6 +258,16 @@ def test_missing_data_is_named(tmp_path):
   config.data.path = str(tmp_path / "nowhere.tar.gz")
   with pytest.raises(ValueError, match=r"config\.data\.path"):
     main.validate_config(config)
+
+
+def test_retraining_on_subsets_is_at_full_resolution():
+  """Resizing a subset image would blend its kept pixels with masked ones."""
+  config = smoke.get_config()
+  config.progressive_resizing = ((0.5, 0.25),)
+  config.retrain.num_epochs = 3
+  retrain = retrain_stage.retrain_config(types.SimpleNamespace(config=config))
+  assert retrain.progressive_resizing == () and retrain.num_epochs == 3
+  assert config.progressive_resizing == ((0.5, 0.25),)  # the base model's own config
 
 
 def test_shipped_configs_validate():

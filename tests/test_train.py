@@ -63,9 +63,11 @@ def _train(config, ds, workdir, **kw):
                                   augment_fn=ds.augment_fn, **kw)
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("resizing", [(), ((0.5, 0.34),)], ids=["full_size", "progressive"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, resizing):
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 3
+  config.progressive_resizing = resizing  # killed after the low-resolution epoch
   full_state, full_metrics = _train(config, ds, tmp_path / "full")
   _train(config, ds, tmp_path / "resumed", max_epochs_this_run=1)
   assert len(train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))) == 1
@@ -73,8 +75,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(resumed_state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed_metrics == full_metrics
-  epochs = [m["epoch"] for m in train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))]
-  assert epochs == [1, 2, 3]
+  records = train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
+  assert [m["epoch"] for m in records] == [1, 2, 3]
+  assert [m["train_height_width"] for m in records] == (
+      [[8, 8], [16, 16], [16, 16]] if resizing else [[16, 16]] * 3)
 
 
 def test_train_step_same_loss_on_one_and_four_devices(tmp_path, devices):
@@ -113,6 +117,35 @@ def test_schedules():
   config.schedule = "nope"
   with pytest.raises(ValueError, match="config.schedule"):
     train.learning_rate_schedule(config, steps_per_epoch=10)
+
+
+def test_progressive_resizing_epochs_and_errors():
+  config = smoke.get_config()
+  config.num_epochs = 27
+  assert train.epoch_scales(config) == [1.0] * 27
+  config.progressive_resizing = ((0.5, 0.25), (0.75, 0.25))
+  assert train.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
+  assert train.scaled_height_width((32, 32), 0.75) == (24, 24)
+  for bad, match in [(((0.5, 0.5), (0.75, 0.5)), "sum to < 1"), (((1.5, 0.2),), r"\(0, 1\]"),
+                     (((0.5, 0.0),), "fraction > 0"), (((0.5,),), "scale, fraction")]:
+    config.progressive_resizing = bad
+    with pytest.raises(ValueError, match=match):
+      train.epoch_scales(config)
+
+
+def test_main_rejects_bad_progressive_resizing_before_work(tmp_path):
+  proc = run_main("--config.progressive_resizing=((0.5, 1.0),)", workdir=tmp_path)
+  assert proc.returncode != 0
+  assert "config.progressive_resizing" in proc.stderr and "sum to < 1" in proc.stderr
+  assert not (tmp_path / "base_model").exists()
+
+
+def test_progressive_resizing_is_part_of_the_model_fingerprint_only_when_set():
+  config = smoke.get_config()
+  plain = trained.train_settings(config)
+  assert plain == {k: config.get(k) for k in trained.TRAIN_KEYS}
+  config.progressive_resizing = ((0.5, 0.25),)
+  assert trained.train_settings(config) == {**plain, "progressive_resizing": ((0.5, 0.25),)}
 
 
 def test_models_with_random_streams_train(tmp_path):

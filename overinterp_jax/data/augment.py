@@ -77,3 +77,12 @@ def augment_batch(key: jax.Array, images: jax.Array, masks: Optional[jax.Array] 
 def augment_images(key: jax.Array, images: jax.Array) -> jax.Array:
   """``(key, images [B, H, W, C]) -> images``: the training step's ``augment_fn``."""
   return augment_batch(key, images)[0]
+
+
+def resize_images(images: jax.Array, height: int, width: int) -> jax.Array:
+  """``images [B, H, W, C]`` -> ``[B, height, width, C]``: ``jax.image.resize``, linear,
+  antialiased when downsampling. Training's progressive resizing uses it."""
+  if images.shape[1:3] == (height, width):
+    return images
+  return jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
+                          method="linear", antialias=True)

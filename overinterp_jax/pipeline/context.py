@@ -64,8 +64,7 @@ class Context:
 
   @property
   def base_fp(self) -> str:
-    return artifacts.fingerprint({k: self.config.get(k) for k in trained.TRAIN_KEYS},
-                                 self.data_fp)
+    return artifacts.fingerprint(trained.train_settings(self.config), self.data_fp)
 
   def backselect_fp(self, split: str, fully_masked_kind: str = "mean",
                     indices: Optional[tuple] = None) -> str:
@@ -92,15 +91,22 @@ class Context:
 
   def fully_masked(self, split: str, kind: str, indices=None):
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` (default all) of
-    ``split``; None for the mean (zeros after normalisation)."""
+    ``split``; None for the mean (zeros after normalisation). The last few are kept:
+    the controls ask for a sample's values for its backselect and again for its subsets."""
     if kind == "mean":
       return None
+    return self._fully_masked(split, kind, None if indices is None else tuple(
+        np.asarray(indices).tolist()))
+
+  @functools.lru_cache(maxsize=2)
+  def _fully_masked(self, split: str, kind: str, indices: Optional[tuple]):
     images = self.split_images(split)
-    indices = np.arange(len(images)) if indices is None else np.asarray(indices)
+    if indices is not None:
+      images = images[np.asarray(indices, np.int64)]
     c = self.config.controls
     seed = int(c.noise_seed) + (0 if split == "train" else 1)
     return masked_data.fully_masked_values(
-        kind, self.data.prepare(images[indices]), seed=seed, blur_sigma=float(c.blur_sigma),
+        kind, self.data.prepare(images), seed=seed, blur_sigma=float(c.blur_sigma),
         noise_scale=float(c.noise_scale), indices=indices)
 
   def stage_summary_path(self, stage: str) -> str:

@@ -32,14 +32,17 @@ def masked_split(ctx, masks: dict, kind: str, split: str) -> MaskedImages:
 
 
 def retrain_config(ctx):
+  """The base model's training config, ``retrain.num_epochs`` long, at full resolution
+  throughout: resizing would blend kept pixels with masked ones."""
   c = ctx.config
   epochs = int(c.retrain.num_epochs) or int(c.num_epochs)
-  return trained.variant(c, num_epochs=epochs)
+  no_resizing = {"progressive_resizing": ()} if c.get("progressive_resizing") else {}
+  return trained.variant(c, num_epochs=epochs, **no_resizing)
 
 
 def fingerprint(ctx) -> str:
   return artifacts.fingerprint(subsets_stage.subsets_fp(ctx), ctx.config.retrain,
-                               ctx.base_fp, {k: ctx.config.get(k) for k in trained.TRAIN_KEYS})
+                               ctx.base_fp, trained.train_settings(ctx.config))
 
 
 def run(ctx) -> dict:

@@ -27,6 +27,15 @@ TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "
               "nesterov", "weight_decay", "seed")
 
 
+def train_settings(config) -> dict:
+  """The ``TRAIN_KEYS`` of ``config``, plus ``progressive_resizing`` when set (so the
+  fingerprints of models trained without it stay what they were)."""
+  settings = {k: config.get(k) for k in TRAIN_KEYS}
+  if config.get("progressive_resizing"):
+    settings["progressive_resizing"] = config.progressive_resizing
+  return settings
+
+
 def variant(config, **overrides):
   """A copy of ``config`` with some top-level training keys changed."""
   c = config.copy_and_resolve_references()
@@ -63,7 +72,7 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
   config (or of unknown origin) raises, or with ``replace_stale`` is deleted and retrained
   (models derived from other stages' results, e.g. retraining on changed subsets).
   """
-  fp = artifacts.fingerprint({k: config.get(k) for k in TRAIN_KEYS}, data_fp)
+  fp = artifacts.fingerprint(train_settings(config), data_fp)
   summary_path = os.path.join(workdir, "summary.json")
   marker_path = os.path.join(workdir, "fingerprint.json")
   summary = artifacts.load_json(summary_path, fp)
