@@ -34,7 +34,8 @@ def main(argv):
   if int(config.host_devices) > 0:
     jax.config.update("jax_num_cpu_devices", int(config.host_devices))
   if not os.path.exists(os.path.join(FLAGS.workdir, "base_model", "summary.json")):
-    raise SystemExit(f"{FLAGS.workdir}/base_model has no finished model of this config.")
+    # Without this check ctx.base would train one; a model of another config raises there.
+    raise SystemExit(f"{FLAGS.workdir}/base_model has no finished model to evaluate.")
   ctx = Context(config, FLAGS.workdir, data_lib.load_for_config(config.data, FLAGS.workdir))
   images = ctx.data.prepare(ctx.data.test_images)
   labels = ctx.data.test_labels
