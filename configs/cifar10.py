@@ -47,7 +47,9 @@ def get_config():
   c.data.cache_dir = ""             # decoded-array cache; default <workdir>/data_cache
   c.data.expected_train = 50000     # image counts verified on load (0 = unchecked)
   c.data.expected_test = 10000
-  c.data.augment = True             # random crop (4 px zero padding) + horizontal flip
+  c.data.augment = True             # random crop (zero padding) + horizontal flip:
+  c.augment_padding = 4             # pixels of padding before the crop
+  c.augment_flip = "random"         # "random" | "alternating" (train.augment_flip)
 
   c.model = "resnet20"
   c.num_classes = 10
@@ -55,6 +57,7 @@ def get_config():
   c.num_epochs = 200
   c.batch_size = 128
   c.eval_batch_size = 500
+  c.eval_every = 1                  # test metrics every this many epochs (and after the last)
   c.schedule = "multistep"          # "multistep" | "onecycle" | "cosine"
   c.lr = 0.1
   c.lr_milestones = (60, 120, 160)

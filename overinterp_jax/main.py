@@ -47,12 +47,15 @@ def validate_config(config) -> None:
   if int(config.host_devices) < 0:
     raise ValueError(f"config.host_devices must be >= 0 (0 = JAX's default), got "
                      f"{config.host_devices}.")
-  for key in ("num_epochs", "batch_size", "eval_batch_size", "num_classes"):
+  for key in ("num_epochs", "batch_size", "eval_batch_size", "eval_every", "num_classes"):
     if int(config[key]) < 1:
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
   if not config.lr > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
   train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
+  train.augment_flip(config)
+  if int(config.augment_padding) < 0:
+    raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
   d = config.data
   if d.source == "image_folder" and not os.path.exists(d.path):
     raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="

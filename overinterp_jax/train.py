@@ -14,6 +14,7 @@ batch-norm statistics are over the global batch, as on one device).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -97,6 +98,27 @@ def epoch_scales(config) -> list[float]:
     raise ValueError(f"config.progressive_resizing: the fractions must sum to < 1 (training "
                      f"ends at full resolution), got {phases!r}.")
   return scales + [1.0] * (config.num_epochs - len(scales))
+
+
+FLIPS = ("random", "alternating")
+
+
+def augment_flip(config) -> str:
+  """``config.augment_flip``: ``"random"`` (default; each image mirrored with
+  probability 1/2 in each step, the paper's recipe) or ``"alternating"``."""
+  flip = config.get("augment_flip", "random")
+  if flip not in FLIPS:
+    raise ValueError(f"config.augment_flip must be one of {FLIPS}, got {flip!r}.")
+  return flip
+
+
+def config_augment_fn(config) -> Callable:
+  """The ``augment_fn`` of ``config``: random crop with ``config.augment_padding``
+  pixels of padding (default 4) and a random flip, or the crop alone when
+  ``config.augment_flip == "alternating"`` (``train_and_evaluate`` mirrors on the host)."""
+  return functools.partial(augment.augment_images,
+                           padding=int(config.get("augment_padding", 4)),
+                           flip=augment_flip(config) == "random")
 
 
 def scaled_height_width(height_width, scale: float) -> tuple[int, int]:
@@ -286,6 +308,11 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     augment_fn: ``(key, images) -> images`` applied on device in each step.
     max_epochs_this_run: stop after this many epochs in this call (tests use
       it to simulate a killed run); the checkpoint stays resumable.
+
+  ``config.augment_flip == "alternating"`` (with an ``augment_fn``, which must
+  then not flip itself): each example is mirrored on the host in alternate
+  epochs (``augment.alternating_flips``). ``config.eval_every`` (default 1):
+  test metrics after every that many epochs and after the last.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else sharding.data_mesh()
@@ -305,6 +332,8 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   state = jax.device_put(state, sharding.replicated(mesh))
   steps = compile_steps(mesh, augment_fn)
   scales = epoch_scales(config)
+  alternate = augment_fn is not None and augment_flip(config) == "alternating"
+  eval_every = int(config.get("eval_every", 1))
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
 
   manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"),
@@ -335,9 +364,13 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
                unit="batch", leave=False, disable=not config.get("progress", True))
+    flips = augment.alternating_flips(config.seed, epoch, n) if alternate else None
     for i in bar:
       idx = order[i * config.batch_size:(i + 1) * config.batch_size][mine]
-      x = sharding.global_batch(mesh, prepare(train_images[idx]))
+      rows = train_images[idx]
+      if flips is not None:
+        rows = augment.mirror_rows(rows, flips[idx])
+      x = sharding.global_batch(mesh, prepare(rows))
       y = sharding.global_batch(mesh, train_labels[idx])
       state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
       if i % 20 == 0 or i == steps_per_epoch - 1:
@@ -347,11 +380,14 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
       for k in sums:
         sums[k] += m[k]
     seconds = time.perf_counter() - t0
-    test_metrics = evaluate(steps, state, test_images, test_labels,
-                            config.get("eval_batch_size", 500), prepare)
+    test_metrics = {}
+    if (epoch + 1) % eval_every == 0 or epoch + 1 == config.num_epochs:
+      test_metrics = evaluate(steps, state, test_images, test_labels,
+                              config.get("eval_batch_size", 500), prepare)
     record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / steps_per_epoch,
               "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
-              "test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"],
+              "test_loss": test_metrics.get("loss"),
+              "test_accuracy": test_metrics.get("accuracy"),
               "train_height_width": list(train_hw), "epoch_seconds": seconds,
               "train_images_per_second": steps_per_epoch * config.batch_size / seconds}
     logging.info("%s", record)

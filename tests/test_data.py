@@ -397,6 +397,36 @@ def test_augment_images_matches_augment_batch():
                                 np.asarray(augment.augment_batch(key, images)[0]))
 
 
+def test_augment_images_without_flip_only_crops():
+  """Columns numbered 1..8: a crop shifts them by at most the padding, never mirrors."""
+  images = jnp.broadcast_to(jnp.arange(1.0, 9.0)[None, None, :, None], (32, 8, 8, 1))
+  out = np.asarray(augment.augment_images(jax.random.key(0), images, padding=2, flip=False))
+  columns = np.arange(1.0, 9.0)
+  for row in out[:, :, :, 0].reshape(-1, 8):
+    kept = row != 0
+    assert np.all(np.diff(row[kept]) == 1)  # in order: not mirrored
+    assert np.all(np.abs(row[kept] - columns[kept]) <= 2)
+  assert len({tuple(r) for r in out[:, 0, :, 0]}) > 1  # crops differ between images
+  np.testing.assert_array_equal(
+      np.asarray(augment.augment_images(jax.random.key(0), images, padding=0, flip=False)),
+      np.asarray(images))
+  mirrored = np.asarray(augment.augment_images(jax.random.key(0), images, padding=0))
+  assert (mirrored[:, 0, 0, 0] == 8).any() and (mirrored[:, 0, 0, 0] == 1).any()
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+  first = augment.alternating_flips(3, 0, 1000)
+  assert first.dtype == bool and 400 < first.sum() < 600
+  np.testing.assert_array_equal(augment.alternating_flips(3, 1, 1000), ~first)
+  np.testing.assert_array_equal(augment.alternating_flips(3, 2, 1000), first)
+  np.testing.assert_array_equal(augment.alternating_flips(3, 0, 1000), first)  # seeded
+  assert not np.array_equal(augment.alternating_flips(4, 0, 1000), first)
+  rows = np.arange(2 * 2 * 3 * 1).reshape(2, 2, 3, 1)
+  out = augment.mirror_rows(rows, np.array([True, False]))
+  np.testing.assert_array_equal(out[0], rows[0, :, ::-1])
+  np.testing.assert_array_equal(out[1], rows[1])
+
+
 # ----------------------------------------------------------------------------- TFDS (offline)
 
 

@@ -242,6 +242,9 @@ def test_rise_fraction():
     ("controls.dilation", 2, "config.controls.dilation"),
     ("stages", ("train", "dance"), "config.stages"),
     ("sis.images_per_call", -1, "config.sis.images_per_call"),
+    ("augment_flip", "sometimes", "config.augment_flip"),
+    ("augment_padding", -1, "config.augment_padding"),
+    ("eval_every", 0, "config.eval_every"),
 ])
 def test_bad_config_values_are_named(key, value, message):
   config = smoke.get_config()

@@ -58,27 +58,49 @@ def _smoke_data(tmp_path):
 
 
 def _train(config, ds, workdir, **kw):
+  kw.setdefault("augment_fn", ds.augment_fn)
   return train.train_and_evaluate(config, str(workdir), ds.train_images, ds.train_labels,
-                                  ds.test_images, ds.test_labels, prepare=ds.prepare,
-                                  augment_fn=ds.augment_fn, **kw)
+                                  ds.test_images, ds.test_labels, prepare=ds.prepare, **kw)
 
 
-@pytest.mark.parametrize("resizing", [(), ((0.5, 0.34),)], ids=["full_size", "progressive"])
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, resizing):
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"progressive_resizing": ((0.5, 0.34),)},  # killed after the low-resolution epoch
+    {"augment_flip": "alternating", "augment_padding": 2, "eval_every": 2},
+], ids=["full_size", "progressive", "alternating_flip"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 3
-  config.progressive_resizing = resizing  # killed after the low-resolution epoch
-  full_state, full_metrics = _train(config, ds, tmp_path / "full")
-  _train(config, ds, tmp_path / "resumed", max_epochs_this_run=1)
+  config.update(overrides)
+  kw = dict(augment_fn=train.config_augment_fn(config))
+  full_state, full_metrics = _train(config, ds, tmp_path / "full", **kw)
+  _train(config, ds, tmp_path / "resumed", max_epochs_this_run=1, **kw)
   assert len(train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))) == 1
-  resumed_state, resumed_metrics = _train(config, ds, tmp_path / "resumed")
+  resumed_state, resumed_metrics = _train(config, ds, tmp_path / "resumed", **kw)
   for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(resumed_state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert resumed_metrics == full_metrics
   records = train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [m["epoch"] for m in records] == [1, 2, 3]
   assert [m["train_height_width"] for m in records] == (
-      [[8, 8], [16, 16], [16, 16]] if resizing else [[16, 16]] * 3)
+      [[8, 8], [16, 16], [16, 16]] if "progressive_resizing" in overrides else [[16, 16]] * 3)
+  evaluated = [m["test_accuracy"] is not None for m in records]
+  assert evaluated == ([False, True, True] if "eval_every" in overrides else [True] * 3)
+  assert records[-1]["test_accuracy"] == full_metrics["accuracy"]
+
+
+def test_alternating_flip_mirrors_training_images_on_the_host(tmp_path):
+  """With a crop-only augmentation, only the host's mirroring tells the two runs apart."""
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 1
+  config.augment_flip = "alternating"
+  crop_only = train.config_augment_fn(config)
+  assert crop_only.keywords == {"padding": 4, "flip": False}
+  alternating, _ = _train(config, ds, tmp_path / "alternating", augment_fn=crop_only)
+  config.augment_flip = "random"  # with a crop-only augment_fn: never mirrored
+  unflipped, _ = _train(config, ds, tmp_path / "unflipped", augment_fn=crop_only)
+  assert not np.array_equal(np.asarray(jax.tree.leaves(alternating.params)[0]),
+                            np.asarray(jax.tree.leaves(unflipped.params)[0]))
 
 
 def test_train_step_same_loss_on_one_and_four_devices(tmp_path, devices):
@@ -140,12 +162,20 @@ def test_main_rejects_bad_progressive_resizing_before_work(tmp_path):
   assert not (tmp_path / "base_model").exists()
 
 
-def test_progressive_resizing_is_part_of_the_model_fingerprint_only_when_set():
+def test_later_training_keys_are_part_of_the_model_fingerprint_only_when_set():
   config = smoke.get_config()
   plain = trained.train_settings(config)
   assert plain == {k: config.get(k) for k in trained.TRAIN_KEYS}
+  config.eval_every = 3  # not a training setting
+  assert trained.train_settings(config) == plain
   config.progressive_resizing = ((0.5, 0.25),)
-  assert trained.train_settings(config) == {**plain, "progressive_resizing": ((0.5, 0.25),)}
+  config.augment_flip = "alternating"
+  config.augment_padding = 2
+  assert trained.train_settings(config) == {
+      **plain, "progressive_resizing": ((0.5, 0.25),), "augment_flip": "alternating",
+      "augment_padding": 2}
+  config.augment_padding = 0
+  assert trained.train_settings(config)["augment_padding"] == 0
 
 
 def test_models_with_random_streams_train(tmp_path):

@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _crop_flip(x: jax.Array, offsets: jax.Array, flip: jax.Array, padding: int,
@@ -74,9 +75,34 @@ def augment_batch(key: jax.Array, images: jax.Array, masks: Optional[jax.Array] 
   return jax.vmap(fn)(keys, images, masks)
 
 
-def augment_images(key: jax.Array, images: jax.Array) -> jax.Array:
-  """``(key, images [B, H, W, C]) -> images``: the training step's ``augment_fn``."""
-  return augment_batch(key, images)[0]
+def augment_images(key: jax.Array, images: jax.Array, *, padding: int = 4,
+                   flip: bool = True) -> jax.Array:
+  """``(key, images [B, H, W, C]) -> images``: the training step's ``augment_fn``.
+
+  ``flip=False`` crops only (training's alternating flip flips on the host).
+  """
+  keys = jax.random.split(key, images.shape[0])
+  fn = lambda k, x: random_crop_flip(k, x, None, padding=padding,
+                                     flip_prob=0.5 if flip else 0.0)[0]
+  return jax.vmap(fn)(keys, images)
+
+
+def alternating_flips(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """Derandomised horizontal flip (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds"):
+  ``[num_examples]`` bool, whether each training example is mirrored in ``epoch`` (0-based).
+
+  Epoch 0 mirrors a random half (a fixed draw per example from ``seed``); every
+  later epoch mirrors exactly the examples the previous one did not, so each
+  example is seen both ways in every two consecutive epochs.
+  """
+  first = np.random.default_rng([seed, 0xF11F]).random(num_examples) < 0.5
+  return first ^ bool(epoch % 2)
+
+
+def mirror_rows(rows: np.ndarray, flips: np.ndarray) -> np.ndarray:
+  """``rows [B, H, W, ...]`` with the rows where ``flips [B]`` is True mirrored left-right."""
+  flips = np.asarray(flips, bool).reshape((-1,) + (1,) * (rows.ndim - 1))
+  return np.where(flips, rows[:, :, ::-1], rows)
 
 
 def resize_images(images: jax.Array, height: int, width: int) -> jax.Array:

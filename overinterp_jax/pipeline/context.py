@@ -15,6 +15,7 @@ import numpy as np
 from overinterp_jax import data as data_lib
 from overinterp_jax import sharding
 from overinterp_jax import sis
+from overinterp_jax import train
 from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, trained
 
 
@@ -38,7 +39,8 @@ class Context:
 
   @property
   def augment_fn(self):
-    return self.data.augment_fn if self.config.data.augment else None
+    """``train.config_augment_fn``, or None when ``config.data.augment`` is off."""
+    return train.config_augment_fn(self.config) if self.config.data.augment else None
 
   def split_images(self, split: str) -> np.ndarray:
     return self.data.train_images if split == "train" else self.data.test_images

@@ -27,12 +27,18 @@ TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "
               "nesterov", "weight_decay", "seed")
 
 
+# Keys added later, part of the fingerprint only when not at their default (so the
+# fingerprints of models trained before they existed stay what they were).
+LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random"}
+
+
 def train_settings(config) -> dict:
-  """The ``TRAIN_KEYS`` of ``config``, plus ``progressive_resizing`` when set (so the
-  fingerprints of models trained without it stay what they were)."""
+  """The ``TRAIN_KEYS`` of ``config``, plus each of ``LATER_TRAIN_KEYS`` not at its default."""
   settings = {k: config.get(k) for k in TRAIN_KEYS}
-  if config.get("progressive_resizing"):
-    settings["progressive_resizing"] = config.progressive_resizing
+  for k, default in LATER_TRAIN_KEYS.items():
+    value = config.get(k)
+    if value is not None and value != default and not (default == () and not value):
+      settings[k] = value
   return settings
 
 
