@@ -61,15 +61,16 @@ def random_crop_flip(key: jax.Array, image: jax.Array, mask: Optional[jax.Array]
 
 
 def augment_batch(key: jax.Array, images: jax.Array, masks: Optional[jax.Array] = None, *,
-                  padding: int = 4, pad_value: float = 0.0
+                  padding: int = 4, pad_value: float = 0.0, flip: bool = True
                   ) -> tuple[jax.Array, Optional[jax.Array]]:
-  """``random_crop_flip`` with an independent draw per image.
+  """``random_crop_flip`` with an independent draw per image (``flip=False``: crop only).
 
   ``images [B, H, W, C]`` float32, ``masks [B, H, W]`` / ``[B, H, W, 1]`` bool
   or None -> the same shapes. Image ``i`` uses ``jax.random.split(key, B)[i]``.
   """
   keys = jax.random.split(key, images.shape[0])
-  fn = lambda k, x, m: random_crop_flip(k, x, m, padding=padding, pad_value=pad_value)
+  fn = lambda k, x, m: random_crop_flip(k, x, m, padding=padding, pad_value=pad_value,
+                                        flip_prob=0.5 if flip else 0.0)
   if masks is None:
     return jax.vmap(lambda k, x: fn(k, x, None)[0])(keys, images), None
   return jax.vmap(fn)(keys, images, masks)
@@ -81,10 +82,7 @@ def augment_images(key: jax.Array, images: jax.Array, *, padding: int = 4,
 
   ``flip=False`` crops only (training's alternating flip flips on the host).
   """
-  keys = jax.random.split(key, images.shape[0])
-  fn = lambda k, x: random_crop_flip(k, x, None, padding=padding,
-                                     flip_prob=0.5 if flip else 0.0)[0]
-  return jax.vmap(fn)(keys, images)
+  return augment_batch(key, images, padding=padding, flip=flip)[0]
 
 
 def alternating_flips(seed: int, epoch: int, num_examples: int) -> np.ndarray:
