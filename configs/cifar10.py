@@ -53,6 +53,7 @@ def get_config():
 
   c.model = "resnet20"
   c.num_classes = 10
+  c.bn_momentum = 0.9                # of batch norm's running statistics (PyTorch's 0.1)
   c.input_dropout_keep_prob = 1.0   # < 1 wraps the model in input dropout (paper: 0.8)
   c.num_epochs = 200
   c.batch_size = 128

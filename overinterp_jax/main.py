@@ -53,6 +53,7 @@ def validate_config(config) -> None:
   if not config.lr > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
   train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
+  train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
   train.augment_flip(config)
   if int(config.augment_padding) < 0:
     raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from overinterp_jax import sharding
 from overinterp_jax.data import augment
 from overinterp_jax.models import InputDropout, create_model
+from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
 # docs/paper.md §6.4) is deterministic.
@@ -56,7 +57,29 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   ``config.schedule``: ``"multistep"`` (the paper: ``lr`` × ``lr_decay`` at each
   epoch in ``lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
   ``lr``, for short budgets) or ``"cosine"`` (cosine decay from ``lr``).
+  ``steps_per_epoch`` counts steps of ``config.batch_size``. Epochs whose batch
+  is ``m`` times larger (``epoch_batch_multipliers``) take ``m`` times fewer
+  steps, each advancing the schedule by ``m`` steps at ``m`` times the rate
+  (the linear scaling rule): the learning rate per image stays that of the
+  base batch at the same point of training.
   """
+  base = _base_schedule(config, steps_per_epoch)
+  multipliers = epoch_batch_multipliers(config)
+  if all(m == 1 for m in multipliers):
+    return base
+  m = np.asarray(multipliers)
+  real_starts = jnp.asarray(np.cumsum(np.concatenate([[0], steps_per_epoch // m[:-1]])))
+  base_starts = jnp.arange(len(m)) * steps_per_epoch
+  m = jnp.asarray(m)
+
+  def schedule(count):
+    epoch = jnp.clip(jnp.searchsorted(real_starts, count, side="right") - 1, 0, len(m) - 1)
+    base_step = base_starts[epoch] + (count - real_starts[epoch]) * m[epoch]
+    return m[epoch] * base(base_step)
+  return schedule
+
+
+def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   total = config.num_epochs * steps_per_epoch
   if config.schedule == "multistep":
     boundaries = {int(e) * steps_per_epoch: float(config.lr_decay)
@@ -71,33 +94,58 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                    f"{config.schedule!r}.")
 
 
-def epoch_scales(config) -> list[float]:
-  """Scale of the training images' side in each epoch (1.0 = full resolution).
-
-  ``config.progressive_resizing``: ``((scale, fraction of the epochs), ...)``
-  phases trained before the full-resolution epochs, e.g. ``((0.5, 0.25),
-  (0.75, 0.25))``: the first quarter of the epochs on images of half the side,
-  the next quarter at three quarters, the rest at full size. Empty (the
-  default): every epoch at full resolution. Low-resolution epochs are cheaper
-  (a convolution's cost scales with the pixel count), so a fixed time budget
-  fits more epochs; the last ones are at full size, the size of evaluation.
-  """
+def _resizing_phases(config) -> list[tuple[float, float, int]]:
+  """``config.progressive_resizing`` as ``[(scale, fraction, batch multiplier)]``, validated."""
   phases = tuple(config.get("progressive_resizing", ()) or ())
-  scales, end = [], 0.0
+  out = []
   for phase in phases:
-    if len(phase) != 2:
-      raise ValueError("config.progressive_resizing must be ((scale, fraction of the epochs), "
-                       f"...), got {phases!r}.")
+    if len(phase) not in (2, 3):
+      raise ValueError("config.progressive_resizing must be ((scale, fraction of the epochs"
+                       f"[, batch multiplier]), ...), got {phases!r}.")
     scale, fraction = float(phase[0]), float(phase[1])
+    multiplier = phase[2] if len(phase) == 3 else 1
     if not 0 < scale <= 1 or not fraction > 0:
       raise ValueError(f"config.progressive_resizing: each scale must be in (0, 1] and each "
                        f"fraction > 0, got {phases!r}.")
-    end += fraction
-    scales += [scale] * (round(end * config.num_epochs) - len(scales))
-  if end >= 1:
+    if int(multiplier) != multiplier or multiplier < 1:
+      raise ValueError(f"config.progressive_resizing: a batch multiplier must be an integer "
+                       f">= 1, got {phases!r}.")
+    out.append((scale, fraction, int(multiplier)))
+  if sum(f for _, f, _ in out) >= 1:
     raise ValueError(f"config.progressive_resizing: the fractions must sum to < 1 (training "
                      f"ends at full resolution), got {phases!r}.")
-  return scales + [1.0] * (config.num_epochs - len(scales))
+  return out
+
+
+def _per_epoch(config, field: int, full_size_value) -> list:
+  values, end = [], 0.0
+  for phase in _resizing_phases(config):
+    end += phase[1]
+    values += [phase[field]] * (round(end * config.num_epochs) - len(values))
+  return values + [full_size_value] * (config.num_epochs - len(values))
+
+
+def epoch_scales(config) -> list[float]:
+  """Scale of the training images' side in each epoch (1.0 = full resolution).
+
+  ``config.progressive_resizing``: ``((scale, fraction of the epochs[, batch
+  multiplier]), ...)`` phases trained before the full-resolution epochs, e.g.
+  ``((0.5, 0.25), (0.75, 0.25))``: the first quarter of the epochs on images of
+  half the side, the next quarter at three quarters, the rest at full size.
+  Empty (the default): every epoch at full resolution. Low-resolution epochs are
+  cheaper (a convolution's cost scales with the pixel count), so a fixed time
+  budget fits more epochs; the last ones are at full size, the size of evaluation.
+  """
+  return _per_epoch(config, 0, 1.0)
+
+
+def epoch_batch_multipliers(config) -> list[int]:
+  """Per epoch, how many times ``config.batch_size`` its batch is: the optional
+  third element of a ``config.progressive_resizing`` phase (default 1; full-size
+  epochs 1). Small images fill a CPU poorly at a small batch; a larger batch in
+  the low-resolution phases trains them faster (``learning_rate_schedule``
+  scales the rate with it)."""
+  return _per_epoch(config, 2, 1)
 
 
 FLIPS = ("random", "alternating")
@@ -135,8 +183,19 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 def build_model(config) -> nn.Module:
   """``config.model`` from the registry, wrapped in input dropout when
-  ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and evaluation)."""
-  model = create_model(config.model, num_classes=config.num_classes)
+  ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
+  evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm."""
+  bn_momentum = float(config.get("bn_momentum", DEFAULT_MOMENTUM))
+  if not 0 <= bn_momentum < 1:
+    raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
+  kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
+  try:
+    model = create_model(config.model, num_classes=config.num_classes, **kwargs)
+  except TypeError as e:
+    if "bn_momentum" not in str(e):
+      raise
+    raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model!r} has no "
+                     "batch norm.") from e
   keep_prob = float(config.get("input_dropout_keep_prob", 1.0))
   if not 0 < keep_prob <= 1:
     raise ValueError(f"config.input_dropout_keep_prob must be in (0, 1], got {keep_prob}.")
@@ -321,10 +380,11 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
                      f"{ndev} devices.")
   n = len(train_images)
-  steps_per_epoch = n // config.batch_size
-  mine = sharding.process_slice(config.batch_size)  # this process's rows of each batch
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n} training examples.")
+  steps_per_epoch = n // config.batch_size  # at config.batch_size
+  multipliers = epoch_batch_multipliers(config)
+  if n < config.batch_size * max(multipliers):
+    raise ValueError(f"config.batch_size={config.batch_size} (× {max(multipliers)} in "
+                     f"config.progressive_resizing) exceeds the {n} training examples.")
   model = build_model(config)
   tx = make_optimizer(config, steps_per_epoch)
   state = create_train_state(model, tx, train_images.shape[1:],
@@ -359,24 +419,27 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     train_hw = scaled_height_width(train_images.shape[1:3], scale)
     if scale not in train_fns:
       train_fns[scale] = compile_steps(mesh, augment_fn, train_hw).train
+    batch_size = config.batch_size * multipliers[epoch]
+    num_steps = n // batch_size
+    mine = sharding.process_slice(batch_size)  # this process's rows of each batch
     t0 = time.perf_counter()
     sums = {"loss": 0.0, "accuracy": 0.0}
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
+    bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
                unit="batch", leave=False, disable=not config.get("progress", True))
     flips = augment.alternating_flips(config.seed, epoch, n) if alternate else None
     for i in bar:
-      idx = order[i * config.batch_size:(i + 1) * config.batch_size][mine]
+      idx = order[i * batch_size:(i + 1) * batch_size][mine]
       rows = train_images[idx]
       if flips is not None:
         rows = augment.mirror_rows(rows, flips[idx])
       x = sharding.global_batch(mesh, prepare(rows))
       y = sharding.global_batch(mesh, train_labels[idx])
       state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
-      if i % 20 == 0 or i == steps_per_epoch - 1:
+      if i % 20 == 0 or i == num_steps - 1:
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}",
-                        img_s=f"{(i + 1) * config.batch_size / (time.perf_counter() - t0):.0f}")
+                        img_s=f"{(i + 1) * batch_size / (time.perf_counter() - t0):.0f}")
       for k in sums:
         sums[k] += m[k]
     seconds = time.perf_counter() - t0
@@ -384,12 +447,13 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     if (epoch + 1) % eval_every == 0 or epoch + 1 == config.num_epochs:
       test_metrics = evaluate(steps, state, test_images, test_labels,
                               config.get("eval_batch_size", 500), prepare)
-    record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / steps_per_epoch,
-              "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+    record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / num_steps,
+              "train_accuracy": float(sums["accuracy"]) / num_steps,
               "test_loss": test_metrics.get("loss"),
               "test_accuracy": test_metrics.get("accuracy"),
               "train_height_width": list(train_hw), "epoch_seconds": seconds,
-              "train_images_per_second": steps_per_epoch * config.batch_size / seconds}
+              "batch_size": batch_size,
+              "train_images_per_second": num_steps * batch_size / seconds}
     logging.info("%s", record)
     history.append(record)
     _write_jsonl(metrics_path, history)

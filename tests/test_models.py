@@ -75,6 +75,27 @@ def test_small_models_run(name):
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "vgg16", "wrn"])
+def test_bn_momentum_sets_how_fast_every_running_statistic_moves(name):
+  """From zero running means, one training step leaves (1 − momentum) × the batch mean
+  in each: momentum 0.99 moves every one a tenth as far as the default 0.9."""
+  from overinterp_jax.models import WideResNet
+  make = ((lambda **kw: WideResNet(depth=10, widen_factor=1, num_classes=4, **kw))
+          if name == "wrn" else (lambda **kw: create_model(name, 4, **kw)))
+  x = images(2, size=32)
+  variables = make().init(jax.random.key(0), x, train=False)
+  zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  means = []
+  for kw in ({}, {"bn_momentum": 0.99}):
+    _, updates = make(**kw).apply({**variables, "batch_stats": zeros}, x, train=True,
+                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+    means.append([m for path, m in jax.tree_util.tree_leaves_with_path(updates["batch_stats"])
+                  if "mean" in jax.tree_util.keystr(path)])
+  assert len(means[1]) == len(jax.tree.leaves(variables["batch_stats"])) // 2
+  for default, slow in zip(*means):
+    np.testing.assert_allclose(slow, 0.1 * default, rtol=1e-4, atol=1e-7)
+
+
 def test_resnet20_shortcut_has_no_parameters():
   params = abstract_variables(create_model("resnet20", 10))["params"]
   # 1 stem conv + 9 blocks × 2 convs, no 1×1 projection convs anywhere.

@@ -65,7 +65,8 @@ def _train(config, ds, workdir, **kw):
 
 @pytest.mark.parametrize("overrides", [
     {},
-    {"progressive_resizing": ((0.5, 0.34),)},  # killed after the low-resolution epoch
+    # killed after the low-resolution epoch, which trains at twice the batch
+    {"progressive_resizing": ((0.5, 0.34, 2),)},
     {"augment_flip": "alternating", "augment_padding": 2, "eval_every": 2},
 ], ids=["full_size", "progressive", "alternating_flip"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
@@ -82,8 +83,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   assert resumed_metrics == full_metrics
   records = train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [m["epoch"] for m in records] == [1, 2, 3]
+  progressive = "progressive_resizing" in overrides
   assert [m["train_height_width"] for m in records] == (
-      [[8, 8], [16, 16], [16, 16]] if "progressive_resizing" in overrides else [[16, 16]] * 3)
+      [[8, 8], [16, 16], [16, 16]] if progressive else [[16, 16]] * 3)
+  assert [m["batch_size"] for m in records] == [64, 32, 32] if progressive else [32] * 3
   evaluated = [m["test_accuracy"] is not None for m in records]
   assert evaluated == ([False, True, True] if "eval_every" in overrides else [True] * 3)
   assert records[-1]["test_accuracy"] == full_metrics["accuracy"]
@@ -141,15 +144,37 @@ def test_schedules():
     train.learning_rate_schedule(config, steps_per_epoch=10)
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "multistep"])
+def test_schedule_with_larger_low_resolution_batches_keeps_the_rate_per_image(schedule):
+  """An epoch at m× the batch takes 1/m of the steps; its step t has m× the base
+  rate at base step m·t, so the rate per image follows the base schedule."""
+  config = smoke.get_config()
+  config.num_epochs, config.schedule, config.lr = 10, schedule, 0.1
+  config.lr_milestones = (1, 3, 5)
+  base = train.learning_rate_schedule(config, steps_per_epoch=40)
+  config.progressive_resizing = ((0.5, 0.2, 4), (0.75, 0.2, 2))
+  assert train.epoch_batch_multipliers(config) == [4, 4, 2, 2] + [1] * 6
+  lr = train.learning_rate_schedule(config, steps_per_epoch=40)
+  # Real steps per epoch: 10, 10, 20, 20, then 40.
+  for real, base_step, m in [(0, 0, 4), (7, 28, 4), (10, 40, 4), (19, 76, 4), (20, 80, 2),
+                             (45, 130, 2), (60, 160, 1), (299, 399, 1)]:
+    assert float(lr(real)) == pytest.approx(m * float(base(base_step)), rel=1e-6), real
+
+
 def test_progressive_resizing_epochs_and_errors():
   config = smoke.get_config()
   config.num_epochs = 27
   assert train.epoch_scales(config) == [1.0] * 27
   config.progressive_resizing = ((0.5, 0.25), (0.75, 0.25))
   assert train.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
+  assert train.epoch_batch_multipliers(config) == [1] * 27
+  config.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25))
+  assert train.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
+  assert train.epoch_batch_multipliers(config) == [4] * 7 + [1] * 20
   assert train.scaled_height_width((32, 32), 0.75) == (24, 24)
   for bad, match in [(((0.5, 0.5), (0.75, 0.5)), "sum to < 1"), (((1.5, 0.2),), r"\(0, 1\]"),
-                     (((0.5, 0.0),), "fraction > 0"), (((0.5,),), "scale, fraction")]:
+                     (((0.5, 0.0),), "fraction > 0"), (((0.5,),), "scale, fraction"),
+                     (((0.5, 0.2, 0),), "integer >= 1"), (((0.5, 0.2, 1.5),), "integer >= 1")]:
     config.progressive_resizing = bad
     with pytest.raises(ValueError, match=match):
       train.epoch_scales(config)
@@ -176,6 +201,23 @@ def test_later_training_keys_are_part_of_the_model_fingerprint_only_when_set():
       "augment_padding": 2}
   config.augment_padding = 0
   assert trained.train_settings(config)["augment_padding"] == 0
+  config.bn_momentum = 0.99
+  assert trained.train_settings(config)["bn_momentum"] == 0.99
+
+
+def test_bn_momentum_errors_name_the_key(tmp_path):
+  config = smoke.get_config()  # cnn3: no batch norm
+  config.bn_momentum = 0.99
+  with pytest.raises(ValueError, match=r"config.bn_momentum=0.99: model 'cnn3' has no batch"):
+    train.build_model(config)
+  config.model = "resnet20"
+  assert train.build_model(config).bn_momentum == 0.99
+  config.bn_momentum = 1.0
+  with pytest.raises(ValueError, match=r"config.bn_momentum must be in \[0, 1\)"):
+    train.build_model(config)
+  proc = run_main("--config.bn_momentum=0.99", workdir=tmp_path)  # before any work
+  assert proc.returncode != 0 and "has no batch norm" in proc.stderr
+  assert not (tmp_path / "base_model").exists()
 
 
 def test_models_with_random_streams_train(tmp_path):
@@ -240,3 +282,10 @@ def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):
   assert (tmp_path / "own" / "metrics.jsonl").read_text().startswith(first_epoch)
   for a, b in zip(jax.tree.leaves(resumed.variables), jax.tree.leaves(fresh.variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_low_resolution_batch_larger_than_the_data_is_named(tmp_path):
+  config, ds = _smoke_data(tmp_path)
+  config.progressive_resizing = ((0.5, 0.5, 16),)  # 32 × 16 > 256 training images
+  with pytest.raises(ValueError, match=r"× 16 in config.progressive_resizing\) exceeds the 256"):
+    _train(config, ds, tmp_path / "too_big")

@@ -29,7 +29,8 @@ MODELS = {
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """The Linen module registered as ``name``, with ``num_classes`` outputs.
 
-  ``kwargs`` go to the module's constructor (e.g. ``dropout_rate`` for wrn28_10).
+  ``kwargs`` go to the module's constructor (e.g. ``dropout_rate`` for wrn28_10,
+  ``bn_momentum`` for the models with batch norm).
 
   Raises:
     ValueError: unknown name (the message lists the known ones).

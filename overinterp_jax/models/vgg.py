@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM, batch_norm
+
 CONFIG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
             512, 512, 512, "M")
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -22,6 +24,7 @@ class VGG(nn.Module):
   """VGG with batch norm; ``config`` lists conv widths and ``"M"`` for max-pools."""
   num_classes: int = 10
   config: tuple = CONFIG_D
+  bn_momentum: float = DEFAULT_MOMENTUM  # of batch norm's running statistics
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -30,12 +33,13 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
         x = nn.Conv(layer, (3, 3), padding=1, kernel_init=CONV_INIT)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+        x = batch_norm(train, self.bn_momentum)(x)
         x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01))(x)
 
 
-def VGG16(num_classes: int = 10) -> VGG:  # pylint: disable=invalid-name
+def VGG16(num_classes: int = 10,  # pylint: disable=invalid-name
+          bn_momentum: float = DEFAULT_MOMENTUM) -> VGG:
   """VGG-16 (config D) with batch norm."""
-  return VGG(num_classes=num_classes, config=CONFIG_D)
+  return VGG(num_classes=num_classes, config=CONFIG_D, bn_momentum=bn_momentum)

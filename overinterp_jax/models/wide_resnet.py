@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM, batch_norm
+
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def _bn(train: bool) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
 
 
 class WideBlock(nn.Module):
@@ -27,15 +25,16 @@ class WideBlock(nn.Module):
   channels: int
   stride: int = 1
   dropout_rate: float = 0.3
+  bn_momentum: float = DEFAULT_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda k, s: nn.Conv(self.channels, (k, k), s, padding=k // 2, use_bias=False,
                                 kernel_init=CONV_INIT)
-    pre = nn.relu(_bn(train)(x))
+    pre = nn.relu(batch_norm(train, self.bn_momentum)(x))
     y = conv(3, self.stride)(pre)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = conv(3, 1)(nn.relu(_bn(train)(y)))
+    y = conv(3, 1)(nn.relu(batch_norm(train, self.bn_momentum)(y)))
     if self.stride != 1 or x.shape[-1] != self.channels:
       x = conv(1, self.stride)(pre)
     return x + y
@@ -47,6 +46,7 @@ class WideResNet(nn.Module):
   widen_factor: int = 10
   dropout_rate: float = 0.3
   num_classes: int = 10
+  bn_momentum: float = DEFAULT_MOMENTUM  # of batch norm's running statistics
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -57,6 +57,6 @@ class WideResNet(nn.Module):
     for stage, width in enumerate((16, 32, 64)):
       for block in range(n):
         x = WideBlock(width * self.widen_factor, 2 if stage > 0 and block == 0 else 1,
-                      self.dropout_rate)(x, train)
-    x = nn.relu(_bn(train)(x)).mean(axis=(1, 2))
+                      self.dropout_rate, self.bn_momentum)(x, train)
+    x = nn.relu(batch_norm(train, self.bn_momentum)(x)).mean(axis=(1, 2))
     return nn.Dense(self.num_classes, bias_init=nn.initializers.zeros)(x)

@@ -29,7 +29,8 @@ TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "
 
 # Keys added later, part of the fingerprint only when not at their default (so the
 # fingerprints of models trained before they existed stay what they were).
-LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random"}
+LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random",
+                    "bn_momentum": 0.9}
 
 
 def train_settings(config) -> dict:
