@@ -19,6 +19,7 @@ from absl import logging
 
 from overinterp_jax import sharding, train
 from overinterp_jax.models import InputDropout, ensemble
+from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
 
 # Config keys that decide a trained model (a change retrains it).
@@ -30,7 +31,7 @@ TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "
 # Keys added later, part of the fingerprint only when not at their default (so the
 # fingerprints of models trained before they existed stay what they were).
 LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random",
-                    "bn_momentum": 0.9}
+                    "bn_momentum": DEFAULT_MOMENTUM}
 
 
 def train_settings(config) -> dict:
