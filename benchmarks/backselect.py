@@ -87,10 +87,9 @@ def fwd_bwd_rate(predict, variables, batch: int, repeats: int) -> float:
 
 def default_eval_batch(predict, variables) -> int:
   """The eval batch ``sis.batched_backselect`` picks by default (memory budget)."""
-  _, score, _ = sis._class_score_fn(predict, True, True)
-  return sis._eval_batch_size(score, sis._abstract(variables), jnp.zeros((1,) + IMAGE_SHAPE),
-                              jax.ShapeDtypeStruct((1,), jnp.int32),
-                              budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)
+  return sis._cached_eval_batch_size(predict, variables, jnp.zeros((1,) + IMAGE_SHAPE),
+                                     jax.ShapeDtypeStruct((1,), jnp.int32),
+                                     budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)
 
 
 def patch_map(num_features: int) -> np.ndarray:
@@ -127,13 +126,16 @@ def reference_structured_backselect(predict, variables, image, target, fmap, bat
 
 
 def program_temp_bytes(predict, variables, images, eval_batch, group, d) -> int | None:
-  program = sis._batched_exact_program(predict, True, True, eval_batch, group, d,
+  model = sis._traced_model(predict, variables, images,
+                            (group,) + sis.exact.chunk_sizes(eval_batch))
+  program = sis._batched_exact_program(model, True, eval_batch, group, d,
                                        (32, 32) if d == 1024 else None, True,
                                        jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
   fmap = jnp.asarray(patch_map(d) if d != 1024 else np.arange(1024).reshape(32, 32))[..., None]
   n = images.shape[0]
   try:
-    stats = program.lower(variables, fmap.astype(jnp.int32), images, jnp.zeros_like(images),
+    stats = program.lower((variables, model.consts), fmap.astype(jnp.int32), images,
+                          jnp.zeros_like(images),
                           -jnp.ones((n,), jnp.int32)).compile().memory_analysis()
     return int(stats.temp_size_in_bytes) if stats is not None else None
   except Exception:

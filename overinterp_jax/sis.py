@@ -21,6 +21,7 @@ Backward selection runs as one compiled program (no Python per step); see
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -28,10 +29,11 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from overinterp_jax import sharding
-from overinterp_jax.selection import exact, features, gradient, records
+from overinterp_jax.selection import exact, features, gradient, host, records, traced
 
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 # Bumped whenever the same inputs can give another order; stored results carry it.
@@ -131,18 +133,107 @@ def _check_threshold(threshold, probability: bool) -> float:
   return tau
 
 
-def _check_input_and_mask(current_input, current_mask, fully_masked_input):
-  x = jnp.asarray(current_input)
-  fm = jnp.asarray(fully_masked_input)
+ENGINES = ("auto", "compiled", "host")
+
+
+class _Problem(NamedTuple):
+  """A checked reference-API input: ``x`` and ``fm`` of shape ``D``, ``mask`` of shape
+  ``M`` (bool), ``padded`` = ``M`` left-padded to ``x.ndim``, ``numeric`` (JAX can hold it)."""
+  x: np.ndarray
+  fm: np.ndarray
+  mask: np.ndarray
+  padded: tuple[int, ...]
+  numeric: bool
+
+
+def _check_input_and_mask(current_input, current_mask, fully_masked_input) -> _Problem:
+  x = np.asarray(current_input)
+  numeric = x.dtype.kind in "biuf"
+  if numeric:  # the precision JAX computes in: float32 unless x64 is on
+    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+  fm = np.asarray(fully_masked_input, dtype=x.dtype if numeric else None)
   if fm.shape != x.shape:
-    raise ValueError(
-        f"fully_masked_input has shape {fm.shape} but the input has shape {x.shape}; "
-        "they must match.")
+    try:
+      fm = np.broadcast_to(fm, x.shape)
+    except ValueError:
+      raise ValueError(
+          f"fully_masked_input has shape {fm.shape}, which does not broadcast to the "
+          f"input's shape {x.shape}.") from None
   mask = np.asarray(current_mask)
   if mask.dtype != bool:
-    raise ValueError(f"The mask must be boolean, got dtype {mask.dtype}.")
+    if not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+      raise ValueError(f"The mask must be boolean (or integer 0/1), got dtype {mask.dtype}"
+                       + (" with values other than 0 and 1." if mask.dtype.kind in "iu" else "."))
+    mask = mask.astype(bool)
   padded = features.mask_shape_for(x.shape, mask.shape)
-  return x, fm, mask, padded
+  return _Problem(x, fm, mask, padded, numeric)
+
+
+def _as_scores(out):
+  """``[B]`` or ``[B, 1]`` scores as ``[B]``."""
+  return out[:, 0] if jnp.ndim(out) == 2 and jnp.shape(out)[1] == 1 else out
+
+
+class _ProgramCache:
+  """A small LRU of compiled programs. Keys name what a program computes
+  (``selection/traced.py``), never a Python function object."""
+
+  def __init__(self, maxsize: int):
+    self.maxsize = maxsize
+    self.entries: collections.OrderedDict = collections.OrderedDict()
+    self.misses = 0
+
+  def get(self, key, build: Callable):
+    if key in self.entries:
+      self.entries.move_to_end(key)
+      return self.entries[key]
+    self.misses += 1
+    value = self.entries[key] = build()
+    if len(self.entries) > self.maxsize:
+      self.entries.popitem(last=False)
+    return value
+
+
+_PROGRAMS = _ProgramCache(maxsize=64)
+
+
+def _trace_reference_score(f: Callable, problem: _Problem, engine: str,
+                           batch_sizes: Sequence[int]) -> traced.Traced | None:
+  """``f`` traced at ``batch_sizes`` for the compiled path, or None for the host path."""
+  if engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}.")
+  if engine == "host":
+    return None
+  if not problem.numeric:
+    if engine == "compiled":
+      raise ValueError(f"engine='compiled' needs a numeric input, got dtype {problem.x.dtype}; "
+                       "use engine='host' (or 'auto').")
+    return None
+  example = jax.ShapeDtypeStruct((1,) + problem.x.shape, problem.x.dtype)
+  try:
+    score_fn = traced.trace(lambda _, b: _as_scores(f(b)), None, example, batch_sizes)
+  except Exception:
+    if engine == "compiled":
+      raise
+    return None  # Not JAX-traceable (numpy, PyTorch, ...): the host path calls it as is.
+  for b, jaxpr in zip(score_fn.batch_sizes, score_fn.jaxprs):
+    shapes = [v.aval.shape for v in jaxpr.outvars]
+    if shapes != [(b,)]:
+      raise ValueError(f"f must map [B, *D] to [B] scores; for B={b} it returned shape "
+                       f"{shapes[0] if len(shapes) == 1 else shapes}.")
+  return score_fn
+
+
+def score_engine(f: Callable, current_input, engine: str = "auto") -> str:
+  """Which path backward selection takes for ``f``: ``"compiled"`` or ``"host"``.
+
+  ``"auto"`` compiles ``f`` when the input is numeric and ``f`` is
+  JAX-traceable (``jax.numpy`` code, a Flax model), and otherwise calls ``f``
+  on numpy batches on the host (numpy, PyTorch or scikit-learn code; inputs
+  of strings or tokens). Both give the same orders, values and ties.
+  """
+  problem = _check_input_and_mask(current_input, np.ones((), bool), current_input)
+  return "host" if _trace_reference_score(f, problem, engine, (1,)) is None else "compiled"
 
 
 def _eval_batch_size(score_fn, params, example, targets, *, budget_bytes, cap) -> int:
@@ -165,30 +256,20 @@ def _eval_batch_size(score_fn, params, example, targets, *, budget_bytes, cap) -
   return int(max(1, min(cap, MAX_EVAL_BATCH, budget_bytes // per_eval)))
 
 
-def _abstract(tree):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+_PROBE_BATCH = 8
 
 
-def _input_score(f):
-  """A user's ``f: [B, *D] -> [B]`` in the engine's score signature."""
-  return lambda params, x, rows, targets: f(x)
+def _cached_eval_batch_size(fn, params, example, targets, *, budget_bytes, cap) -> int:
+  """``_eval_batch_size`` of ``score(params, x, rows, targets)`` built on ``fn(params, x)``,
+  probed once per computation (the probe compiles the model)."""
+  probe = traced.trace(fn, params, example, (_PROBE_BATCH,))
+  apply = traced.applier(probe)
 
-
-@functools.lru_cache(maxsize=64)
-def _single_input_program(f, eval_batch: int, num_steps: int, mask_shape: tuple[int, ...]):
-  program = exact.exact_backselect_program(
-      _input_score(f), eval_batch=eval_batch, num_steps=num_steps, mask_shape=mask_shape,
-      use_feature_map=False, shared_fully_masked=True)
-  return jax.jit(program)
-
-
-def _cached(builder, *key):
-  """Calls the lru-cached ``builder`` when the key is hashable, else builds afresh."""
-  try:
-    hash(key)
-  except TypeError:
-    return builder.__wrapped__(*key)
-  return builder(*key)
+  def measure():
+    score = lambda packed, x, rows, t: apply(packed[0], packed[1], x)
+    return _eval_batch_size(score, (traced.abstract(params), traced.abstract(probe.consts)),
+                            example, targets, budget_bytes=budget_bytes, cap=cap)
+  return _PROGRAMS.get(("eval_batch", probe.key, example.shape, budget_bytes, cap), measure)
 
 
 def _positive_int(name: str, value) -> int:
@@ -205,16 +286,20 @@ def _check_scores(name: str, scores) -> None:
 
 def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
                eval_batch_size: int | None = None,
-               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+               engine: str = "auto"):
   """Exact backward selection over the features present in ``current_mask``.
 
   Args:
-    f: JAX-traceable ``[B, *D] -> [B]`` score.
-    current_input: ``D`` input.
-    current_mask: ``M`` bool, broadcastable onto ``D``; True = present.
-    fully_masked_input: ``D`` replacement values.
+    f: ``[B, *D] -> [B]`` (or ``[B, 1]``) score. A JAX-traceable ``f`` runs as
+      one compiled program; any other Python function (numpy, PyTorch, ...)
+      is called on numpy batches on the host (``score_engine`` tells which).
+    current_input: ``D`` input (any dtype on the host path, strings too).
+    current_mask: ``M`` bool (or integer 0/1), broadcastable onto ``D``; True = present.
+    fully_masked_input: replacement values, ``D`` or broadcastable to it.
     eval_batch_size: masked inputs per call of ``f``; by default as many as
       fit ``memory_budget_bytes``.
+    engine: ``"auto"``, ``"compiled"`` or ``"host"`` (see ``score_engine``).
 
   Returns:
     ``(ordering, values)``: ``ordering [m, len(M)]`` int64 mask indices, first
@@ -225,46 +310,165 @@ def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
     ValueError: mismatched shapes, a non-boolean or non-broadcastable mask, or
       NaN/infinite scores from ``f``.
   """
-  x, fm, mask, padded = _check_input_and_mask(current_input, current_mask, fully_masked_input)
+  problem = _check_input_and_mask(current_input, current_mask, fully_masked_input)
+  if not problem.mask.any():
+    return np.zeros((0, problem.mask.ndim), np.int64), np.zeros((0,), np.float32)
+  _, ordering, values = _start_and_backselect(
+      f, problem, -math.inf, engine, eval_batch_size, memory_budget_bytes)
+  return ordering, values
+
+
+_TRACE = object()  # "trace f here" (sis_collection traces once for all its searches)
+
+
+def _start_and_backselect(f, problem: _Problem, tau: float, engine: str, eval_batch_size,
+                          memory_budget_bytes, score_fn=_TRACE):
+  """``(start, ordering, values)``: ``f`` on the masked input, then backward selection
+  when ``start >= tau`` (else ``ordering`` and ``values`` are None). At least one
+  feature must be present. ``score_fn``: ``f`` traced at batch 1, or None for the
+  host path."""
+  mask = problem.mask
   d = int(mask.size)
-  m = int(mask.sum())
-  if m == 0:
-    return np.zeros((0, mask.ndim), np.int64), np.zeros((0,), np.float32)
-  targets = jnp.zeros((1,), jnp.int32)
-  if eval_batch_size is None:
-    eval_batch_size = _eval_batch_size(_input_score(f), None, x[None], targets,
-                                       budget_bytes=memory_budget_bytes, cap=d)
-  program = _cached(_single_input_program, f, int(eval_batch_size), d, padded)
-  order, values, nonfinite = program(None, x[None], fm[None],
-                                     jnp.asarray(mask.reshape(1, d)), targets, None)
-  if bool(nonfinite[0]):
-    raise ValueError("f returned NaN or infinite scores during backward selection.")
-  order = np.asarray(order[0, :m])
+  if score_fn is _TRACE:
+    score_fn = _trace_reference_score(f, problem, engine, (1,))
+  if eval_batch_size is not None:
+    eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+  elif score_fn is None or d * 64 * problem.x.nbytes <= memory_budget_bytes:
+    # The host path, or a problem so small that no memory probe is needed.
+    eval_batch_size = max(1, min(d, MAX_EVAL_BATCH,
+                                 memory_budget_bytes // max(2 * problem.x.nbytes, 1)))
+  else:
+    score = _row_scores(f, score_fn, (_PROBE_BATCH,))
+    eval_batch_size = _PROGRAMS.get(
+        ("eval_batch", score_fn.key, memory_budget_bytes, d),
+        lambda: _eval_batch_size(score, traced.abstract(score_fn.consts), problem.x[None],
+                                 None, budget_bytes=memory_budget_bytes, cap=d))
+  if score_fn is None:
+    start_input = np.where(mask.reshape(problem.padded), problem.x, problem.fm)[None]
+    start = float(host.scores_of(f, start_input)[0])
+    if start < tau:
+      return start, None, None
+    order, values = host.backselect(f, problem.x, problem.fm, mask.ravel(), problem.padded,
+                                    eval_batch_size)
+  else:
+    start, order, values = _compiled_start_and_backselect(f, score_fn, problem, tau,
+                                                          eval_batch_size)
+    if start < tau:
+      return start, None, None
   ordering = np.stack(np.unravel_index(order, mask.shape), axis=1).astype(np.int64)
-  return ordering, np.asarray(values[0, :m])
+  return start, ordering, values
+
+
+def _row_scores(f, score_fn: traced.Traced, batch_sizes: Sequence[int]):
+  """``score(consts, x [B, *D], rows, targets) -> [B]`` for ``B`` in ``batch_sizes`` and 1.
+
+  ``consts`` is ``score_fn.consts`` (``f`` traced at batch 1), whose digest is
+  the cache key. ``f`` scores each input on its own, whatever batch it comes
+  in (the reference library's contract too), so its batch-1 computation
+  names its computation at every size. ``f`` is traced again at
+  ``batch_sizes`` (once per compiled program); those jaxprs read the same
+  closed-over arrays (checked by identity), so the batch-1 ones are passed
+  for them at every call. If they do not, a batch is ``f`` mapped over its
+  rows (slower for convolutions, same results).
+  """
+  apply1 = traced.applier(score_fn)
+  row_by_row = lambda consts, x: jax.vmap(lambda xi: apply1(None, consts, xi[None])[0])(x)
+  sizes = tuple(b for b in batch_sizes if b != 1)
+  try:
+    example = jax.ShapeDtypeStruct((1,) + score_fn.jaxprs[0].invars[-1].aval.shape[1:],
+                                   score_fn.jaxprs[0].invars[-1].aval.dtype)
+    batched = traced.trace(lambda _, b: _as_scores(f(b)), None, example, sizes)
+    same = all(len(c) == len(score_fn.consts[0])
+               and all(x is y for x, y in zip(c, score_fn.consts[0])) for c in batched.consts)
+  except Exception:
+    same = False
+  apply = traced.applier(batched) if same and sizes else None
+
+  def score(consts, x, rows, targets):
+    if x.shape[0] == 1:
+      return apply1(None, consts, x)
+    if apply is None:
+      return row_by_row(consts, x)
+    return apply(None, consts * len(sizes), x)
+  return score
+
+
+CHEAP_SCORE_FLOPS = 1e4
+
+
+def _flops_per_input(score_fn: traced.Traced) -> float:
+  """XLA's FLOP estimate of ``f`` on one input (inf when the backend gives none)."""
+  apply = traced.applier(score_fn)
+  x = score_fn.jaxprs[0].invars[-1].aval
+  try:
+    cost = jax.jit(lambda c, b: apply(None, c, b)).lower(
+        traced.abstract(score_fn.consts), jax.ShapeDtypeStruct(x.shape, x.dtype)).cost_analysis()
+    return float(cost["flops"])
+  except Exception:
+    return math.inf
+
+
+def _compiled_start_and_backselect(f, score_fn: traced.Traced, problem: _Problem, tau: float,
+                                   eval_batch: int):
+  mask = problem.mask
+  d, m = int(mask.size), int(mask.sum())
+
+  def build():
+    # A score of a few thousand FLOPs costs less than a step's bookkeeping per
+    # call: one padded call per step beats several exact ones.
+    sizes = exact.chunk_sizes(eval_batch)
+    if _flops_per_input(score_fn) < CHEAP_SCORE_FLOPS:
+      sizes = sizes[:1]
+    score = _row_scores(f, score_fn, sizes)
+    core = exact.exact_backselect_program(
+        score, eval_batch=eval_batch, num_steps=d, mask_shape=problem.padded,
+        use_feature_map=False, shared_fully_masked=True, sizes=sizes)
+
+    def program(consts, x, fm, present, tau):
+      start = score(consts, jnp.where(present.reshape((1,) + problem.padded), x, fm),
+                    None, None)[0]
+      run = lambda _: core(consts, x, fm, present, jnp.zeros((1,), jnp.int32), None)
+      skip = lambda _: jax.tree.map(jnp.zeros_like, jax.eval_shape(run, None))
+      return (start,) + tuple(lax.cond(start >= tau, run, skip, None))
+
+    return jax.jit(program)
+
+  program = _PROGRAMS.get(("backselect", score_fn.key, eval_batch, d, problem.padded), build)
+  start, order, values, nonfinite = jax.device_get(program(
+      score_fn.consts, problem.x[None], problem.fm[None], mask.reshape(1, d), np.float32(tau)))
+  start = float(start)
+  if not math.isfinite(start) or bool(nonfinite[0]):
+    raise ValueError("f returned NaN or infinite scores; SIS needs finite scores.")
+  return start, np.asarray(order[0, :m]), np.asarray(values[0, :m])
 
 
 def find_sis(f: Callable, threshold, current_input, current_mask,
-             fully_masked_input, **backselect_kwargs) -> SISResult | None:
+             fully_masked_input, *, engine: str = "auto", eval_batch_size: int | None = None,
+             memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> SISResult | None:
   """One SIS of ``current_input`` among the features present in ``current_mask``.
 
   Returns None when ``f`` on the masked input is below ``threshold`` or when
   no feature is present. ``threshold`` may be any finite number (``f`` is an
-  arbitrary score here). Extra keyword arguments go to ``backselect``.
+  arbitrary score here). The keyword arguments are ``backselect``'s. An empty
+  SIS (the fully masked input already reaches ``threshold``) has ``sis`` of
+  shape ``(0,)``, as in the reference library.
   """
   tau = _check_threshold(threshold, probability=False)
-  x, fm, mask, padded = _check_input_and_mask(current_input, current_mask, fully_masked_input)
-  start = f(jnp.where(jnp.asarray(mask.reshape(padded)), x, fm)[None])
-  if jnp.shape(start) != (1,):
-    raise ValueError(f"f must map [B, *D] to [B] scores; for B=1 it returned shape "
-                     f"{jnp.shape(start)}.")
-  _check_scores("f", start)
-  if float(start[0]) < tau or not mask.any():
+  problem = _check_input_and_mask(current_input, current_mask, fully_masked_input)
+  return _find_sis(f, tau, problem, engine, eval_batch_size, memory_budget_bytes)
+
+
+def _find_sis(f, tau: float, problem: _Problem, engine: str, eval_batch_size,
+              memory_budget_bytes, score_fn=_TRACE) -> SISResult | None:
+  if not problem.mask.any():
     return None
-  ordering, values = backselect(f, x, mask, fm, **backselect_kwargs)
+  _, ordering, values = _start_and_backselect(f, problem, tau, engine, eval_batch_size,
+                                              memory_budget_bytes, score_fn)
+  if ordering is None:
+    return None
   k = int(records.sis_length(values, tau))
-  sis = ordering[len(ordering) - k:][::-1]
-  sis_mask = np.zeros(mask.shape, bool)
+  sis = ordering[len(ordering) - k:][::-1] if k else np.zeros((0,), np.int64)
+  sis_mask = np.zeros(problem.mask.shape, bool)
   if k:
     sis_mask[tuple(sis.T)] = True
   return SISResult(sis=sis, ordering_over_entire_backselect=ordering,
@@ -272,27 +476,34 @@ def find_sis(f: Callable, threshold, current_input, current_mask,
 
 
 def sis_collection(f: Callable, threshold, initial_input, fully_masked_input,
-                   initial_mask=None, **backselect_kwargs) -> list[SISResult]:
+                   initial_mask=None, *, engine: str = "auto",
+                   eval_batch_size: int | None = None,
+                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> list[SISResult]:
   """Disjoint SISes: find one, mask it out permanently, repeat until none is left.
 
   An empty SIS (the fully masked input already scores ``>= threshold``) ends
-  the collection, since every further search would return it again.
+  the collection, since every further search would return it again. The
+  keyword arguments are ``backselect``'s.
   """
-  x = jnp.asarray(initial_input)
-  fm = jnp.asarray(fully_masked_input)
+  tau = _check_threshold(threshold, probability=False)
+  x = np.asarray(initial_input)
   mask = (make_empty_boolean_mask(x.shape) if initial_mask is None
           else np.array(initial_mask, copy=True))
+  problem = _check_input_and_mask(x, mask, fully_masked_input)
+  # One trace serves every search: f cannot change while this call runs.
+  score_fn = _trace_reference_score(f, problem, engine, (1,))
   collection = []
   while True:
-    result = find_sis(f, threshold, x, mask, fm, **backselect_kwargs)
+    result = _find_sis(f, tau, problem, engine, eval_batch_size, memory_budget_bytes,
+                       score_fn)
     if result is None:
       break
     collection.append(result)
     if len(result) == 0:
       break
-    padded = features.mask_shape_for(x.shape, mask.shape)
-    x = jnp.where(jnp.asarray(result.mask.reshape(padded)), fm, x)
-    mask = mask & ~result.mask
+    problem = problem._replace(
+        x=np.where(result.mask.reshape(problem.padded), problem.fm, problem.x),
+        mask=problem.mask & ~result.mask)
   _assert_sis_collection_disjoint(collection)
   return collection
 
@@ -396,12 +607,36 @@ def _grouped(per_group, group: int):
   return run
 
 
-@functools.lru_cache(maxsize=32)
-def _batched_exact_program(predict_fn, takes_params, apply_softmax, eval_batch, group, d,
+def _traced_model(predict_fn, params, images, batch_sizes) -> traced.Traced:
+  """``predict_fn`` (with or without ``params``) traced at the batch sizes a program uses."""
+  fn = predict_fn if params is not None else (lambda _, x: predict_fn(x))
+  return traced.trace(fn, params, jax.ShapeDtypeStruct(images.shape, images.dtype), batch_sizes)
+
+
+def _model_predict(model: traced.Traced):
+  """``predict(packed, x)`` with ``packed = (params, model.consts)``."""
+  apply = traced.applier(model)
+  return lambda packed, x: apply(packed[0], packed[1], x)
+
+
+def _batched_exact_program(model: traced.Traced, apply_softmax, eval_batch, group, d,
                            pixel_shape, shared_fully_masked, mesh):
-  """``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
-  ``shared_fully_masked`` when every image has the same masked values."""
-  class_scores, score, to_value = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  """Sharded exact program, called with ``(params, model.consts)`` as its parameters.
+
+  ``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
+  ``shared_fully_masked`` when every image has the same masked values. Cached
+  on ``model.key`` (what the model computes), never on the Python function.
+  """
+  return _PROGRAMS.get(
+      ("batched_exact", model.key, apply_softmax, eval_batch, group, d, pixel_shape,
+       shared_fully_masked, mesh),
+      lambda: _build_batched_exact_program(model, apply_softmax, eval_batch, group, d,
+                                           pixel_shape, shared_fully_masked, mesh))
+
+
+def _build_batched_exact_program(model, apply_softmax, eval_batch, group, d, pixel_shape,
+                                 shared_fully_masked, mesh):
+  class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   core = exact.exact_backselect_program(
       score, eval_batch=eval_batch, num_steps=d, mask_shape=_mask_shape(pixel_shape),
       use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
@@ -420,11 +655,18 @@ def _mask_shape(pixel_shape):
   return None if pixel_shape is None else tuple(pixel_shape) + (1,)
 
 
-@functools.lru_cache(maxsize=32)
-def _batched_gradient_programs(predict_fn, takes_params, apply_softmax, k, d, noise_std,
+def _batched_gradient_programs(model: traced.Traced, apply_softmax, k, d, noise_std,
                                pixel_shape, mesh):
-  """Compiled, sharded ``(init, step, finish)``; each device holds one group of images."""
-  class_scores, score, to_value = _class_score_fn(predict_fn, takes_params, apply_softmax)
+  """Compiled, sharded ``(init, step, finish)``; each device holds one group of images.
+  Called with ``(params, model.consts)`` as parameters; cached on ``model.key``."""
+  return _PROGRAMS.get(
+      ("batched_gradient", model.key, apply_softmax, k, d, noise_std, pixel_shape, mesh),
+      lambda: _build_batched_gradient_programs(model, apply_softmax, k, d, noise_std,
+                                               pixel_shape, mesh))
+
+
+def _build_batched_gradient_programs(model, apply_softmax, k, d, noise_std, pixel_shape, mesh):
+  class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   init, step, finish_scores = gradient.gradient_backselect_steps(
       score, remove_per_step=k, num_features=d, mask_shape=_mask_shape(pixel_shape),
       use_feature_map=pixel_shape is None, noise_std=noise_std)
@@ -497,7 +739,7 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
 
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
   class_scores, _, _ = _class_score_fn(predict_fn, params is not None, apply_softmax)
-  out = jax.eval_shape(class_scores, _abstract(params),
+  out = jax.eval_shape(class_scores, traced.abstract(params),
                        jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
   num_classes = out.shape[1]
   if np.any(targets >= num_classes):
@@ -564,20 +806,22 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
-  takes_params = params is not None
   if eval_batch_size is None:
-    _, score, _ = _class_score_fn(predict_fn, takes_params, apply_softmax)
-    eval_batch_size = _eval_batch_size(
-        score, _abstract(params), images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
+    fn = predict_fn if params is not None else (lambda _, x: predict_fn(x))
+    eval_batch_size = _cached_eval_batch_size(
+        fn, params, images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
         budget_bytes=memory_budget_bytes, cap=n * d)
   eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
   if images_per_group is None:
     # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
     images_per_group = min(n, -(-16 * eval_batch_size // d))
   group = _positive_int("images_per_group", images_per_group)
-  program = _cached(_batched_exact_program, predict_fn, takes_params, bool(apply_softmax),
-                    eval_batch_size, group, d, pixel_shape, shared_fm, mesh)
-  return _run_sharded(program, mesh, group, params, [images, fully_masked, targets], fmap, n)
+  model = _traced_model(predict_fn, params, images,
+                        (group,) + exact.chunk_sizes(eval_batch_size))
+  program = _batched_exact_program(model, bool(apply_softmax), eval_batch_size, group, d,
+                                   pixel_shape, shared_fm, mesh)
+  return _run_sharded(program, mesh, group, (params, model.consts),
+                      [images, fully_masked, targets], fmap, n)
 
 
 def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 1,
@@ -615,9 +859,10 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   # Raw key data (uint32), so keys shard and gather like any other array.
   keys = jax.random.key_data(
       jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n)))
-  init, step, finish = _cached(
-      _batched_gradient_programs, predict_fn, params is not None, bool(apply_softmax),
-      int(remove_per_step), d, float(noise_std), pixel_shape, mesh)
+  model = _traced_model(predict_fn, params, images, (group,))
+  init, step, finish = _batched_gradient_programs(
+      model, bool(apply_softmax), int(remove_per_step), d, float(noise_std), pixel_shape, mesh)
+  params = (params, model.consts)
   # Each round gives every device one group of consecutive images.
   per_round = group * mesh.devices.size
   batched = [sharding.pad_batch(a, per_round)[0] for a in (images, fully_masked, targets, keys)]

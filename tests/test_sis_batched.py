@@ -126,17 +126,29 @@ def test_each_step_evaluates_only_remaining_candidates():
   sis.batched_backselect(counting_predict, images(1), params=params, eval_batch_size=16,
                          mesh=sharding.data_mesh(jax.devices()[:1]))
   # One call for the full image; then, with r = 16 .. 1 candidates left, r // 16
-  # full calls of 16 and ceil((r % 16) / 2) tail calls of 16 / 8 = 2.
-  assert len(calls) == 1 + sum(r // 16 + -(-(r % 16) // 2) for r in range(1, 17))
+  # full calls of 16, one call of 8, 4 and 2 each where it fits (the remainder
+  # in binary), and what is left in padded calls of 2.
+  def calls_for(r):
+    n, r = r // 16, r % 16
+    for size in (8, 4, 2):
+      if r >= size:
+        n, r = n + 1, r - size
+    return n + -(-r // 2)
+  assert calls_for(15) == 4 and calls_for(16) == 1 and calls_for(7) == 3
+  assert len(calls) == 1 + sum(calls_for(r) for r in range(1, 17))
 
 
 def test_program_compiles_once_for_repeated_calls():
   params = tiny_mlp_params()
   sis.batched_backselect(tiny_mlp, images(4, seed=2), params=params, eval_batch_size=8)
-  misses = sis._batched_exact_program.cache_info().misses
+  misses = sis._PROGRAMS.misses
   sis.batched_backselect(tiny_mlp, images(4, seed=3), params=params, eval_batch_size=8)
-  assert sis._batched_exact_program.cache_info().misses == misses
-  program = sis._batched_exact_program(tiny_mlp, True, True, 8, 4, H * W, (H, W), True,
+  # A new function object computing the same thing reuses the program too.
+  sis.batched_backselect(lambda p, x: tiny_mlp(p, x), images(4, seed=3), params=params,
+                         eval_batch_size=8)
+  assert sis._PROGRAMS.misses == misses
+  model = sis._traced_model(tiny_mlp, params, images(4), (4,) + sis.exact.chunk_sizes(8))
+  program = sis._batched_exact_program(model, True, 8, 4, H * W, (H, W), True,
                                        sharding.data_mesh())
   assert program._cache_size() == 1
 
@@ -144,7 +156,7 @@ def test_program_compiles_once_for_repeated_calls():
 def test_eval_batch_shrinks_with_memory_budget():
   params = tiny_mlp_params()
   _, score, _ = sis._class_score_fn(tiny_mlp, True, True)
-  args = (score, sis._abstract(params), images(1), jax.ShapeDtypeStruct((1,), jnp.int32))
+  args = (score, sis.traced.abstract(params), images(1), jax.ShapeDtypeStruct((1,), jnp.int32))
   small = sis._eval_batch_size(*args, budget_bytes=20_000, cap=10_000)
   large = sis._eval_batch_size(*args, budget_bytes=2_000_000, cap=10_000)
   assert 1 <= small < large

@@ -270,7 +270,7 @@ def test_empty_sis_has_all_false_mask_and_ends_collection():
   # The fully masked input [1, 1] already scores 2 >= 0.5: the SIS is empty.
   x = jnp.array([1.0, 2.0])
   r = sis.find_sis(F_SUM, 0.5, x, np.array([T, T]), jnp.ones(2))
-  assert len(r) == 0 and r.sis.shape == (0, 1)
+  assert len(r) == 0 and r.sis.shape == (0,)  # the reference's shape
   np.testing.assert_array_equal(r.mask, [F, F])
   np.testing.assert_allclose(r.values_over_entire_backselect, [3, 2])
   assert len(sis.sis_collection(F_SUM, 0.5, x, jnp.ones(2))) == 1

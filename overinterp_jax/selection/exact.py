@@ -5,9 +5,10 @@ candidate removal is scored, the removal leaving the highest score wins (ties:
 lowest feature id), and the step is recorded. All inputs' candidates of a step
 are packed into one list of (input, feature) pairs, so the model sees full
 batches of ``eval_batch`` masked inputs and only the remaining candidates are
-evaluated; the remainder of a step goes through calls of ``eval_batch / 8``,
-so padding wastes fewer than ``eval_batch / 8`` evaluations per step. Memory is that of one
-chunk, independent of the number of features.
+evaluated; the remainder of a step goes through calls of ``eval_batch / 2``,
+``/ 4`` and ``/ 8`` (each at most once, largest first, as a binary number), so
+calls stay large and padding wastes fewer than ``eval_batch / 8`` evaluations
+per step. Memory is that of one chunk, independent of the number of features.
 """
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ from overinterp_jax.selection import features
 
 # A step's last, partly filled chunk is evaluated in calls this many times smaller.
 TAIL_FRACTION = 8
+
+
+def chunk_sizes(eval_batch: int) -> tuple[int, ...]:
+  """The batch sizes a program calls the score function with, largest first:
+  ``eval_batch``, ``eval_batch / 2``, ... down to ``eval_batch / TAIL_FRACTION``."""
+  sizes = []
+  size = eval_batch
+  while size >= max(1, eval_batch // TAIL_FRACTION):
+    if size not in sizes:
+      sizes.append(size)
+    if size == 1:
+      break
+    size //= 2
+  return tuple(sizes)
 
 # score_fn(params, masked_inputs [B, *D], rows [B] int32, targets [n] int32) -> scores [B]
 ScoreFn = Callable[..., jnp.ndarray]
@@ -43,7 +58,8 @@ def _score_dtype(score_fn, params, inputs, targets, eval_batch):
 
 def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: int,
                              mask_shape: tuple[int, ...], use_feature_map: bool,
-                             shared_fully_masked: bool = False):
+                             shared_fully_masked: bool = False,
+                             sizes: tuple[int, ...] | None = None):
   """Builds ``program(params, inputs, fully_masked, present0, targets, feature_map)``.
 
   Program arguments (``n`` inputs, ``d`` features, mask shape ``M``):
@@ -54,6 +70,10 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
     present0: ``[n, d]`` bool, the features present at the start.
     targets: ``[n]`` int32 handed to ``score_fn`` (e.g. class per input).
     feature_map: ``[*M]`` int32 feature ids (ignored unless ``use_feature_map``).
+
+  ``sizes``: the call sizes, largest (``eval_batch``) first; default
+  ``chunk_sizes(eval_batch)``. ``(eval_batch,)`` pads every step's remainder to
+  one full call: best when a call costs little next to the bookkeeping.
 
   Program results:
     order: ``[n, num_steps]`` int32 feature removed at each step, first removed
@@ -68,7 +88,7 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
     fmap = feature_map if use_feature_map else None
     feature_ids = jnp.arange(d, dtype=jnp.int32)
     image_ids = jnp.arange(n, dtype=jnp.int32)
-    tail_batch = max(1, eval_batch // TAIL_FRACTION)
+    call_sizes = sizes or chunk_sizes(eval_batch)
 
     def step(t, carry):
       present, order, values, nonfinite = carry
@@ -105,13 +125,14 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
 
         return body
 
-      # Full chunks of eval_batch, then the step's remainder in chunks of
-      # tail_batch: a step wastes at most tail_batch - 1 evaluations.
-      full_end = total - total % eval_batch
+      # Full chunks of eval_batch, then the remainder in one chunk of each
+      # smaller size that fits, then what is left in (padded) chunks of the
+      # smallest size: a step wastes fewer evaluations than the smallest size.
       carry = (jnp.int32(0), jnp.full((n, d), -jnp.inf, dtype), nonfinite)
-      carry = lax.while_loop(lambda c: c[0] < full_end, chunk(eval_batch), carry)
-      if tail_batch < eval_batch:
-        carry = lax.while_loop(lambda c: c[0] < total, chunk(tail_batch), carry)
+      carry = lax.while_loop(lambda c: c[0] + eval_batch <= total, chunk(eval_batch), carry)
+      for size in call_sizes[1:]:
+        carry = lax.cond(carry[0] + size <= total, chunk(size), lambda c: c, carry)
+      carry = lax.while_loop(lambda c: c[0] < total, chunk(call_sizes[-1]), carry)
       _, scores, nonfinite = carry
       # First maximum = lowest feature id, since candidates are ascending.
       best = jnp.argmax(scores, axis=1)
