@@ -24,5 +24,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.90"],
+        # Accelerators: JAX's own extras bring the matching jaxlib plugins.
+        "cuda12": ["jax[cuda12]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
 )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import ml_collections
@@ -20,18 +19,7 @@ import numpy as np
 from overinterp_jax import sharding, train
 from overinterp_jax.data import augment
 from overinterp_jax.models import create_model
-
-
-def rate(fn, batch: int, min_seconds: float = 3.0, rounds: int = 3) -> float:
-  fn()
-  best = 0.0
-  for _ in range(rounds):
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-      fn()
-      calls += 1
-    best = max(best, calls * batch / (time.perf_counter() - t0))
-  return best
+from timing import rate
 
 
 def main():

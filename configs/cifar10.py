@@ -55,6 +55,9 @@ def get_config():
   c.num_classes = 10
   c.bn_momentum = 0.9                # of batch norm's running statistics (PyTorch's 0.1)
   c.input_dropout_keep_prob = 1.0   # < 1 wraps the model in input dropout (paper: 0.8)
+  # Compute dtype of model evaluations in training and backselect (overinterp_jax/
+  # precision.py): "float32" | "bfloat16" (float32 parameters, float32 ranking).
+  c.precision = "float32"
   c.num_epochs = 200
   c.batch_size = 128
   c.eval_batch_size = 500
@@ -83,7 +86,7 @@ def get_config():
   c.backselect.method = "exact"     # "exact" | "gradient" (Batched Gradient SIS)
   c.backselect.remove_per_step = 1  # gradient only: pixels removed per step
   c.backselect.noise_std = 0.0      # gradient only: tie-breaking noise
-  c.backselect.batch_size = 64      # gradient only: images per forward/backward pass
+  c.backselect.batch_size = 0       # gradient only: images per pass per device; 0 = fit memory
   c.backselect.shard_size = 1000    # images per result file
   c.backselect.seed = 0
 

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from overinterp_jax import data as data_lib
-from overinterp_jax import train
+from overinterp_jax import precision, train
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
 FLAGS = flags.FLAGS
@@ -65,9 +65,13 @@ def validate_config(config) -> None:
     raise ValueError(f"config.data.data_dir={d.data_dir!r} is not a directory.")
   b = config.backselect
   _subset_of("backselect.method", [b.method], ("exact", "gradient"))
-  for key in ("remove_per_step", "batch_size", "shard_size"):
+  for key in ("remove_per_step", "shard_size"):
     if int(b[key]) < 1:
       raise ValueError(f"config.backselect.{key} must be >= 1, got {b[key]}.")
+  if int(b.batch_size) < 0:
+    raise ValueError(f"config.backselect.batch_size must be >= 0 (0 = as many as fit the "
+                     f"device's memory), got {b.batch_size}.")
+  precision.compute_dtype(config.precision)  # raises on an unknown policy
   if not b.noise_std >= 0:
     raise ValueError(f"config.backselect.noise_std must be >= 0, got {b.noise_std}.")
   _in_range("subsets.frac_kept", config.subsets.frac_kept, 0, 1)

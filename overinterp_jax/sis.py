@@ -32,10 +32,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from overinterp_jax import sharding
+from overinterp_jax import memory, precision, sharding
 from overinterp_jax.selection import exact, features, gradient, host, records, traced
 
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+# Where the backend reports no free memory (the CPU); see overinterp_jax/memory.py.
+DEFAULT_MEMORY_BUDGET_BYTES = memory.CPU_BUDGET_BYTES
 # Bumped whenever the same inputs can give another order; stored results carry it.
 # 2: candidates are ranked by the target's log-probability (``log_target_probability``).
 SELECTION_VERSION = 2
@@ -240,20 +241,21 @@ def _eval_batch_size(score_fn, params, example, targets, *, budget_bytes, cap) -
   """Masked inputs per model call that fit ``budget_bytes`` (measured, not guessed).
 
   Compiles the score function at a probe batch and reads XLA's memory
-  analysis; falls back to 64 input-sized buffers per evaluation.
+  analysis (``overinterp_jax/memory.py``); falls back to 64 input-sized
+  buffers per evaluation.
   """
-  probe = 8
   input_bytes = int(np.prod(example.shape[1:])) * example.dtype.itemsize
-  per_eval = 64 * input_bytes
-  try:
-    xs = jax.ShapeDtypeStruct((probe,) + example.shape[1:], example.dtype)
-    rows = jax.ShapeDtypeStruct((probe,), jnp.int32)
-    stats = jax.jit(score_fn).lower(params, xs, rows, targets).compile().memory_analysis()
-    if stats is not None:
-      per_eval = max(int(stats.temp_size_in_bytes) // probe, 1) + 4 * input_bytes
-  except Exception:  # Some backends offer no memory analysis; keep the fallback.
-    pass
-  return int(max(1, min(cap, MAX_EVAL_BATCH, budget_bytes // per_eval)))
+  args_at = lambda b: (params, jax.ShapeDtypeStruct((b,) + example.shape[1:], example.dtype),
+                       jax.ShapeDtypeStruct((b,), jnp.int32), targets)
+  return memory.fit_batch(score_fn, args_at, budget_bytes=budget_bytes,
+                          cap=min(cap, MAX_EVAL_BATCH), input_bytes=input_bytes)
+
+
+def _budget(memory_budget_bytes, mesh=None) -> int:
+  """``memory_budget_bytes``, or by default the device's (``memory.device_budget_bytes``)."""
+  if memory_budget_bytes is not None:
+    return _positive_int("memory_budget_bytes", memory_budget_bytes)
+  return memory.device_budget_bytes(mesh.devices.flat[0] if mesh is not None else None)
 
 
 _PROBE_BATCH = 8
@@ -286,7 +288,7 @@ def _check_scores(name: str, scores) -> None:
 
 def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
                eval_batch_size: int | None = None,
-               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+               memory_budget_bytes: int | None = None,
                engine: str = "auto"):
   """Exact backward selection over the features present in ``current_mask``.
 
@@ -329,6 +331,7 @@ def _start_and_backselect(f, problem: _Problem, tau: float, engine: str, eval_ba
   host path."""
   mask = problem.mask
   d = int(mask.size)
+  memory_budget_bytes = _budget(memory_budget_bytes)
   if score_fn is _TRACE:
     score_fn = _trace_reference_score(f, problem, engine, (1,))
   if eval_batch_size is not None:
@@ -444,7 +447,7 @@ def _compiled_start_and_backselect(f, score_fn: traced.Traced, problem: _Problem
 
 def find_sis(f: Callable, threshold, current_input, current_mask,
              fully_masked_input, *, engine: str = "auto", eval_batch_size: int | None = None,
-             memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> SISResult | None:
+             memory_budget_bytes: int | None = None) -> SISResult | None:
   """One SIS of ``current_input`` among the features present in ``current_mask``.
 
   Returns None when ``f`` on the masked input is below ``threshold`` or when
@@ -478,7 +481,7 @@ def _find_sis(f, tau: float, problem: _Problem, engine: str, eval_batch_size,
 def sis_collection(f: Callable, threshold, initial_input, fully_masked_input,
                    initial_mask=None, *, engine: str = "auto",
                    eval_batch_size: int | None = None,
-                   memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> list[SISResult]:
+                   memory_budget_bytes: int | None = None) -> list[SISResult]:
   """Disjoint SISes: find one, mask it out permanently, repeat until none is left.
 
   An empty SIS (the fully masked input already scores ``>= threshold``) ends
@@ -767,7 +770,8 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
                        target_classes=None, fully_masked=None, feature_map=None,
                        apply_softmax: bool = True, eval_batch_size: int | None = None,
                        images_per_group: int | None = None,
-                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                       memory_budget_bytes: int | None = None,
+                       compute_dtype: str | None = None,
                        mesh=None) -> BackselectResult:
   """Exact backward selection of N images, sharded across devices.
 
@@ -789,7 +793,11 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
       default one feature per pixel (``d = H·W``, channels masked together).
     apply_softmax: False when ``predict_fn`` already returns the scores.
     eval_batch_size: masked images per model call per device; default from
-      ``memory_budget_bytes`` (per device).
+      ``memory_budget_bytes`` (per device; default: half the device's free
+      memory on GPUs and TPUs, 1 GiB on the CPU, ``overinterp_jax/memory.py``).
+    compute_dtype: ``"float32"`` (default) or ``"bfloat16"``: the model runs
+      in bfloat16 with float32 parameters, and candidates are ranked by the
+      float32 log-probability of its logits (``overinterp_jax/precision.py``).
     images_per_group: images whose candidate removals are packed together into
       model calls; default enough to keep the padding of partly filled calls
       small. Groups are formed from consecutive images, independently of the
@@ -803,6 +811,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
   """
   images, fully_masked, shared_fm, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
+  predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
@@ -810,7 +819,7 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
     fn = predict_fn if params is not None else (lambda _, x: predict_fn(x))
     eval_batch_size = _cached_eval_batch_size(
         fn, params, images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
-        budget_bytes=memory_budget_bytes, cap=n * d)
+        budget_bytes=_budget(memory_budget_bytes, mesh), cap=n * d)
   eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
   if images_per_group is None:
     # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
@@ -824,10 +833,27 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
                       [images, fully_masked, targets], fmap, n)
 
 
+def gradient_batch_size(predict_fn: Callable, images, *, params: Any = None, mesh=None,
+                        memory_budget_bytes: int | None = None) -> int:
+  """Images per device whose forward and backward pass fit the memory budget.
+
+  Measured from XLA's memory analysis of one gradient pass of ``predict_fn``
+  at a probe batch; capped at ``len(images)``.
+  """
+  fn = predict_fn if params is not None else (lambda _, x: predict_fn(x))
+  grad = lambda p, x: jax.grad(lambda x: fn(p, x).astype(jnp.float32).sum())(x)
+  shape, dtype = tuple(np.shape(images)[1:]), jnp.result_type(images)
+  args_at = lambda b: (traced.abstract(params), jax.ShapeDtypeStruct((b,) + shape, dtype))
+  return memory.fit_batch(grad, args_at, budget_bytes=_budget(memory_budget_bytes, mesh),
+                          cap=len(images), input_bytes=int(np.prod(shape)) * dtype.itemsize)
+
+
 def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 1,
                         params: Any = None, target_classes=None, fully_masked=None,
                         feature_map=None, apply_softmax: bool = True,
-                        noise_std: float = 0.0, seed: int = 0, batch_size: int = 64,
+                        noise_std: float = 0.0, seed: int = 0, batch_size: int | None = 64,
+                        compute_dtype: str | None = None,
+                        memory_budget_bytes: int | None = None,
                         mesh=None) -> BackselectResult:
   """Batched Gradient SIS backward selection (paper §3) of N images.
 
@@ -841,8 +867,9 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   ``noise_std > 0`` adds Gaussian noise to the gradients to break ties, drawn
   from ``seed`` and the image's position (deterministic). The public code
   uses ``k = 100`` and no noise on ImageNet. ``batch_size`` images share one
-  forward and backward pass per step. Other arguments as in
-  ``batched_backselect``.
+  forward and backward pass per step (per device); None chooses the largest
+  that fits ``memory_budget_bytes`` (default: from the device's memory). Other
+  arguments as in ``batched_backselect``.
   """
   if not isinstance(remove_per_step, (int, np.integer)) or remove_per_step < 1:
     raise ValueError(f"remove_per_step must be a positive integer, got {remove_per_step!r}.")
@@ -850,11 +877,15 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
     raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
   images, fully_masked, _, fmap, d, pixel_shape, targets = _prepare_images(
       images, fully_masked, feature_map, target_classes)
+  predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
   _check_num_classes(predict_fn, params, images, targets, apply_softmax)
   if remove_per_step > d:
     raise ValueError(f"remove_per_step={remove_per_step} exceeds the {d} features.")
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
+  if batch_size is None:
+    batch_size = gradient_batch_size(predict_fn, images, params=params, mesh=mesh,
+                                     memory_budget_bytes=memory_budget_bytes)
   group = _positive_int("batch_size", min(n, batch_size))
   # Raw key data (uint32), so keys shard and gather like any other array.
   keys = jax.random.key_data(

@@ -31,7 +31,7 @@ from absl import logging
 from flax import struct
 from tqdm import tqdm
 
-from overinterp_jax import sharding
+from overinterp_jax import precision, sharding
 from overinterp_jax.data import augment
 from overinterp_jax.models import InputDropout, create_model
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
@@ -215,11 +215,14 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(state: TrainState, images, labels, key, augment_fn=None):
+def train_step(state: TrainState, images, labels, key, augment_fn=None,
+               compute_dtype: str = "float32"):
   """One SGD step on a batch. ``images [B, H, W, C]`` float32, ``labels [B]`` int32.
 
   ``augment_fn(key, images) -> images`` runs on device inside the step; the
   model's ``dropout`` and ``input_dropout`` streams get keys split from ``key``.
+  ``compute_dtype`` (``precision.POLICIES``): the forward and backward pass run
+  in it; parameters, gradients, optimiser state and batch statistics stay float32.
   Returns the new state and ``{"loss", "accuracy"}`` of the batch.
   """
   augment_key, dropout_key, input_dropout_key = jax.random.split(key, 3)
@@ -227,10 +230,15 @@ def train_step(state: TrainState, images, labels, key, augment_fn=None):
     images = augment_fn(augment_key, images)
   rngs = {"dropout": dropout_key, "input_dropout": input_dropout_key}
 
+  dtype = precision.compute_dtype(compute_dtype)
+
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     images, train=True, mutable=["batch_stats"], rngs=rngs)
-    return cross_entropy(logits, labels), (logits, updates)
+    variables = precision.cast_floats({"params": params, "batch_stats": state.batch_stats},
+                                      dtype)
+    logits, updates = state.apply_fn(variables, images.astype(dtype), train=True,
+                                     mutable=["batch_stats"], rngs=rngs)
+    updates = precision.cast_floats(updates, jnp.float32)
+    return cross_entropy(logits.astype(jnp.float32), labels), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -261,9 +269,11 @@ class Steps:
   mesh: Any
 
 
-def compile_steps(mesh, augment_fn=None, train_height_width=None) -> Steps:
+def compile_steps(mesh, augment_fn=None, train_height_width=None,
+                  compute_dtype: str = "float32") -> Steps:
   """Jitted steps. With ``train_height_width``, the training step resizes each
-  (augmented) batch to it (progressive resizing); evaluation is at the input size."""
+  (augmented) batch to it (progressive resizing); evaluation is at the input size.
+  ``compute_dtype``: of the training step's model evaluation (``train_step``)."""
   data = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   train_augment = augment_fn
@@ -271,7 +281,7 @@ def compile_steps(mesh, augment_fn=None, train_height_width=None) -> Steps:
     def train_augment(key, images):
       images = images if augment_fn is None else augment_fn(key, images)
       return augment.resize_images(images, *train_height_width)
-  train = jax.jit(lambda s, x, y, k: train_step(s, x, y, k, train_augment),
+  train = jax.jit(lambda s, x, y, k: train_step(s, x, y, k, train_augment, compute_dtype),
                   in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
                   donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(repl, data, data, data), out_shardings=repl)
@@ -390,7 +400,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   state = create_train_state(model, tx, train_images.shape[1:],
                              jax.random.key(config.seed))
   state = jax.device_put(state, sharding.replicated(mesh))
-  steps = compile_steps(mesh, augment_fn)
+  steps = compile_steps(mesh, augment_fn, compute_dtype=config.get("precision", "float32"))
   scales = epoch_scales(config)
   alternate = augment_fn is not None and augment_flip(config) == "alternating"
   eval_every = int(config.get("eval_every", 1))
@@ -418,7 +428,8 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     scale = scales[epoch]
     train_hw = scaled_height_width(train_images.shape[1:3], scale)
     if scale not in train_fns:
-      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw).train
+      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw,
+                                       config.get("precision", "float32")).train
     batch_size = config.batch_size * multipliers[epoch]
     num_steps = n // batch_size
     mine = sharding.process_slice(batch_size)  # this process's rows of each batch

@@ -40,6 +40,17 @@ def test_parameter_counts(name, count):
   assert param_count(name) == count
 
 
+def test_resnet50_matches_torchvision_parameter_count_and_shapes():
+  model = create_model("resnet50", num_classes=1000)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == 25_557_032
+  # The 3×3 conv of stage 2's first block (v1.5 strides there).
+  stage2 = variables["params"]["Bottleneck_3"]
+  assert stage2["Conv_1"]["kernel"].shape == (3, 3, 128, 128)
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 224, 224, 3))), variables)
+  assert logits.shape == (2, 1000)
+
+
 def test_parameter_count_scales_with_classes():
   # Only the final Dense depends on the number of classes: 64 inputs + 1 bias per class.
   assert param_count("resnet20", 100) - param_count("resnet20", 10) == 90 * 65

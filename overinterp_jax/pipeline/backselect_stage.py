@@ -14,11 +14,12 @@ import os
 import time
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from overinterp_jax import sis
+from overinterp_jax import precision, sis
 from overinterp_jax.pipeline import artifacts
 
 SPLITS = ("train", "test")
@@ -46,20 +47,44 @@ def to_record(r: sis.BackselectResult) -> dict:
 
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
-                   seed: int, fully_masked=None, target_classes=None, mesh=None
-                   ) -> sis.BackselectResult:
+                   seed: int, fully_masked=None, target_classes=None, mesh=None,
+                   compute_dtype: str = "float32") -> sis.BackselectResult:
   """One backward selection of ``images [n, H, W, C]`` (normalised) per ``bs_config``."""
   if bs_config.method == "exact":
     return sis.batched_backselect(apply, images, params=variables, fully_masked=fully_masked,
-                                  target_classes=target_classes, mesh=mesh)
+                                  target_classes=target_classes, mesh=mesh,
+                                  compute_dtype=compute_dtype)
   if bs_config.method == "gradient":
     return sis.gradient_backselect(apply, images, params=variables, fully_masked=fully_masked,
                                    target_classes=target_classes,
                                    remove_per_step=int(bs_config.remove_per_step),
                                    noise_std=float(bs_config.noise_std), seed=seed,
-                                   batch_size=int(bs_config.batch_size), mesh=mesh)
+                                   batch_size=_gradient_batch(apply, variables, images,
+                                                              bs_config, mesh, compute_dtype),
+                                   mesh=mesh,
+                                   compute_dtype=compute_dtype)
   raise ValueError(f"config.backselect.method must be 'exact' or 'gradient', got "
                    f"{bs_config.method!r}.")
+
+
+# Memory-fitted batch per (image shape, parameter shapes, precision): measuring it
+# compiles the model, and it depends on nothing else.
+_FITTED: dict = {}
+
+
+def _gradient_batch(apply, variables, images, bs_config, mesh, compute_dtype) -> int:
+  """``bs_config.batch_size``, or (0) the most images per device whose pass fits the
+  device's memory (``sis.gradient_batch_size``), logged once when first chosen."""
+  if int(bs_config.batch_size):
+    return int(bs_config.batch_size)
+  key = (images.shape[1:], str(images.dtype), compute_dtype, len(images),
+         str(jax.tree.map(np.shape, variables)))
+  if key not in _FITTED:
+    predict = precision.in_compute_dtype(apply, compute_dtype)
+    _FITTED[key] = sis.gradient_batch_size(predict, images, params=variables, mesh=mesh)
+    logging.info("Batched Gradient SIS: %d images per pass per device (fits the device's "
+                 "memory budget; set backselect.batch_size to fix it).", _FITTED[key])
+  return _FITTED[key]
 
 
 def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],
@@ -94,7 +119,8 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
 
 def backselect_split(directory: str, apply: Callable, variables, images: np.ndarray,
                      prepare: Callable, bs_config, fp: str, *, seed: int, fully_masked=None,
-                     progress: bool = True, desc: str = "backselect", mesh=None) -> dict:
+                     progress: bool = True, desc: str = "backselect", mesh=None,
+                     compute_dtype: str = "float32") -> dict:
   """Backward selection of every image of one split into ``directory/shard_XXXXX.npz``.
 
   ``fully_masked``: optional ``[N, H, W, C]`` masked values per image.
@@ -109,7 +135,8 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
   def compute(rows: slice) -> dict:
     fm = None if fully_masked is None else fully_masked[rows]
     return to_record(run_backselect(apply, variables, prepare(images[rows]), bs_config,
-                                    seed=seed + rows.start, fully_masked=fm, mesh=mesh))
+                                    seed=seed + rows.start, fully_masked=fm, mesh=mesh,
+                                    compute_dtype=compute_dtype))
 
   return records_in_shards(shards, compute, int(np.prod(images.shape[1:3])), desc=desc,
                            progress=progress)

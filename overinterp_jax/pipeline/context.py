@@ -70,9 +70,12 @@ class Context:
 
   def backselect_fp(self, split: str, fully_masked_kind: str = "mean",
                     indices: Optional[tuple] = None) -> str:
+    # precision joins only when not float32, so earlier fingerprints stay valid.
     return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind,
                                  sis.SELECTION_VERSION,
-                                 *([] if indices is None else [list(indices)]))
+                                 *([] if indices is None else [list(indices)]),
+                                 *([] if self.config.precision == "float32"
+                                   else [self.config.precision]))
 
   @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, indices: Optional[tuple] = None,
@@ -89,7 +92,7 @@ class Context:
         self.config.backselect, self.backselect_fp(split, masking, indices),
         seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
         fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
-        mesh=self.mesh)
+        mesh=self.mesh, compute_dtype=self.config.precision)
 
   def fully_masked(self, split: str, kind: str, indices=None):
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` (default all) of

@@ -31,7 +31,7 @@ TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "
 # Keys added later, part of the fingerprint only when not at their default (so the
 # fingerprints of models trained before they existed stay what they were).
 LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random",
-                    "bn_momentum": DEFAULT_MOMENTUM}
+                    "bn_momentum": DEFAULT_MOMENTUM, "precision": "float32"}
 
 
 def train_settings(config) -> dict:
