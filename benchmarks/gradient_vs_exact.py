@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from overinterp_jax import data as data_lib
+from rank_stats import spearman as _spearman
 from overinterp_jax import sis
 from overinterp_jax.pipeline import sis_stage, trained
 from overinterp_jax.pipeline.context import Context
@@ -34,19 +35,6 @@ flags.DEFINE_string("out", "", "Write the results here as JSON.")
 flags.DEFINE_integer("num_images", 0, "Test images to compare (0 = the sis stage's sample). "
                      "Another number draws the same seeded permutation and stores its exact "
                      "records as sis/single_sample<N>.npz, beside the stage's own.")
-
-
-def _ranks(order: np.ndarray) -> np.ndarray:
-  ranks = np.empty_like(order)
-  np.put_along_axis(ranks, order, np.arange(order.shape[1])[None].repeat(len(order), 0), 1)
-  return ranks
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-  ra, rb = _ranks(a).astype(float), _ranks(b).astype(float)
-  ra -= ra.mean(1, keepdims=True)
-  rb -= rb.mean(1, keepdims=True)
-  return float(np.mean((ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))))
 
 
 def _confidence(ctx, idx, feature_mask, fmap, targets) -> np.ndarray:
