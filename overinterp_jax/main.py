@@ -3,21 +3,28 @@
 Runs the pipeline stages listed in ``config.stages`` (``pipeline/runner.py``):
 train → backselect → subsets → retrain → sis → controls → report. Any config
 key can be overridden with ``--config.<key>=<value>``; the config is locked,
-so a key that does not exist is rejected with a message naming it. Re-running
-with the same ``--workdir`` resumes.
+so a key that does not exist is rejected in one line naming it and the
+closest existing keys. Every value is checked before any work starts
+(``config_checks.py``). Re-running with the same ``--workdir`` resumes.
+
+Logs show the pipeline's own lines and other libraries' warnings;
+``--verbosity=1`` adds the libraries' INFO lines (orbax, JAX).
 """
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from overinterp_jax import config_checks
 from overinterp_jax import data as data_lib
-from overinterp_jax import precision, train
-from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
+from overinterp_jax.config_checks import validate_config
+from overinterp_jax.pipeline import artifacts, report, runner
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
@@ -25,92 +32,59 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-KNOWN_STAGES = runner.STAGES
-
-
-def _subset_of(key: str, values, known) -> None:
-  unknown = [v for v in values if v not in known]
-  if unknown:
-    raise ValueError(f"config.{key} has unknown values {unknown}; known: {list(known)}.")
-
-
-def _in_range(key: str, value, low, high, low_open=True) -> None:
-  ok = (low < value if low_open else low <= value) and value <= high
-  if not ok:
-    raise ValueError(f"config.{key} must be in {'(' if low_open else '['}{low}, {high}], "
-                     f"got {value}.")
-
-
-def validate_config(config) -> None:
-  """Fails before any work starts, naming the offending key."""
-  _subset_of("stages", config.stages, KNOWN_STAGES)
-  if int(config.host_devices) < 0:
-    raise ValueError(f"config.host_devices must be >= 0 (0 = JAX's default), got "
-                     f"{config.host_devices}.")
-  for key in ("num_epochs", "batch_size", "eval_batch_size", "eval_every", "num_classes"):
-    if int(config[key]) < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
-  if not config.lr > 0:
-    raise ValueError(f"config.lr must be > 0, got {config.lr}.")
-  train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
-  train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
-  train.augment_flip(config)
-  if int(config.augment_padding) < 0:
-    raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
-  d = config.data
-  if d.source == "image_folder" and not os.path.exists(d.path):
-    raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
-                     "'image_folder' needs a folder or .tar.gz of <split>/<class>/<image>).")
-  if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
-    raise ValueError(f"config.data.data_dir={d.data_dir!r} is not a directory.")
-  b = config.backselect
-  _subset_of("backselect.method", [b.method], ("exact", "gradient"))
-  for key in ("remove_per_step", "shard_size"):
-    if int(b[key]) < 1:
-      raise ValueError(f"config.backselect.{key} must be >= 1, got {b[key]}.")
-  if int(b.batch_size) < 0:
-    raise ValueError(f"config.backselect.batch_size must be >= 0 (0 = as many as fit the "
-                     f"device's memory), got {b.batch_size}.")
-  precision.compute_dtype(config.precision)  # raises on an unknown policy
-  if not b.noise_std >= 0:
-    raise ValueError(f"config.backselect.noise_std must be >= 0, got {b.noise_std}.")
-  _in_range("subsets.frac_kept", config.subsets.frac_kept, 0, 1)
-  _subset_of("retrain.kinds", config.retrain.kinds, retrain_stage.KINDS)
-  s = config.sis
-  _in_range("sis.threshold", s.threshold, 0, 1)
-  _subset_of("sis.models", s.models, sis_stage.MODELS)
-  _in_range("sis.input_dropout_keep_prob", s.input_dropout_keep_prob, 0, 1)
-  for key in ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"):
-    if int(s[key]) < 1:
-      raise ValueError(f"config.sis.{key} must be >= 1, got {s[key]}.")
-  if int(s.images_per_call) < 0:
-    raise ValueError(f"config.sis.images_per_call must be >= 0 (0 = all at once), got "
-                     f"{s.images_per_call}.")
-  c = config.controls
-  _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
-  if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:
-    raise ValueError(f"config.controls.dilation must be a positive odd integer, got "
-                     f"{c.dilation}.")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(config, workdir: str) -> dict:
-  """Runs the configured stages in ``workdir``; returns the results written there."""
+  """Runs the configured stages in ``workdir``; returns the results written there.
+
+  Nothing is written before the config and the loaded data have passed their checks.
+  """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as fh:
-    fh.write(config.to_json_best_effort(indent=1))
-  dataset = data_lib.load_for_config(config.data, workdir)
+  dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.progress))
+  config_checks.validate_with_data(config, dataset)
+  artifacts.save_json(os.path.join(workdir, "config.json"),
+                      json.loads(config.to_json_best_effort()))
   results = runner.run_pipeline(config, workdir, dataset)
-  tmp = os.path.join(workdir, "results.json.tmp")
-  with open(tmp, "w") as fh:
-    json.dump(results, fh, indent=1)
-  os.replace(tmp, os.path.join(workdir, "results.json"))
+  artifacts.save_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _config_path(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing; an override of a config key that does not exist ends the
+  program with one line naming it and the closest existing keys."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    path = _config_path(argv)
+    message = path and config_checks.unknown_override(FLAGS["config"].parser.parse(path), argv)
+    if not message:
+      raise
+    sys.exit(f"FATAL: {message}")
+
+
+class _OwnLinesAndWarnings(py_logging.Filter):
+  """Passes this package's log records, and other modules' at WARNING and above."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.verbosity < 1:
+    logging.get_absl_handler().addFilter(_OwnLinesAndWarnings())
   config = FLAGS.config
   # Before any JAX operation initialises the CPU backend; a negative value is left to
   # validate_config, which names it.
@@ -120,8 +94,13 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("Devices: %s", jax.devices())
   results = run(config, FLAGS.workdir)
-  print(json.dumps(results, indent=1))
+  if artifacts.is_writer():
+    workdir = os.path.abspath(FLAGS.workdir)
+    where = ("report.md" if "report" in results else "results.json")
+    print(f"Done: {len(results)} stages. Results in {os.path.join(workdir, where)}")
+    for line in report.headline(results, config):
+      print(line)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,11 +1,14 @@
 """Training: optax SGD-Nesterov, data-parallel pure steps, orbax checkpoints, resume.
 
 ``train_and_evaluate(config, workdir, data)`` trains one model and is
-resumable: a checkpoint is written (atomically, by orbax) after every epoch,
-and a re-run with the same work directory continues from the last one. Each
-epoch's shuffling and augmentation keys derive from ``(seed, epoch)`` only,
-so a run that was killed and resumed ends with the same parameters as one
-that was not.
+resumable: a checkpoint is written (atomically, by orbax, with the sha256 of
+each of its arrays: ``checkpoints.py``) after every epoch, and a re-run with
+the same work directory continues from the last checkpoint that reads back
+with those checksums; one that does not is named in an error log and
+deleted. Each epoch's shuffling and augmentation keys derive from
+``(seed, epoch)`` only, so a run that was killed and resumed ends with the
+same parameters as one that was not. A non-finite training loss stops the run
+(``FloatingPointError`` naming the epoch and step), keeping the last checkpoint.
 
 The step functions are pure and compiled once; the batch is split over the
 data axis of ``sharding.data_mesh()`` and the state replicated, so the same
@@ -26,15 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import struct
 from tqdm import tqdm
 
-from overinterp_jax import precision, sharding
+from overinterp_jax import checkpoints, precision, sharding
 from overinterp_jax.data import augment
 from overinterp_jax.models import InputDropout, create_model
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
+from overinterp_jax.pipeline import artifacts
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
 # docs/paper.md §6.4) is deterministic.
@@ -49,6 +52,9 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+SCHEDULES = ("multistep", "onecycle", "cosine")
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -90,7 +96,7 @@ def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                                           div_factor=25.0, final_div_factor=1e3)
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(config.lr, total)
-  raise ValueError(f"config.schedule must be 'multistep', 'onecycle' or 'cosine', got "
+  raise ValueError(f"config.schedule must be one of {list(SCHEDULES)}, got "
                    f"{config.schedule!r}.")
 
 
@@ -317,20 +323,9 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _checkpoint_manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
 def _write_jsonl(path: str, records: list[dict]) -> None:
   """Replaces ``path`` atomically with one JSON object per line."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as fh:
-    fh.writelines(json.dumps(r) + "\n" for r in records)
-    fh.flush()
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
+  artifacts.write_atomic(path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -343,21 +338,50 @@ def read_metrics(path: str) -> list[dict]:
 
 def restore_trained(config, workdir: str, image_shape, num_train: int,
                     mesh=None) -> TrainState | None:
-  """The final state of a finished ``train_and_evaluate`` run in ``workdir``, else None."""
+  """The final state of a finished ``train_and_evaluate`` run in ``workdir`` (verified
+  against its stored checksums), else None."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  manager = _checkpoint_manager(directory, config.get("checkpoints_to_keep", 2))
+  manager = checkpoints.manager(directory, config.get("checkpoints_to_keep", 2))
   try:
     if manager.latest_step() != config.num_epochs:
       return None
     tx = make_optimizer(config, max(1, num_train // config.batch_size))
     state = create_train_state(build_model(config), tx, image_shape, jax.random.key(config.seed))
-    state = manager.restore(config.num_epochs, args=ocp.args.StandardRestore(state))
+    step, state = checkpoints.restore_latest(manager, workdir, state)
   finally:
     manager.close()
+  if step != config.num_epochs:
+    return None
   mesh = mesh if mesh is not None else sharding.data_mesh()
   return jax.device_put(state, sharding.replicated(mesh))
+
+
+def _check_losses(losses, first_step: int, epoch: int, num_steps: int, workdir: str) -> None:
+  """Raises ``FloatingPointError`` at the first non-finite value of ``losses`` (the
+  training losses of steps ``first_step, first_step + 1, ...`` of ``epoch``, 1-based)."""
+  bad = np.flatnonzero(~np.isfinite(np.asarray(losses, np.float64)))
+  if bad.size:
+    kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
+            else "no checkpoint was written")
+    raise FloatingPointError(
+        f"Training {workdir} stopped: the loss is {float(losses[bad[0]])} at epoch {epoch}, "
+        f"step {first_step + int(bad[0])} of {num_steps}; {kept}. Lower config.lr, or check "
+        "config.num_classes and the data.")
+
+
+def check_batch(config, *, num_devices: int | None = None, num_train: int | None = None
+                ) -> None:
+  """Raises ValueError unless ``config.batch_size`` splits over ``num_devices`` and every
+  epoch's batch (``epoch_batch_multipliers``) fits in ``num_train`` examples."""
+  if num_devices is not None and config.batch_size % num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"{num_devices} devices (config.host_devices on a CPU).")
+  largest = max(epoch_batch_multipliers(config))
+  if num_train is not None and num_train < config.batch_size * largest:
+    raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
+                     f"config.progressive_resizing) exceeds the {num_train} training examples.")
 
 
 def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
@@ -385,16 +409,10 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else sharding.data_mesh()
-  ndev = mesh.devices.size
-  if config.batch_size % ndev:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{ndev} devices.")
   n = len(train_images)
+  check_batch(config, num_devices=mesh.devices.size, num_train=n)
   steps_per_epoch = n // config.batch_size  # at config.batch_size
   multipliers = epoch_batch_multipliers(config)
-  if n < config.batch_size * max(multipliers):
-    raise ValueError(f"config.batch_size={config.batch_size} (× {max(multipliers)} in "
-                     f"config.progressive_resizing) exceeds the {n} training examples.")
   model = build_model(config)
   tx = make_optimizer(config, steps_per_epoch)
   state = create_train_state(model, tx, train_images.shape[1:],
@@ -406,12 +424,10 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   eval_every = int(config.get("eval_every", 1))
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
 
-  manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"),
+  manager = checkpoints.manager(os.path.join(workdir, "checkpoints"),
                                 config.get("checkpoints_to_keep", 2))
-  start_epoch = 0
-  if manager.latest_step() is not None:
-    start_epoch = manager.latest_step()
-    restored = manager.restore(start_epoch, args=ocp.args.StandardRestore(state))
+  start_epoch, restored = checkpoints.restore_latest(manager, workdir, state)
+  if restored is not None:
     state = jax.device_put(restored, sharding.replicated(mesh))
     logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
 
@@ -439,6 +455,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
                unit="batch", leave=False, disable=not config.get("progress", True))
     flips = augment.alternating_flips(config.seed, epoch, n) if alternate else None
+    unchecked = []  # losses since the last host sync, checked to be finite there
     for i in bar:
       idx = order[i * batch_size:(i + 1) * batch_size][mine]
       rows = train_images[idx]
@@ -447,7 +464,11 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
       x = sharding.global_batch(mesh, prepare(rows))
       y = sharding.global_batch(mesh, train_labels[idx])
       state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
+      unchecked.append(m["loss"])
       if i % 20 == 0 or i == num_steps - 1:
+        _check_losses(jax.device_get(unchecked), i + 2 - len(unchecked), epoch + 1, num_steps,
+                      workdir)
+        unchecked = []
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}",
                         img_s=f"{(i + 1) * batch_size / (time.perf_counter() - t0):.0f}")
@@ -465,11 +486,14 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
               "train_height_width": list(train_hw), "epoch_seconds": seconds,
               "batch_size": batch_size,
               "train_images_per_second": num_steps * batch_size / seconds}
-    logging.info("%s", record)
+    logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
+                 workdir, epoch + 1, config.num_epochs, record["train_loss"],
+                 "-" if record["test_accuracy"] is None
+                 else f"{100 * record['test_accuracy']:.2f}%",
+                 seconds, record["train_images_per_second"])
     history.append(record)
     _write_jsonl(metrics_path, history)
-    manager.save(epoch + 1, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
+    checkpoints.save(manager, workdir, epoch + 1, state)
   if not test_metrics:
     test_metrics = evaluate(steps, state, test_images, test_labels,
                             config.get("eval_batch_size", 500), prepare)

@@ -2,6 +2,8 @@
 import jax
 import pytest
 
+from smoke_pipeline import run_main
+
 # Must happen before any JAX operation creates the CPU backend.
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_platforms", "cpu")
@@ -31,3 +33,19 @@ def fast_compile():
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
   jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+  """One uninterrupted smoke run of every stage: ``(workdir, completed process)``. Tests
+  that damage its files work on a copy."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = run_main(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+@pytest.fixture(scope="session")
+def finished(finished_run):
+  """The work directory of ``finished_run``."""
+  return finished_run[0]

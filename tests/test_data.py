@@ -163,6 +163,26 @@ def test_corrupt_image_is_named(tree, tmp_path):
   assert len(image_folder.load_image_folder(tar, "test", progress=False)) == 3
 
 
+def test_every_bad_image_of_an_archive_is_listed_and_an_empty_one_named(tree, tmp_path,
+                                                                         monkeypatch):
+  root, _ = tree
+  open(os.path.join(root, "train", "ant", "0000.png"), "wb").close()  # zero bytes
+  for i in range(3):
+    with open(os.path.join(root, "test", "zebra", f"bad{i}.png"), "wb") as fh:
+      fh.write(b"not a png")
+  tar = make_tar(str(tmp_path / "bad.tar.gz"), root)
+  with pytest.raises(ValueError) as err:
+    image_folder.load_image_folder_splits(tar, progress=False)
+  message = str(err.value)
+  assert message.startswith(f"4 image(s) of archive {tar} cannot be decoded:")
+  assert "train/ant/0000.png: the file is empty (0 bytes)" in message
+  for i in range(3):
+    assert f"test/zebra/bad{i}.png" in message
+  monkeypatch.setattr(image_folder, "MAX_LISTED_BAD_FILES", 2)
+  with pytest.raises(ValueError, match=r"\.\.\. and 2 more\.$"):
+    image_folder.load_image_folder_splits(tar, progress=False)
+
+
 def test_empty_class_folder(tree, tmp_path):
   root, _ = tree
   os.makedirs(os.path.join(root, "train", "mole"))

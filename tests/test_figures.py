@@ -130,6 +130,17 @@ def test_rise_curves_fraction(tmp_path, monkeypatch):
   np.testing.assert_allclose(y, [0.0, 0.5, 1.0, 1.0])
 
 
+def test_rise_curves_at_one_are_inside_the_frame(tmp_path, monkeypatch):
+  limits = []
+  save = figures._save
+  monkeypatch.setattr(figures, "_save",
+                      lambda fig, path: limits.append(fig.axes[0].get_ylim()) or save(fig, path))
+  values = np.array([[0.9, 0.95, 0.99], [0.8, 0.9, 0.95]])  # every image rises at once
+  figures.rise_curves(tmp_path / "r.png", {"a": values}, {"a": np.array([0.5, 0.6])})
+  (low, high), = limits
+  assert low < 1.0 < high and high - 1.0 < 0.1  # the curve at y = 1 shows, not on the border
+
+
 def test_markdown_table():
   table = figures.markdown_table(["model", "acc", "n", "note"],
                                  [["a|b", 0.123456, 3, "0.5"], ["c", np.float32(12345.67), 10, ""]])

@@ -3,45 +3,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from overinterp_jax import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIGURES = ("sis_examples.png", "confidence_vs_pixels_removed.png", "sis_size_histograms.png",
-           "smoothed_sis_confidence.png", "confidence_rise.png")
-
-
-def _command(workdir, *args):
-  return [sys.executable, "-m", "overinterp_jax.main", "--config=configs/smoke.py",
-          f"--workdir={workdir}", *args]
-
-
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-
-def run_main(workdir, *args):
-  return subprocess.run(_command(workdir, *args), cwd=REPO, capture_output=True, text=True,
-                        timeout=900, env=_env())
-
-
-def _outputs(workdir):
-  out = {name: (workdir / name).read_bytes() for name in ("report.md", "report.json")}
-  out.update({f: (workdir / "figures" / f).read_bytes() for f in FIGURES})
-  return out
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """One uninterrupted smoke run of every stage."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = run_main(workdir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+from smoke_pipeline import REPO, FIGURES, command, env, outputs, run_main
 
 
 def test_report_has_every_section_and_figure(finished):
@@ -51,6 +18,11 @@ def test_report_has_every_section_and_figure(finished):
                   "### Masking value", "### Confidence along backward selection", "## Figures"):
     assert heading in md, heading
   assert "5% BS mask only" in md
+  header = next(line for line in md.splitlines() if line.startswith("| model | seed |"))
+  cells = header.strip("|").split(" | ")
+  assert len(set(cells)) == len(cells), header  # base and retrain budgets are both 2 epochs
+  assert "—–—" not in md
+  assert "`true class → predicted class confidence`" in md  # explains sis_examples.png
   report = json.loads((finished / "report.json").read_text())
   t1 = report["table1"]
   assert t1["model"] == "cnn3"
@@ -72,18 +44,29 @@ def test_report_has_every_section_and_figure(finished):
   assert len(list((finished / "backselect" / "train").glob("shard_*.npz"))) == 2
 
 
+def test_smoke_run_prints_its_own_lines_only(finished_run):
+  workdir, proc = finished_run
+  lines = (proc.stdout + proc.stderr).splitlines()
+  assert len(lines) <= 60, "\n".join(lines)
+  assert not [l for l in lines if "orbax" in l or "Unable to initialize backend" in l]
+  assert "exact SIS (" not in proc.stderr  # config.progress=False: no progress bars
+  assert proc.stdout.splitlines()[0] == f"Done: 7 stages. Results in {workdir}/report.md"
+  assert proc.stdout.splitlines()[1].startswith("Test accuracy (%): full images (2 ep) ")
+  assert len(proc.stdout.splitlines()) == 2  # a summary, not the whole results
+
+
 def test_rerun_skips_finished_stages(finished):
-  before = _outputs(finished)
+  before = outputs(finished)
   proc = run_main(finished)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr.count("already done") == 7
-  assert _outputs(finished) == before
+  assert outputs(finished) == before
   assert len(train.read_metrics(str(finished / "base_model" / "metrics.jsonl"))) == 2
 
 
 def test_kill_9_mid_backselect_then_resume_gives_identical_report(finished, tmp_path):
   shard = tmp_path / "backselect" / "train" / "shard_00000.npz"
-  proc = subprocess.Popen(_command(tmp_path), cwd=REPO, env=_env(),
+  proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   while not shard.exists() and proc.poll() is None and time.time() < deadline:
@@ -97,7 +80,7 @@ def test_kill_9_mid_backselect_then_resume_gives_identical_report(finished, tmp_
   again = run_main(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Ignoring" in again.stderr  # the torn shard was rejected and recomputed
-  assert _outputs(tmp_path) == _outputs(finished)
+  assert outputs(tmp_path) == outputs(finished)
 
 
 def test_bad_values_fail_before_work(tmp_path):

@@ -10,7 +10,7 @@ from configs import cifar10, smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
-from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data,
+from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data, report,
                                      retrain_stage, sis_stage)
 
 
@@ -99,6 +99,7 @@ class _SisContext:
 
   def __init__(self, workdir, images, images_per_call):
     self.workdir, self.height_width, self.mesh = str(workdir), images.shape[1:3], None
+    self.progress = False
     self.config = smoke.get_config()
     self.config.sis.patch_size, self.config.sis.images_per_call = 1, images_per_call
     self.data = type("D", (), {"test_images": images,
@@ -225,6 +226,12 @@ def test_rise_fraction():
   out = controls.rise_fraction(values, np.array([0.6, 0.5, 0.9]))
   assert out["fraction_rising"] == pytest.approx(2 / 3)
   assert out["fraction_rising_by_0.01"] == pytest.approx(1 / 3)
+
+
+def test_sis_table_shows_one_dash_for_an_empty_iqr():
+  no_sis = sis_stage.size_stats(np.array([10, 20]), np.array([False, False]), 256)
+  table = report.sis_table({"models": {"single": {"test_accuracy": 0.5, **no_sis}}})
+  assert table.splitlines()[-1] == "| single | 50.00 | 0 | 0.00 | — | — | — |"
 
 
 # --------------------------------------------------------------------- config checking

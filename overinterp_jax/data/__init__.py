@@ -31,6 +31,7 @@ from overinterp_jax.data.synthetic import make_synthetic
 from overinterp_jax.data.tfds_source import load_tfds_arrays, tfds_data_source
 
 SOURCES = ("image_folder", "tfds", "synthetic")
+NORMALIZATIONS = ("auto", "cifar10", "train")
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,7 +79,7 @@ def _normalization(kind: str, train: LabelledImages) -> Normalization:
     return CIFAR10
   if kind == "train":
     return channel_stats(train.images)
-  raise ValueError(f"normalization must be 'auto', 'cifar10' or 'train', got {kind!r}.")
+  raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {kind!r}.")
 
 
 def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar10",
@@ -117,13 +118,14 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
                  _normalization(normalization, train))
 
 
-def load_for_config(data_config, workdir: str) -> Dataset:
+def load_for_config(data_config, workdir: str, progress: bool = True) -> Dataset:
   """``load_dataset`` from a ``config.data`` ConfigDict (keys as in configs/cifar10.py).
 
   Reads ``source``, ``path``, ``name``, ``data_dir``, ``cache_dir`` (empty =
   ``<workdir>/data_cache``), ``expected_train``/``expected_test`` (image
   counts to verify; 0 = unchecked) and, when present, ``num_train``, ``num_test``,
-  ``image_size``, ``num_classes``, ``seed``, ``normalization``, ``progress``.
+  ``image_size``, ``num_classes``, ``seed``, ``normalization``. ``progress``: show
+  decoding progress bars (``config.progress``).
   """
   get = data_config.get
   cache_dir = get("cache_dir", "") or os.path.join(workdir, "data_cache")
@@ -135,11 +137,12 @@ def load_for_config(data_config, workdir: str) -> Dataset:
                       num_train=get("num_train", 256), num_test=get("num_test", 64),
                       image_size=get("image_size", 32), num_classes=get("num_classes", 10),
                       seed=get("seed", 0), normalization=get("normalization", "auto"),
-                      progress=get("progress", True))
+                      progress=progress)
 
 
 __all__ = [
-    "Dataset", "LabelledImages", "Normalization", "SOURCES", "load_dataset", "load_for_config",
+    "Dataset", "LabelledImages", "NORMALIZATIONS", "Normalization", "SOURCES", "load_dataset",
+    "load_for_config",
     "load_image_folder", "load_image_folder_splits", "load_tfds_arrays", "tfds_data_source",
     "make_synthetic", "channel_stats", "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_EXPECTED_COUNTS",
     "augment_batch", "augment_images", "random_crop_flip",

@@ -5,13 +5,16 @@ The source is a directory or a ``.tar`` / ``.tar.gz`` archive holding that tree
 decoded with PIL in memory; nothing is extracted to disk. Labels follow the
 sorted class-folder names (for CIFAR-10 that is the usual label order,
 airplane … truck). Images are converted to RGB and must all have the same size.
+Every undecodable (or empty) image of a load is listed in one error, up to
+``MAX_LISTED_BAD_FILES``.
 
 Decoding 60k JPEGs takes a while, so each split is decoded once and cached as
 ``<cache_dir>/<source name>-<hash of its path>-<split>.npz`` (uint8 images,
 int32 labels, class names, a fingerprint of the source), written atomically
-(temporary file + ``os.replace``). A cache file is used only if it passes
-validation (readable, consistent shapes and dtypes, counts, classes, the
-source's fingerprint, ``expected_counts``); otherwise it is rebuilt.
+(``artifacts.write_atomic``) and only once every requested split has passed
+its checks, so a load that fails writes nothing. A cache file is used only if
+it passes validation (readable, consistent shapes and dtypes, counts, classes,
+the source's fingerprint, ``expected_counts``); otherwise it is rebuilt.
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 import zlib
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
@@ -29,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from overinterp_jax.data.labelled import LabelledImages
+from overinterp_jax.pipeline import artifacts
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -36,6 +39,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_EXPECTED_COUNTS = {"train": {c: 5000 for c in CIFAR10_CLASSES},
                            "test": {c: 1000 for c in CIFAR10_CLASSES}}
 CACHE_FORMAT_VERSION = 1
+MAX_LISTED_BAD_FILES = 20
 
 # Per split: an int (total images) or {class name: count}.
 ExpectedCounts = Mapping[str, Union[int, Mapping[str, int]]]
@@ -48,12 +52,37 @@ def _is_image_name(name: str) -> bool:
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
   """Decodes one JPEG/PNG to ``[H, W, 3]`` uint8; ValueError naming ``where`` if it fails."""
+  if not data:
+    raise ValueError(f"Cannot decode image {where}: the file is empty (0 bytes).")
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
       return np.asarray(img.convert("RGB"), dtype=np.uint8)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"Cannot decode image {where}: {e}") from e
+
+
+class _Decoder:
+  """Decodes images one by one, noting the failures instead of stopping at the first;
+  ``raise_if_any`` then names them all (up to ``MAX_LISTED_BAD_FILES``)."""
+
+  def __init__(self):
+    self.errors: list[str] = []
+
+  def __call__(self, data: bytes, where: str) -> Optional[np.ndarray]:
+    try:
+      return decode_image(data, where)
+    except ValueError as e:
+      self.errors.append(str(e))
+      return None
+
+  def raise_if_any(self, source: str) -> None:
+    if not self.errors:
+      return
+    listed = self.errors[:MAX_LISTED_BAD_FILES]
+    more = len(self.errors) - len(listed)
+    raise ValueError(f"{len(self.errors)} image(s) of {source} cannot be decoded:\n  "
+                     + "\n  ".join(listed) + (f"\n  ... and {more} more." if more else ""))
 
 
 def _is_archive(path: str) -> bool:
@@ -117,8 +146,8 @@ def _split_class_of(member_name: str) -> Optional[tuple[str, str]]:
 
 
 def _iter_archive(path: str, splits: Sequence[str], progress: bool, total: Optional[int]
-                  ) -> Iterator[tuple[str, str, str, np.ndarray]]:
-  """Streams ``(split, class, member name, image [H, W, 3] uint8)`` for ``splits``.
+                  ) -> Iterator[tuple[str, str, str, bytes]]:
+  """Streams ``(split, class, member name, encoded image bytes)`` for ``splits``.
 
   Also checks, once the stream ends, that every requested split was present and
   that no class folder of those splits was empty.
@@ -147,8 +176,7 @@ def _iter_archive(path: str, splits: Sequence[str], progress: bool, total: Optio
           continue
         class_files[split].add(cls)
         fh = archive.extractfile(member)
-        data = fh.read() if fh is not None else b""
-        yield split, cls, member.name, decode_image(data, f"{path}:{member.name}")
+        yield split, cls, member.name, fh.read() if fh is not None else b""
         bar.update()
   except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
     raise ValueError(f"Cannot read archive {path}: {e}") from e
@@ -182,13 +210,15 @@ def _stack(split: str, items: list[tuple[str, str, np.ndarray]]) -> LabelledImag
 def _decode_directory(path: str, split: str, files: Mapping[str, Sequence[str]],
                       progress: bool) -> LabelledImages:
   items = []
+  decode = _Decoder()
   total = sum(len(v) for v in files.values())
   with tqdm(total=total, desc=f"decoding {split}", unit="img", disable=not progress) as bar:
     for c, names in files.items():
       for f in names:
         with open(f, "rb") as fh:
-          items.append((c, f, decode_image(fh.read(), f)))
+          items.append((c, f, decode(fh.read(), f)))
         bar.update()
+  decode.raise_if_any(os.path.join(path, split))
   return _stack(split, items)
 
 
@@ -263,22 +293,13 @@ def _read_cache(path: str, fingerprint: str, split: str, source: str,
 
 
 def _write_cache(path: str, data: LabelledImages, fingerprint: str) -> None:
-  """Writes ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      np.savez(fh, images=data.images, labels=data.labels,
-               class_names=np.array(data.class_names, dtype=np.str_),
-               class_counts=np.bincount(data.labels, minlength=len(data.class_names)),
-               fingerprint=np.array(fingerprint), format_version=np.array(CACHE_FORMAT_VERSION))
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes ``path`` atomically (``artifacts.write_atomic``)."""
+  artifacts.write_atomic(path, lambda fh: np.savez(
+      fh, images=data.images, labels=data.labels,
+      class_names=np.array(data.class_names, dtype=np.str_),
+      class_counts=np.bincount(data.labels, minlength=len(data.class_names)),
+      fingerprint=np.array(fingerprint), format_version=np.array(CACHE_FORMAT_VERSION)),
+                         binary=True)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -337,20 +358,23 @@ def load_image_folder_splits(path: str, splits: Sequence[str] = ("train", "test"
         total = sum(v if isinstance(v, int) else sum(v.values())
                     for v in (expected_counts[s] for s in todo))
       items = {s: [] for s in todo}
-      for split, cls, name, img in _iter_archive(path, todo, progress, total):
-        items[split].append((cls, name, img))
+      decode = _Decoder()
+      for split, cls, name, data in _iter_archive(path, todo, progress, total):
+        items[split].append((cls, name, decode(data, f"{path}:{name}")))
+      decode.raise_if_any(f"archive {path}")
       decoded = {s: _stack(s, items[s]) for s in todo}
     else:
       decoded = {s: _decode_directory(path, s, dir_files[s], progress) for s in todo}
     for split, data in decoded.items():
       check_split(data, split, path, expected_counts)
-      if cache_dir:
-        _write_cache(cache_path(cache_dir, path, split), data, fingerprints[split])
       out[split] = data
 
   names = {s: out[s].class_names for s in splits}
   if len(set(names.values())) != 1:
     raise ValueError(f"Splits of {path} have different classes: {names}.")
+  if cache_dir:  # only now: a load that fails any check writes nothing
+    for split in todo:
+      _write_cache(cache_path(cache_dir, path, split), out[split], fingerprints[split])
   return {s: out[s] for s in splits}
 
 

@@ -9,14 +9,22 @@ under another config, or fails the caller's shape checks.
 
 Stage summaries are JSON files written the same way. On multi-host runs every
 process computes the same results and only process 0 writes.
+
+``write_atomic`` is the one atomic writer of the package. Inside ``recording()``
+every file written through it, or read back valid by ``load``, is noted (plus
+files named to ``note``), so the runner can tell which files a stage produced
+and later check them cheaply (``describe_files`` / ``changed_files``: size and
+sha256) before trusting the stage's marker.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import uuid
 import zipfile
-from typing import Any, Callable, Mapping, Optional
+from typing import IO, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 from absl import logging
@@ -51,10 +59,47 @@ def checksum(arrays: Mapping[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def _fsync_replace(tmp: str, path: str) -> None:
-  with open(tmp, "rb") as fh:
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
+_RECORDINGS: list[set] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[set]:
+  """Collects the absolute paths of the files written or validly read while it is open."""
+  paths: set = set()
+  _RECORDINGS.append(paths)
+  try:
+    yield paths
+  finally:
+    _RECORDINGS.remove(paths)
+
+
+def note(path: str) -> None:
+  """Adds ``path`` (a file, or every file under a directory) to the open recordings."""
+  if not _RECORDINGS:
+    return
+  path = os.path.abspath(path)
+  files = [path] if not os.path.isdir(path) else [
+      os.path.join(root, f) for root, _, names in os.walk(path) for f in names]
+  for r in _RECORDINGS:
+    r.update(files)
+
+
+def write_atomic(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+  """Calls ``write(file)`` on a temporary file of its own, syncs it and renames it to
+  ``path``: ``path`` is either its old self or complete, never partial, even when several
+  processes write it at once."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+  try:
+    with open(tmp, "xb" if binary else "x") as fh:
+      write(fh)
+      fh.flush()
+      os.fsync(fh.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  note(path)
 
 
 def is_writer() -> bool:
@@ -70,12 +115,10 @@ def save(path: str, arrays: Mapping[str, np.ndarray], fp: str) -> None:
     raise ValueError(f"Array names {bad} are reserved.")
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, __fingerprint__=np.array(fp), __checksum__=np.array(checksum(arrays)),
-           **arrays)
-  _fsync_replace(tmp, path)
+  write_atomic(path, lambda fh: np.savez(fh, __fingerprint__=np.array(fp),
+                                         __checksum__=np.array(checksum(arrays)), **arrays),
+               binary=True)
 
 
 def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = None
@@ -105,6 +148,7 @@ def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = 
   if problem:
     logging.warning("Ignoring %s (%s); it will be recomputed.", path, problem)
     return None
+  note(path)
   return arrays
 
 
@@ -112,12 +156,7 @@ def save_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON to ``path`` atomically (process 0 only)."""
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=1)
-    fh.write("\n")
-  _fsync_replace(tmp, path)
+  write_atomic(path, lambda fh: fh.write(json.dumps(obj, indent=1) + "\n"))
 
 
 def load_json(path: str, fp: Optional[str] = None) -> Optional[dict]:
@@ -134,3 +173,38 @@ def load_json(path: str, fp: Optional[str] = None) -> Optional[dict]:
     logging.info("Ignoring %s: written under a different config.", path)
     return None
   return obj
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as fh:
+    for block in iter(lambda: fh.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def describe_files(root: str, paths) -> dict:
+  """``{path relative to root: [bytes, sha256]}`` of the existing files among ``paths``
+  (absolute) under ``root``, sorted."""
+  root = os.path.abspath(root)
+  out = {}
+  for p in sorted(paths):
+    rel = os.path.relpath(p, root)
+    if os.path.isfile(p) and not rel.startswith(os.pardir):
+      out[rel] = [os.path.getsize(p), file_sha256(p)]
+  return out
+
+
+def changed_files(root: str, described: Mapping[str, Any]) -> list[str]:
+  """The problems of files ``describe_files`` described: missing, resized or changed
+  (sha256 checked only when the size matches); empty when all are as described."""
+  problems = []
+  for rel, (size, digest) in described.items():
+    p = os.path.join(root, rel)
+    if not os.path.isfile(p):
+      problems.append(f"{rel} is missing")
+    elif os.path.getsize(p) != size:
+      problems.append(f"{rel} has {os.path.getsize(p)} bytes, not {size}")
+    elif file_sha256(p) != digest:
+      problems.append(f"{rel} changed (sha256 differs)")
+  return problems

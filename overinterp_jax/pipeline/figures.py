@@ -3,7 +3,7 @@
 Pure helpers: each plotting function validates its inputs (raising
 ``ValueError`` that names the offending argument), draws one matplotlib figure
 with the Agg canvas (no pyplot, no global state), writes it as a PNG atomically
-(``path + ".tmp.png"`` then ``os.replace``) and returns ``path`` as a string.
+(``artifacts.write_atomic``) and returns ``path`` as a string.
 The PNG carries no software/version metadata, so the same inputs give the same
 bytes.
 
@@ -24,6 +24,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
+
+from overinterp_jax.pipeline import artifacts
 
 DPI = 120
 PANEL_INCHES = 1.6
@@ -102,18 +104,23 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | os.PathLike) -> str:
   """Writes ``fig`` to ``path`` as PNG atomically; returns ``path`` as a string."""
   path = os.fspath(path)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  tmp = path + ".tmp.png"
   try:
-    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    os.replace(tmp, path)
+    artifacts.write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI,
+                                                        metadata={"Software": None}),
+                           binary=True)
   finally:
     fig.clear()
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path
+
+
+def _padded_range(arrays: Sequence[np.ndarray], margin: float = 0.05) -> tuple[float, float]:
+  """y-limits from the smallest to the largest value of ``arrays`` plus ``margin`` on each
+  side, so a curve at the data's extreme (e.g. 1.0) is not hidden by the frame; (0, 1)
+  when there are no values."""
+  values = np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0)
+  if values.size == 0:
+    return 0.0, 1.0
+  return float(values.min()) - margin, float(values.max()) + margin
 
 
 def _steps_x(d: int) -> np.ndarray:
@@ -354,7 +361,9 @@ def rise_curves(path: str | os.PathLike, values: Mapping[str, ArrayLike],
     label_by: optional label -> legend text (labels not listed show as is).
 
   For each label, y at x = (j + 1) / d is the fraction of images with
-  ``max(values[:, :j + 1]) > original``.
+  ``max(values[:, :j + 1]) > original``. The y-axis spans the curves' range plus a
+  margin (``_padded_range``) and each label has its own line style, so curves at 1.0,
+  or on top of each other, stay visible.
   """
   values = _float_rows("values", values, ndim=2)
   original = _float_rows("original", original, ndim=1)
@@ -366,16 +375,20 @@ def rise_curves(path: str | os.PathLike, values: Mapping[str, ArrayLike],
   label_by = dict(label_by or {})
   fig = _new_figure(5.0, 3.5)
   ax = fig.subplots()
-  for label, v in values.items():
+  drawn = []
+  for i, (label, v) in enumerate(values.items()):
     text = str(label_by.get(label, label))
     if len(v) == 0:
       ax.plot([], [], label=f"{text} (n=0)")
       continue
     rose = np.maximum.accumulate(v - original[label][:, None], axis=1) > 0
-    ax.plot(_steps_x(v.shape[1]), rose.mean(axis=0), label=text)
-  ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="fraction of pixels removed",
-         ylabel="fraction of images",
-         title="images whose confidence rose above full-image value")
+    drawn.append(rose.mean(axis=0))
+    # Curves often coincide (e.g. all at 1.0): styles keep each one visible.
+    ax.plot(_steps_x(v.shape[1]), drawn[-1], label=text, linewidth=2,
+            linestyle=("-", "--", ":", "-.")[i % 4])
+  ax.set(xlim=(0, 1), ylim=_padded_range(drawn), xlabel="fraction of pixels removed",
+         ylabel="fraction of images")
+  ax.set_title("images whose confidence rose above the full-image value", fontsize=9)
   ax.legend(fontsize=8)
   return _save(fig, path)
 

@@ -30,7 +30,7 @@ def fingerprint(ctx) -> str:
 def _without_timings(x):
   if isinstance(x, dict):
     return {k: _without_timings(v) for k, v in x.items()
-            if "seconds" not in k and k != "fingerprint"}
+            if "seconds" not in k and k not in ("fingerprint", "outputs")}
   return x
 
 
@@ -40,6 +40,11 @@ def _pct(x) -> str:
 
 def _num(x, fmt: str = ".0f") -> str:
   return "—" if x is None or not np.isfinite(x) else format(x, fmt)
+
+
+def _iqr(q1, q3) -> str:
+  """``q1–q3`` in pixels, or one ``—`` when there is no SIS to take quartiles of."""
+  return "—" if q1 is None or q3 is None else f"{_num(q1)}–{_num(q3)}"
 
 
 def _gap_line(name: str, a: float, b: float, other: str, paper: str) -> str:
@@ -67,8 +72,8 @@ def table1(s: dict, config) -> tuple[str, dict]:
   retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
   md = figures.markdown_table(
       ["model", "seed", f"full images ({config.num_epochs} ep)",
-       f"full images ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random", "BS − random",
-       f"{frac} BS mask only"],
+       f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
+       "BS − random", f"{frac} BS mask only"],
       [[config.model, str(config.seed), _pct(full), _pct(full_retrained), _pct(bs), _pct(rnd),
         _pct(row["bs_minus_random"]), _pct(mask_only)]])
   lines = [md, "", "Test accuracy (%); each model trained and tested on the same kind of input. "
@@ -100,8 +105,7 @@ def sis_table(s: dict) -> str:
   rows = []
   for name, m in s["models"].items():
     rows.append([name, _pct(m["test_accuracy"]), str(m["count"]), _pct(m["fraction_with_sis"]),
-                 _num(m.get("median_pixels")),
-                 f"{_num(m.get('q1_pixels'))}–{_num(m.get('q3_pixels'))}",
+                 _num(m.get("median_pixels")), _iqr(m.get("q1_pixels"), m.get("q3_pixels")),
                  _num(m.get("median_percent"), ".2f")])
   return figures.markdown_table(
       ["model", "test acc (%)", "SISes", "images with SIS (%)", "median size (px)",
@@ -243,12 +247,26 @@ def run(ctx) -> dict:
     md += ["## Controls", "", controls_md(s["controls"])]
   figs = draw_figures(ctx, s) if artifacts.is_writer() else {}
   md += ["## Figures", ""] + [f"- {k}: ![{k}]({v})" for k, v in figs.items()] + [""]
+  if "sis_examples" in figs:
+    md += ["In `sis_examples`, each row is one test image, labelled `true class → predicted "
+           "class confidence`: the predicted class is the SIS target and the confidence is the "
+           f"`{next(iter(s['sis']['models']))}` model's on the full image. Each further column shows one model's SIS on a "
+           "gray background (\"no SIS\": that model is below τ on the full image).", ""]
   report = {"table1": t1, "stages": _without_timings(s), "figures": figs}
   artifacts.save_json(ctx.path("report.json"), report)
   if not artifacts.is_writer():
     return {"report": "report.md", "figures": figs}
-  tmp = ctx.path("report.md.tmp")
-  with open(tmp, "w") as fh:
-    fh.write("\n".join(md))
-  os.replace(tmp, ctx.path("report.md"))
+  artifacts.write_atomic(ctx.path("report.md"), lambda fh: fh.write("\n".join(md)))
   return {"report": "report.md", "figures": figs}
+
+
+def headline(summaries: dict, config) -> list[str]:
+  """A few lines for the end of a run: the base model's accuracy and Table 1's numbers."""
+  _, row = table1(summaries, config)
+  frac = f"{100 * float(config.subsets.frac_kept):g}%"
+  cells = [(f"full images ({config.num_epochs} ep)", row["full"]),
+           ("full images, retrained", row["full_same_budget"]), (f"{frac} BS", row["bs_5pct"]),
+           (f"{frac} random", row["random_5pct"]), ("BS − random", row["bs_minus_random"]),
+           (f"{frac} BS mask only", row["mask_only_5pct"])]
+  cells = [f"{name} {_pct(value)}" for name, value in cells if value is not None]
+  return [f"Test accuracy (%): {', '.join(cells)}."] if cells else []

@@ -1,14 +1,21 @@
 """Runs the configured stages in order, skipping those already done.
 
 A stage is done when ``stages/<stage>.json`` exists with the fingerprint of
-the config parts it depends on. Everything expensive inside a stage (trained
-models, backselect shards, SIS records) is cached on its own, so a stage
-killed half-way resumes where it stopped. Wall time per stage goes to
-``timings.json`` (kept out of the report, which must not depend on it).
+the config parts it depends on and every file it produced is still as it was
+(the marker lists their sizes and sha256, ``artifacts.describe_files``); a
+missing, truncated or changed file makes the stage run again. A file belongs
+to the first stage that wrote or read it, so re-running a stage never
+invalidates later ones. Everything expensive inside a stage (trained models,
+backselect shards, SIS records) is cached on its own and validated when read,
+so a stage killed half-way, or re-run for one bad file, redoes only what is
+missing. Wall time per stage goes to ``timings.json`` (kept out of the report,
+which must not depend on it).
 """
 from __future__ import annotations
 
+import os
 import time
+from typing import Optional
 
 from absl import logging
 
@@ -49,8 +56,27 @@ RUNNERS = {
 }
 
 
+def _finished(ctx, stage: str, fp: str) -> Optional[dict]:
+  """The marker of ``stage`` if it is of this config and its files are intact, else None."""
+  summary = artifacts.load_json(ctx.stage_summary_path(stage), fp)
+  if summary is None:
+    return None
+  if "outputs" not in summary:
+    logging.warning("Stage %s: its marker lists no files (written by an older version); "
+                    "running it again (its cached results are reused).", stage)
+    return None
+  problems = artifacts.changed_files(ctx.workdir, summary["outputs"])
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                      else "")
+    logging.warning("Stage %s: %s. Running it again.", stage, shown)
+    return None
+  return summary
+
+
 def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
-  """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}``."""
+  """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}`` (each with the
+  ``outputs`` it owns)."""
   ctx = Context(config, workdir, dataset, mesh)
   timings = artifacts.load_json(ctx.path("timings.json")) or {}
   summaries = {}
@@ -59,14 +85,18 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
       continue
     fp_fn, run_fn = RUNNERS[stage]
     fp = fp_fn(ctx)
-    summary = artifacts.load_json(ctx.stage_summary_path(stage), fp)
+    summary = _finished(ctx, stage, fp)
     if summary is not None:
       logging.info("Stage %s: already done.", stage)
     else:
       logging.info("Stage %s: running.", stage)
       t0 = time.perf_counter()
-      summary = run_fn(ctx)
+      with artifacts.recording() as touched:
+        summary = run_fn(ctx)
+      owned = {os.path.abspath(ctx.path(rel)) for s in summaries.values()
+               for rel in s["outputs"]}
       summary["fingerprint"] = fp
+      summary["outputs"] = artifacts.describe_files(ctx.workdir, touched - owned)
       artifacts.save_json(ctx.stage_summary_path(stage), summary)
       timings[stage] = round(time.perf_counter() - t0, 1)
       artifacts.save_json(ctx.path("timings.json"), timings)

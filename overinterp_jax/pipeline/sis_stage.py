@@ -44,9 +44,15 @@ def sample_indices(ctx) -> np.ndarray:
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:
-  """``[H, W]`` feature ids of ``p × p`` patches, or None for pixels."""
-  p = int(ctx.config.sis.patch_size)
-  h, w = ctx.height_width
+  """``[H, W]`` feature ids of ``p × p`` patches (``config.sis.patch_size``), or None for
+  pixels."""
+  return patch_feature_map(int(ctx.config.sis.patch_size), ctx.height_width)
+
+
+def patch_feature_map(p: int, height_width) -> Optional[np.ndarray]:
+  """``[H, W]`` feature ids of ``p × p`` patches, or None for ``p == 1`` (pixels);
+  ValueError naming ``config.sis.patch_size`` unless ``p`` divides both sides."""
+  h, w = height_width
   if p == 1:
     return None
   if h % p or w % p:
@@ -102,7 +108,8 @@ def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_mas
         target_classes=None if targets is None else targets[rows], mesh=ctx.mesh)
     return backselect_stage.to_record(r)
 
-  return backselect_stage.records_in_shards(shards, compute, d, desc=f"exact SIS ({name})")
+  return backselect_stage.records_in_shards(shards, compute, d, desc=f"exact SIS ({name})",
+                                            progress=ctx.progress)
 
 
 def sis_of(rec: dict, threshold: float) -> sis.SISBatch:

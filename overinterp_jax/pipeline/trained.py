@@ -1,9 +1,11 @@
 """Trained models of the pipeline: train once (resumable), then load, and predict.
 
 Every model lives in its own directory under the work directory (orbax
-checkpoints + ``metrics.jsonl`` from ``train.train_and_evaluate``) with a
-``summary.json`` holding its test metrics and the fingerprint of the config
-that trained it. A finished model is restored, not retrained.
+checkpoints with their checksums + ``metrics.jsonl`` from
+``train.train_and_evaluate``) with a ``summary.json`` holding its test metrics
+and the fingerprint of the config that trained it. A finished model is
+restored, not retrained, unless its checkpoint fails its checksums: then it is
+named in an error log and trained again from its last good checkpoint.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from overinterp_jax import sharding, train
+from overinterp_jax import checkpoints, sharding, train
 from overinterp_jax.models import InputDropout, ensemble
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
@@ -107,6 +109,8 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
         prepare=prepare, augment_fn=augment_fn, mesh=mesh)
     summary = {"fingerprint": fp, "metrics": metrics, "seconds": time.perf_counter() - t0}
     artifacts.save_json(summary_path, summary)
+  for path in [summary_path] + checkpoints.files(workdir, int(config.num_epochs)):
+    artifacts.note(path)  # what a finished stage checks before it is trusted
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(train.build_model(config), variables, summary["metrics"], summary["seconds"])
 

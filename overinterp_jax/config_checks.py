@@ -1,0 +1,179 @@
+"""Every config value and cross-key constraint, checked before any work starts.
+
+``validate_config(config, num_devices)`` needs nothing but the config (and the
+device count); ``validate_with_data(config, dataset)`` checks what depends on
+the loaded data (its classes, image size and count) and runs right after the
+data load, before anything is written to the work directory. Both raise
+``ValueError`` naming the offending key. ``unknown_override(config, argv)``
+names a ``--config.<key>`` that does not exist, with the closest existing keys.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from typing import Optional, Sequence
+
+from overinterp_jax import precision, train
+from overinterp_jax.data import NORMALIZATIONS, SOURCES
+from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
+
+def _subset_of(key: str, values, known) -> None:
+  unknown = [v for v in values if v not in known]
+  if unknown:
+    raise ValueError(f"config.{key} has unknown values {unknown}; known: {list(known)}.")
+
+
+def _one_of(key: str, value, known) -> None:
+  if value not in known:
+    raise ValueError(f"config.{key} must be one of {list(known)}, got {value!r}.")
+
+
+def _in_range(key: str, value, low, high, low_open=True, high_open=False) -> None:
+  ok = ((low < value if low_open else low <= value)
+        and (value < high if high_open else value <= high))
+  if not ok:
+    raise ValueError(f"config.{key} must be in {'(' if low_open else '['}{low}, {high}"
+                     f"{')' if high_open else ']'}, got {value}.")
+
+
+def _at_least(section, prefix: str, keys: Sequence[str], low: int) -> None:
+  for key in keys:
+    if int(section[key]) < low:
+      raise ValueError(f"config.{prefix}{key} must be >= {low}, got {section[key]}.")
+
+
+def _booleans(section, prefix: str, keys: Sequence[str]) -> None:
+  for key in keys:
+    if not isinstance(section[key], bool):
+      raise ValueError(f"config.{prefix}{key} must be True or False, got {section[key]!r}.")
+
+
+def _training(config, num_devices: int) -> None:
+  _at_least(config, "", ("num_epochs", "batch_size", "eval_batch_size", "eval_every",
+                         "checkpoints_to_keep"), 1)
+  _at_least(config, "", ("num_classes",), 2)
+  if not config.lr > 0:
+    raise ValueError(f"config.lr must be > 0, got {config.lr}.")
+  _one_of("schedule", config.schedule, train.SCHEDULES)
+  _one_of("precision", config.precision, tuple(precision.POLICIES))
+  milestones = list(config.lr_milestones)
+  if any(int(m) != m or m < 1 for m in milestones) or milestones != sorted(milestones):
+    raise ValueError(f"config.lr_milestones must be increasing epochs >= 1, got "
+                     f"{config.lr_milestones}.")
+  if not config.lr_decay > 0:
+    raise ValueError(f"config.lr_decay must be > 0, got {config.lr_decay}.")
+  _in_range("warmup_fraction", config.warmup_fraction, 0, 1, high_open=True)
+  _in_range("momentum", config.momentum, 0, 1, low_open=False, high_open=True)
+  if not config.weight_decay >= 0:
+    raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}.")
+  _booleans(config, "", ("nesterov", "progress", "distributed"))
+  train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
+  train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
+  train.augment_flip(config)
+  if int(config.augment_padding) < 0:
+    raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
+  train.check_batch(config, num_devices=num_devices)
+
+
+def _data(d) -> None:
+  _one_of("data.source", d.source, SOURCES)
+  _one_of("data.normalization", d.get("normalization", "auto"), NORMALIZATIONS)
+  _booleans(d, "data.", ("augment",))
+  _at_least(d, "data.", ("expected_train", "expected_test"), 0)
+  if d.source == "image_folder" and not os.path.exists(d.path):
+    raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
+                     "'image_folder' needs a folder or .tar.gz of <split>/<class>/<image>).")
+  if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
+    raise ValueError(f"config.data.data_dir={d.data_dir!r} is not a directory.")
+  if d.source == "synthetic":
+    _at_least(d, "data.", [k for k in ("num_train", "num_test", "image_size") if k in d], 1)
+
+
+def _stages(config) -> None:
+  b = config.backselect
+  _one_of("backselect.method", b.method, ("exact", "gradient"))
+  _at_least(b, "backselect.", ("remove_per_step", "shard_size"), 1)
+  # 0 = as many images per pass as fit the device's memory (overinterp_jax/memory.py).
+  _at_least(b, "backselect.", ("batch_size",), 0)
+  if not b.noise_std >= 0:
+    raise ValueError(f"config.backselect.noise_std must be >= 0, got {b.noise_std}.")
+  _in_range("subsets.frac_kept", config.subsets.frac_kept, 0, 1)
+  _subset_of("retrain.kinds", config.retrain.kinds, retrain_stage.KINDS)
+  _at_least(config.retrain, "retrain.", ("num_epochs",), 0)
+  s = config.sis
+  _in_range("sis.threshold", s.threshold, 0, 1)
+  _subset_of("sis.models", s.models, sis_stage.MODELS)
+  if not s.models and any(st in config.stages for st in ("sis", "controls", "report")):
+    raise ValueError("config.sis.models is empty, but stages sis, controls and report "
+                     "need at least one model.")
+  _in_range("sis.input_dropout_keep_prob", s.input_dropout_keep_prob, 0, 1)
+  _at_least(s, "sis.", ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"),
+            1)
+  _at_least(s, "sis.", ("images_per_call", "ensemble_epochs", "input_dropout_epochs"), 0)
+  c = config.controls
+  _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
+  if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:
+    raise ValueError(f"config.controls.dilation must be a positive odd integer, got "
+                     f"{c.dilation}.")
+  _booleans(c, "controls.", ("smoothed", "targeted", "confidence_rise"))
+  _at_least(c, "controls.", ("smoothed_images", "masking_test_images"), 0)
+  if not c.blur_sigma > 0:
+    raise ValueError(f"config.controls.blur_sigma must be > 0, got {c.blur_sigma}.")
+  if not c.noise_scale >= 0:
+    raise ValueError(f"config.controls.noise_scale must be >= 0, got {c.noise_scale}.")
+  _at_least(config.report, "report.", ("num_figure_images",), 1)
+
+
+def validate_config(config, num_devices: Optional[int] = None) -> None:
+  """Fails before any work starts, naming the offending key. ``num_devices``: the
+  devices a batch is split over (default: all of JAX's)."""
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  if not config.stages:
+    raise ValueError(f"config.stages is empty; known stages: {list(runner.STAGES)}.")
+  _subset_of("stages", config.stages, runner.STAGES)
+  if int(config.host_devices) < 0:
+    raise ValueError(f"config.host_devices must be >= 0 (0 = JAX's default), got "
+                     f"{config.host_devices}.")
+  _training(config, num_devices)
+  _data(config.data)
+  _stages(config)
+
+
+def validate_with_data(config, dataset) -> None:
+  """The constraints between ``config`` and the loaded ``dataset``; run before any file of
+  the run is written."""
+  if int(config.num_classes) != dataset.num_classes:
+    raise ValueError(f"config.num_classes={config.num_classes}, but the data has "
+                     f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:12])}"
+                     f"{', ...' if dataset.num_classes > 12 else ''}).")
+  sis_stage.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
+  train.check_batch(config, num_train=len(dataset.train_images))
+
+
+def _override_paths(argv: Sequence[str]) -> list[str]:
+  """The dotted key paths of ``--config.<path>[=value]`` (or ``--noconfig.<path>``) in argv."""
+  paths = []
+  for arg in argv:
+    m = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if m:
+      paths.append(m.group(1))
+  return paths
+
+
+def unknown_override(config, argv: Sequence[str]) -> Optional[str]:
+  """One line naming the first ``--config.<key>`` of ``argv`` that ``config`` lacks, with
+  the closest existing keys at that level; None when every key exists."""
+  for path in _override_paths(argv):
+    node, done = config, []
+    for part in path.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        here = "config" + "".join(f".{p}" for p in done)
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(part, keys, n=3, cutoff=0.0)
+        hint = f"; closest: {', '.join(f'{here}.{k}' for k in close)}" if close else ""
+        return f"Unknown config key config.{path}: {here} has no key {part!r}{hint}."
+      node, done = node[part], done + [part]
+  return None

@@ -1,0 +1,238 @@
+"""Fault injection: a damaged, wrong or non-finite input is named and recomputed (or stops the
+run before any work), never trusted.
+
+1. a corrupt model checkpoint is named and the model retrained;
+2. deleted or damaged outputs behind a finished stage's marker are recomputed;
+3. values that used to fail late fail before any work and leave no files;
+4. a non-finite training loss stops training, naming epoch and step;
+5. a data load that fails its checks writes nothing.
+"""
+import glob
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from overinterp_jax import data as data_lib
+from overinterp_jax import main, train
+from overinterp_jax.pipeline import trained
+from smoke_pipeline import outputs, run_main
+from test_data import encode, make_tar, make_tree, pixel_pattern
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def flip_bytes(path, every=8000, count=8, start=100):
+  """Inverts ``count`` bytes every ``every`` bytes of ``path`` (size unchanged)."""
+  data = bytearray(open(path, "rb").read())
+  for i in range(start, len(data), every):
+    data[i:i + count] = bytes(b ^ 0xFF for b in data[i:i + count])
+  with open(path, "wb") as fh:
+    fh.write(bytes(data))
+
+
+def largest_checkpoint_file(model_dir, step):
+  return max(glob.glob(f"{model_dir}/checkpoints/{step}/**/d/*", recursive=True),
+             key=os.path.getsize)
+
+
+def copy_of(workdir, tmp_path):
+  shutil.copytree(workdir, tmp_path / "w")
+  return tmp_path / "w"
+
+
+# ------------------------------------------------------------------ 1. corrupt checkpoints
+
+
+def _smoke(tmp_path, **overrides):
+  config = smoke.get_config()
+  config.update(overrides)
+  return config, data_lib.load_for_config(config.data, str(tmp_path))
+
+
+def _ensure(config, ds, workdir):
+  return trained.ensure_trained(config, str(workdir), ds.train_images, ds.train_labels,
+                                ds.test_images, ds.test_labels, prepare=ds.prepare,
+                                augment_fn=ds.augment_fn, data_fp="data")
+
+
+def _errors(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("num_epochs", [1, 2], ids=["no_earlier_checkpoint", "earlier_kept"])
+def test_a_corrupt_checkpoint_is_named_and_the_model_retrained(tmp_path, caplog, num_epochs):
+  config, ds = _smoke(tmp_path, num_epochs=num_epochs)
+  model = tmp_path / "model"
+  first = _ensure(config, ds, model)
+  flip_bytes(largest_checkpoint_file(model, num_epochs))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    again = _ensure(config, ds, model)
+  errors = _errors(caplog)
+  where = str(model / "checkpoints" / str(num_epochs))
+  assert any(e.startswith(f"Checkpoint {where} ") and ("corrupt" in e or "cannot be read" in e)
+             for e in errors), errors
+  assert any(f"Deleted checkpoint {where}" in e for e in errors), errors
+  retrained = [m for m in caplog.messages if f"{model}: epoch" in m]
+  assert retrained == [m for m in retrained if f"epoch {num_epochs}/" in m] and retrained
+  # Training is deterministic: the retrained model is the one that was lost.
+  for a, b in zip(jax.tree.leaves(first.variables), jax.tree.leaves(again.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert again.metrics == first.metrics
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    _ensure(config, ds, model)  # now intact: restored without a word
+  assert not _errors(caplog) and not [m for m in caplog.messages if f"{model}: epoch" in m]
+
+
+def test_corrupt_checkpoint_checksums_are_not_trusted(tmp_path, caplog):
+  config, ds = _smoke(tmp_path, num_epochs=1)
+  model = tmp_path / "model"
+  _ensure(config, ds, model)
+  (model / "checkpoint_sha256" / "1.json").write_text("{torn")
+  with caplog.at_level(logging.INFO):
+    _ensure(config, ds, model)
+  assert any("checksums" in e and "cannot be read" in e for e in _errors(caplog))
+
+
+def test_a_corrupt_base_model_in_a_finished_run_is_retrained(finished, tmp_path):
+  """The issue's case: 8 bytes flipped every 8,000 in the base model's data file after the
+  run finished. The train stage's marker no longer matches, the checkpoint fails its
+  checksums, the last epoch is retrained and the report is what it was."""
+  workdir = copy_of(finished, tmp_path)
+  flip_bytes(largest_checkpoint_file(workdir / "base_model", 2))
+  proc = run_main(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Stage train: base_model/checkpoints/2/" in proc.stderr
+  assert f"Checkpoint {workdir}/base_model/checkpoints/2 " in proc.stderr
+  assert f"{workdir}/base_model: epoch 2/2" in proc.stderr
+  assert proc.stderr.count("already done") == 6
+  assert outputs(workdir) == outputs(finished)
+
+
+# ------------------------------------------------------------ 2. outputs behind a marker
+
+
+def test_damaged_outputs_of_finished_stages_are_recomputed(finished, tmp_path):
+  workdir = copy_of(finished, tmp_path)
+  (workdir / "report.md").unlink()
+  shard = workdir / "backselect" / "train" / "shard_00001.npz"
+  os.truncate(shard, shard.stat().st_size // 2)
+  records = workdir / "sis" / "single.npz"
+  flip_bytes(records, every=10**9, start=records.stat().st_size // 2)
+  proc = run_main(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage, problem in (("backselect", "backselect/train/shard_00001.npz has"),
+                         ("sis", "sis/single.npz changed"), ("report", "report.md is missing")):
+    assert f"Stage {stage}: {problem}" in proc.stderr, stage
+    assert f"Stage {stage}: running." in proc.stderr
+  assert "backselect train (mean): 1 of 2 shards to compute." in proc.stderr
+  assert proc.stderr.count("already done") == 4  # train, subsets, retrain, controls
+  assert outputs(workdir) == outputs(finished)
+  assert run_main(workdir).stderr.count("already done") == 7
+
+
+# ------------------------------------------------------------------ 3. late-failing values
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sis.patch_size", 3, r"config\.sis\.patch_size=3 must divide the image size 16x16"),
+    ("schedule", "linear", r"config\.schedule must be one of"),
+    ("num_classes", 5, r"config\.num_classes=5, but the data has 10 classes"),
+    ("batch_size", 300, r"config\.batch_size=300 \(× 1 in config\.progressive_resizing\) "
+                        r"exceeds the 256 training examples"),
+    ("batch_size", 30, r"config\.batch_size=30 must be divisible by the 4 devices"),
+    ("lr_milestones", (5, 2), r"config\.lr_milestones"),
+    ("warmup_fraction", 1.0, r"config\.warmup_fraction"),
+    ("momentum", 1.0, r"config\.momentum"),
+    ("sis.ensemble_epochs", -1, r"config\.sis\.ensemble_epochs"),
+    ("controls.blur_sigma", 0.0, r"config\.controls\.blur_sigma"),
+    ("report.num_figure_images", 0, r"config\.report\.num_figure_images"),
+    ("data.normalization", "zscore", r"config\.data\.normalization"),
+])
+def test_bad_values_fail_before_any_work_and_leave_no_files(tmp_path, monkeypatch, key, value,
+                                                           message):
+  config = smoke.get_config()
+  section, _, leaf = key.rpartition(".")
+  (config[section] if section else config)[leaf] = value
+  monkeypatch.setattr(main.runner, "run_pipeline", lambda *a: pytest.fail("work started"))
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    main.run(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_a_late_value_fails_on_the_command_line_before_any_work(tmp_path):
+  proc = run_main(tmp_path / "run", "--config.sis.patch_size=3")
+  assert proc.returncode != 0
+  assert "config.sis.patch_size=3 must divide the image size 16x16" in proc.stderr
+  assert "Stage" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------- 4. non-finite loss
+
+
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path):
+  config, ds = _smoke(tmp_path, num_epochs=2)
+  workdir = str(tmp_path / "model")
+  train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels, ds.test_images,
+                           ds.test_labels, prepare=ds.prepare, max_epochs_this_run=1)
+  calls = []
+
+  def nan_at_third_batch(images):
+    calls.append(1)
+    x = ds.prepare(images)
+    return np.full_like(x, np.nan) if len(calls) == 3 else x
+
+  with pytest.raises(FloatingPointError,
+                     match=r"the loss is nan at epoch 2, step 3 of 8; the checkpoint of epoch 1 "
+                           r"is kept"):
+    train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels, ds.test_images,
+                             ds.test_labels, prepare=nan_at_third_batch)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  assert [r["epoch"] for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [1]
+  # The kept checkpoint is intact: training resumes from it and finishes.
+  _, metrics = train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels,
+                                        ds.test_images, ds.test_labels, prepare=ds.prepare)
+  assert np.isfinite(metrics["loss"])
+
+
+# ------------------------------------------------------------------ 5. failed data loads
+
+
+def _image_folder_config(path, cache_dir=""):
+  config = smoke.get_config()
+  config.data.source = "image_folder"
+  config.data.path = str(path)
+  config.data.cache_dir = cache_dir
+  return config
+
+
+def test_a_data_load_that_fails_its_checks_writes_nothing(tmp_path):
+  root = str(tmp_path / "folder")
+  make_tree(root)
+  os.makedirs(os.path.join(root, "test", "bee"))  # a class the train split lacks
+  with open(os.path.join(root, "test", "bee", "0.png"), "wb") as fh:
+    fh.write(encode(pixel_pattern("test", "bee", 0), "PNG"))
+  tar = make_tar(str(tmp_path / "data.tar.gz"), root)
+  for source in (root, tar):
+    workdir = tmp_path / f"run_{os.path.basename(source)}"
+    with pytest.raises(ValueError, match="different classes"):
+      main.run(_image_folder_config(source), str(workdir))
+    assert not workdir.exists()  # neither data_cache/*.npz nor config.json
+
+
+def test_a_split_failing_its_counts_writes_no_cache_of_the_others(tmp_path):
+  root = str(tmp_path / "folder")
+  make_tree(root)
+  config = _image_folder_config(root, cache_dir=str(tmp_path / "cache"))
+  config.data.expected_test = 4  # train (5 images, unchecked) passes, test (3) does not
+  with pytest.raises(ValueError, match="split 'test' .* has 3 images, expected 4"):
+    main.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
