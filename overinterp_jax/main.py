@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 
 from overinterp_jax import data as data_lib
 from overinterp_jax import train
+from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
 FLAGS = flags.FLAGS
@@ -58,7 +60,7 @@ def validate_config(config) -> None:
   if int(config.augment_padding) < 0:
     raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
   d = config.data
-  if d.source == "image_folder" and not os.path.exists(d.path):
+  if d.source == "image_folder" and d.path and not os.path.exists(d.path):
     raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
                      "'image_folder' needs a folder or .tar.gz of <split>/<class>/<image>).")
   if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
@@ -74,6 +76,10 @@ def validate_config(config) -> None:
   _subset_of("retrain.kinds", config.retrain.kinds, retrain_stage.KINDS)
   s = config.sis
   _in_range("sis.threshold", s.threshold, 0, 1)
+  _in_range("sis.min_confidence", s.min_confidence, 0, 1, low_open=False)
+  if config.pretrained and config.pretrained not in shipped.available():
+    raise ValueError(f"config.pretrained={config.pretrained!r} is not a shipped model; "
+                     f"shipped: {shipped.available()}.")
   _subset_of("sis.models", s.models, sis_stage.MODELS)
   _in_range("sis.input_dropout_keep_prob", s.input_dropout_keep_prob, 0, 1)
   for key in ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"):
@@ -119,5 +125,23 @@ def main(argv):
   print(json.dumps(results, indent=1))
 
 
+USAGE = """\
+python -m overinterp_jax.main --config=FILE[:VARIANT] --workdir=DIR [--config.KEY=VALUE ...]
+
+  --config=FILE[:VARIANT]  the experiment, e.g. configs/cifar10_cpu.py:analyze (the quick start)
+  --workdir=DIR            where checkpoints, results and report.md go; the same DIR resumes
+  --config.KEY=VALUE       override one key of the config, e.g. --config.num_epochs=5
+  --verbosity=N            log level: 0 = INFO (default), -1 = warnings only
+  --helpfull               every flag, absl's and JAX's included
+
+Configs: configs/cifar10_cpu.py[:analyze], configs/cifar10.py, configs/smoke.py; each file
+lists its keys with their defaults. Docs: README.md and docs/."""
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
 if __name__ == "__main__":
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    print(USAGE)
+    sys.exit(0)
   app.run(main)
