@@ -50,6 +50,7 @@ def run_quickstart(workdir: str) -> dict:
 
 
 def write_page(workdir: str, timing: dict, out: str) -> None:
+  sys.path.insert(0, REPO)  # this checkout's package, whatever is installed
   from overinterp_jax.models import shipped  # pylint: disable=import-outside-toplevel
   record = shipped.info("resnet20_cifar10")
   figures_dir = os.path.join(os.path.dirname(out), "quickstart")
@@ -81,7 +82,8 @@ def write_page(workdir: str, timing: dict, out: str) -> None:
       f"* **Model:** `{record['name']}` ({record['model']}, `{record['config']}`,"
       f" {record['num_epochs']} epochs): {100 * record['test_accuracy']:.2f}% on the"
       f" {record['test_images']:,} CIFAR-10 test images, {100 * record['slice_accuracy']:.1f}%"
-      f" on the shipped 1,000; weights sha256 `{record['sha256'][:16]}…`.", "",
+      f" on the shipped 1,000; weights sha256 `{record['sha256'][:16]}…`.",
+      *([f"* **Note on this model:** {record['note']}"] if record.get("note") else []), "",
       "The run's report, as written to `/tmp/qs/report.md`:", "", report.strip(), ""]
   with open(out, "w") as fh:
     fh.write("\n".join(lines))
