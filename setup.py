@@ -7,6 +7,9 @@ setup(
     description=("Sufficient Input Subsets (SIS) and the overinterpretation "
                  "pipeline, accelerator-native in JAX/Flax."),
     packages=find_packages(include=["overinterp_jax", "overinterp_jax.*"]),
+    # The shipped CIFAR-10 test slice and trained weights (MANIFEST.in adds them to sdists).
+    package_data={"overinterp_jax.data": ["slices/*.tar.gz"],
+                  "overinterp_jax.models": ["weights/*.msgpack", "weights/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -23,7 +26,9 @@ setup(
         "matplotlib>=3.8",  # report figures.
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.90"],
+        # nbclient/nbformat/ipykernel: tests/test_notebook.py runs notebooks/quickstart.ipynb.
+        "test": ["pytest>=8", "chex>=0.1.90", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29"],
         # Accelerators: JAX's own extras bring the matching jaxlib plugins.
         "cuda12": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],

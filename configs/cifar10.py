@@ -1,36 +1,27 @@
-"""The paper's CIFAR-10 experiment (Carter et al. 2021, docs/paper.md §4–5), for accelerators.
+"""The paper's CIFAR-10 experiment (Carter et al. 2021; docs/method.md §5), for accelerators.
 
-What it reproduces, per architecture and seed (one work directory each;
-launch/paper_table1.sh runs the grid ResNet-20 / ResNet-18 / VGG-16 × seeds 0–2
-and python -m overinterp_jax.collect merges the rows):
+  python -m overinterp_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10 \
+      --config.data.data_dir=/data/tfds     # CIFAR-10 prepared with TFDS (docs/data.md)
+
+Per architecture and seed, one work directory each (launch/paper_table1.sh runs
+ResNet-20 / ResNet-18 / VGG-16 × seeds 0–2; python -m overinterp_jax.collect merges
+the rows):
   * train: the paper's recipe — SGD lr 0.1, Nesterov momentum 0.9, weight decay
-    5e-4, batch 128, 200 epochs, lr × 0.2 at epochs 60/120/160, random crop
-    (4 px padding) + flip. Expected ~91–92% test accuracy for ResNet-20.
-  * backselect: *exact* backward selection of all 60,000 images (per image
-    d(d+1)/2 = 524,800 masked evaluations at 1,024 pixels).
-  * subsets / retrain: 5% BS, 5% random and mask-only subsets, full 200-epoch
-    retraining on each (Table 1; paper: BS within a few points of full,
-    random ~40–50%).
+    5e-4, batch 128, 200 epochs, lr × 0.2 at epochs 60/120/160, ±4 px crops + flips;
+  * backselect: exact backward selection of all 60,000 images at pixel level;
+  * subsets, retrain: 5% BS, random and mask-only subsets, 200 epochs each (Table 1);
   * sis: exact SISes at τ = 0.99 of 100 test images for the model, a 3-member
-    ensemble and an input-dropout (p = 0.8) model; controls of the critique.
-Rough cost (estimated, not measured on an accelerator here): the exact
-backselect dominates, 60,000 × 524,800 ≈ 3.1e10 ResNet-20 evaluations — at
-50–100k evaluations/s on one modern GPU about 90–175 GPU-hours per model;
-training is ~2 GPU-hours per 200-epoch model (6 per run with the retrained
-ones, +4 for the ensemble replicates and input-dropout model). For a cheaper
-run set --config.backselect.method=gradient (paper §3).
+    ensemble and an input-dropout (p = 0.8) model; controls: all four.
 
-  python -m overinterp_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10
-Data: TFDS `cifar10` prepared in --config.data.data_dir, or an image folder /
-.tar.gz via --config.data.source=image_folder --config.data.path=...
+Cost: not yet run. Exact backward selection dominates: 60,000 × 524,800 ResNet-20
+evaluations (3.1e10), ~1 year at the 978 evaluations/s of a 2-core CPU
+(docs/benchmarks.md); an accelerator's evaluation rate sets the real cost.
+--config.backselect.method=gradient (docs/method.md §4) is far cheaper.
+Expected result (not measured here): ~91–92% test accuracy for ResNet-20, the
+recipe's usual figure; as in the paper, models trained on 5% BS subsets within a
+few points of the full-image model and random 5% subsets far below.
 """
-import os
-
 import ml_collections
-
-SHARED_ARCHIVE = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-    "cifar10_jpeg.tar.gz"))
 
 
 def get_config():
@@ -43,7 +34,9 @@ def get_config():
   c.data.source = "tfds"            # "tfds" | "image_folder" | "synthetic"
   c.data.name = "cifar10"           # TFDS name (cifar10, imagenet2012)
   c.data.data_dir = ""              # TFDS data_dir holding the prepared dataset
-  c.data.path = SHARED_ARCHIVE      # image folder or .tar.gz (source=image_folder)
+  # Image folder or .tar.gz of <split>/<class>/<image> (source=image_folder); "" = the
+  # 1,000 CIFAR-10 test images shipped in the package (no train images: analysis only).
+  c.data.path = ""
   c.data.cache_dir = ""             # decoded-array cache; default <workdir>/data_cache
   c.data.expected_train = 50000     # image counts verified on load (0 = unchecked)
   c.data.expected_test = 10000
@@ -52,6 +45,9 @@ def get_config():
   c.augment_flip = "random"         # "random" | "alternating" (train.augment_flip)
 
   c.model = "resnet20"
+  # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
+  # base model: stage train loads it instead of training. "" = train it.
+  c.pretrained = ""
   c.num_classes = 10
   c.bn_momentum = 0.9                # of batch norm's running statistics (PyTorch's 0.1)
   c.input_dropout_keep_prob = 1.0   # < 1 wraps the model in input dropout (paper: 0.8)
@@ -106,6 +102,7 @@ def get_config():
   c.sis.threshold = 0.99
   c.sis.num_images = 100
   c.sis.sample_seed = 0
+  c.sis.min_confidence = 0.0        # sample only images the base model gives >= this (0 = any)
   c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
   c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
   c.sis.models = ("single", "ensemble", "input_dropout")

@@ -1,34 +1,40 @@
-"""CIFAR-10 on a 2-core CPU: the whole overinterpretation pipeline in a few hours.
+"""CIFAR-10 on a 2-core CPU: the quick start (variant ``analyze``) and the whole pipeline.
 
-Same model (ResNet-20) and optimiser as configs/cifar10.py, on
-the shared real CIFAR-10 archive (../shared/data/cifar10_jpeg.tar.gz, JPEG
-q75), scaled to what 2 cores can do. The host is split into 2 JAX devices and
-the batch is 16 (8 images per device): the fastest training on 2 cores
-(benchmarks/train.py; README.md "Benchmarks"). README.md "Measured" has the wall
-time of each stage (the stages after train were timed with earlier versions of
-this config, named there):
-  * train: 33 one-cycle epochs, batch 16, peak lr 0.025, with progressive
-    resizing: 8 epochs at 16×16 (batch 64), 8 at 24×24 (batch 32), 17 at
-    32×32, lighter augmentation than the paper's (crops of ±2 px, the
-    alternating flip), batch norm's running statistics averaged over ~100
-    steps (bn_momentum 0.99): 88.1% in 57 min 30 s (README "Benchmarks": with
-    bn_momentum 0.9 87.9%; 31 epochs all at batch 16: 87.9% in 56 min 35 s);
-  * backselect: Batched Gradient SIS, 128 pixels per step, on all 60k images
-    (exact backward selection would take ~9 min per image with ResNet-20);
-  * retrain: BS / random / mask-only subsets and full images, 3 epochs each
-    (the full-image model of the same budget is the fair reference);
-  * sis: exact SISes of 6 test images with 2×2-pixel features; a 3-member
-    ensemble (2 replicates of 2 epochs) and an input-dropout model (2 epochs);
-  * controls: all five, exact SIS controls on the same 6 images,
-    masking-value backselect on 2,000 test images.
+  python -m overinterp_jax.main --config=configs/cifar10_cpu.py:analyze --workdir=/tmp/qs
 
-  python -m overinterp_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu
-Re-running with the same --workdir resumes (stages, shards, checkpoints).
+The quick start: no training, nothing downloaded. The ResNet-20 shipped in the
+package (this config's base model) on the 1,000 CIFAR-10 test images shipped with it:
+Batched Gradient SIS of every image, the model on its own 5% subsets and on random
+ones, exact SISes at τ = 0.99 (4×4-pixel features) of 8 images it classifies with
+confidence ≥ 0.99, the smoothed-SIS and confidence-rise controls, report and figures.
+Cost: 1 min 44 s on a 2-core CPU shared with other jobs; the result it gives:
+docs/results/quickstart.md.
+
+  python -m overinterp_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu \
+      --config.data.path=/data/cifar10_jpeg.tar.gz      # the full CIFAR-10 (docs/data.md)
+
+The pipeline of configs/cifar10.py scaled to 2 cores (2 JAX host devices, batch 16):
+  * train: ResNet-20, 33 one-cycle epochs with progressive resizing (8 at 16×16 with
+    batch 64, 8 at 24×24 with batch 32, 17 at 32×32), ±2 px crops, the alternating
+    flip, batch-norm momentum 0.99: 88.09% test accuracy in 57 min 30 s
+    (docs/results/cifar10_cpu_training.md);
+  * backselect: Batched Gradient SIS, 128 pixels per step, all 60,000 images
+    (15 min 13 s);
+  * subsets, retrain: 5% BS / random / mask-only subsets and full images, 3 epochs
+    each (37 min);
+  * sis: exact SISes of 6 test images with 2×2-pixel features for the model, a
+    3-member ensemble (2 replicates of 2 epochs) and an input-dropout model (2 epochs);
+  * controls: all four; masked values and smoothed gradient SISes on 2,000 test images.
+Measured with earlier versions of this config (13- and 18-epoch base models,
+docs/results/cifar10_cpu_pipeline_v1.md … v3.md): about 3 hours in all; after 3
+epochs, 5% BS subsets 81.3–82.2% vs 49.4–50.3% for random ones, mask only 62–69%;
+the base model 42–44% accurate on its own 5% BS test subsets.
 """
 from configs import cifar10
 
 
-def get_config():
+def get_config(variant: str = ""):
+  """The full pipeline; ``variant="analyze"``: the quick start on the shipped model."""
   c = cifar10.get_config()
   c.data.source = "image_folder"
   c.host_devices = 2
@@ -42,7 +48,7 @@ def get_config():
   c.schedule = "onecycle"
   c.lr = 0.025        # same lr / batch ratio (and weight decay per epoch) as 0.1 at 64
   c.warmup_fraction = 0.2
-  c.batch_size = 16   # 8 per host device: the fastest training on 2 cores (README)
+  c.batch_size = 16   # 8 per host device: the fastest training on 2 cores (docs/benchmarks.md)
   c.augment_flip = "alternating"  # each image mirrored in alternate epochs
   c.augment_padding = 2           # ±2 px crops: ResNet-20 underfits in this budget
   c.eval_every = 8                # a test pass costs ~7 s
@@ -65,4 +71,27 @@ def get_config():
   c.sis.input_dropout_samples = 1
   c.controls.smoothed_images = 2000
   c.controls.masking_test_images = 2000
+  if variant == "analyze":
+    return analyze(c)
+  if variant:
+    raise ValueError(f"Unknown variant {variant!r} of configs/cifar10_cpu.py; known: analyze.")
+  return c
+
+
+def analyze(c):
+  """No training: the shipped ResNet-20 on the shipped 1,000 test images."""
+  c.pretrained = "resnet20_cifar10"
+  c.data.path = ""                  # the slice in the package
+  c.data.expected_train = 0
+  c.data.expected_test = 1000
+  c.retrain.kinds = ()              # the base model on its own subsets only
+  c.sis.models = ("single",)
+  c.sis.min_confidence = 0.99       # confidently classified images: each has a SIS at τ
+  c.sis.num_images = 8
+  c.sis.patch_size = 4              # 64 features: ~2,100 masked evaluations per image
+  c.sis.images_per_call = 8
+  c.controls.targeted = False
+  c.controls.masking_values = ("mean",)
+  c.controls.smoothed_images = 0
+  c.controls.masking_test_images = 0
   return c

@@ -1,6 +1,11 @@
-"""About a minute of every pipeline stage on synthetic data (used by the tests).
+"""Every pipeline stage on tiny synthetic data: a check that the machinery runs.
 
   python -m overinterp_jax.main --config=configs/smoke.py --workdir=/tmp/smoke
+
+A 2-epoch 3-layer CNN on 256 synthetic 16×16 images, every stage and control with
+their smallest settings. Cost: about a minute on a 2-core CPU. Its numbers mean
+nothing (the tests check structure, resumption and determinism with it; τ is 0.4 so
+the weak model has SISes to find).
 """
 from configs import cifar10
 

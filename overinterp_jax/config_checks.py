@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from overinterp_jax import precision, train
 from overinterp_jax.data import NORMALIZATIONS, SOURCES
+from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
 def _subset_of(key: str, values, known) -> None:
@@ -81,7 +82,8 @@ def _data(d) -> None:
   _one_of("data.normalization", d.get("normalization", "auto"), NORMALIZATIONS)
   _booleans(d, "data.", ("augment",))
   _at_least(d, "data.", ("expected_train", "expected_test"), 0)
-  if d.source == "image_folder" and not os.path.exists(d.path):
+  # An empty path is the CIFAR-10 slice shipped in the package (data/cifar10_slice.py).
+  if d.source == "image_folder" and d.path and not os.path.exists(d.path):
     raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
                      "'image_folder' needs a folder or .tar.gz of <split>/<class>/<image>).")
   if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
@@ -103,6 +105,10 @@ def _stages(config) -> None:
   _at_least(config.retrain, "retrain.", ("num_epochs",), 0)
   s = config.sis
   _in_range("sis.threshold", s.threshold, 0, 1)
+  _in_range("sis.min_confidence", s.min_confidence, 0, 1, low_open=False)
+  if config.pretrained and config.pretrained not in shipped.available():
+    raise ValueError(f"config.pretrained={config.pretrained!r} is not a shipped model; "
+                     f"shipped: {shipped.available()}.")
   _subset_of("sis.models", s.models, sis_stage.MODELS)
   if not s.models and any(st in config.stages for st in ("sis", "controls", "report")):
     raise ValueError("config.sis.models is empty, but stages sis, controls and report "

@@ -102,5 +102,23 @@ def main(argv):
       print(line)
 
 
+USAGE = """\
+python -m overinterp_jax.main --config=FILE[:VARIANT] --workdir=DIR [--config.KEY=VALUE ...]
+
+  --config=FILE[:VARIANT]  the experiment, e.g. configs/cifar10_cpu.py:analyze (the quick start)
+  --workdir=DIR            where checkpoints, results and report.md go; the same DIR resumes
+  --config.KEY=VALUE       override one key of the config, e.g. --config.num_epochs=5
+  --verbosity=N            log level: 0 = INFO (default), -1 = warnings only
+  --helpfull               every flag, absl's and JAX's included
+
+Configs: configs/cifar10_cpu.py[:analyze], configs/cifar10.py, configs/smoke.py; each file
+lists its keys with their defaults. Docs: README.md and docs/."""
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
+
+
 if __name__ == "__main__":
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    print(USAGE)
+    sys.exit(0)
   app.run(main, flags_parser=parse_flags)

@@ -7,7 +7,7 @@ Two layers, both pure (no file I/O, no logging):
   the arguments and return the types of the ``sufficient_input_subsets``
   library (Carter et al. 2019), so switching is a change of import. ``f`` maps
   a batch ``[B, *D]`` to scores ``[B]`` and must be JAX-traceable. Two
-  deliberate differences (docs/paper.md §6): the starting check ``f >= τ`` is
+  deliberate differences (docs/method.md §6): the starting check ``f >= τ`` is
   made on the input *with the initial mask applied*, and an empty SIS (the
   fully masked input already scores ``>= τ``) gets an all-False mask.
 * **Batched API for models** — ``batched_backselect`` (exact) and

@@ -40,7 +40,7 @@ from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
-# docs/paper.md §6.4) is deterministic.
+# docs/method.md §6.4) is deterministic.
 EVAL_INPUT_DROPOUT_KEY = 0
 
 

@@ -252,6 +252,8 @@ def test_sis_table_shows_one_dash_for_an_empty_iqr():
     ("augment_flip", "sometimes", "config.augment_flip"),
     ("augment_padding", -1, "config.augment_padding"),
     ("eval_every", 0, "config.eval_every"),
+    ("sis.min_confidence", 1.5, "config.sis.min_confidence"),
+    ("pretrained", "resnet99_mnist", "config.pretrained"),
 ])
 def test_bad_config_values_are_named(key, value, message):
   config = smoke.get_config()
@@ -282,8 +284,21 @@ def test_retraining_on_subsets_is_at_full_resolution():
 
 def test_shipped_configs_validate():
   from configs import cifar10_cpu
-  for module in (cifar10, cifar10_cpu, smoke):
-    config = module.get_config()
-    if config.data.source == "image_folder" and not os.path.exists(config.data.path):
-      continue
+  for config in (cifar10.get_config(), cifar10_cpu.get_config(), smoke.get_config(),
+                 cifar10_cpu.get_config("analyze")):
     main.validate_config(config)
+  with pytest.raises(ValueError, match="Unknown variant 'fast'.*analyze"):
+    cifar10_cpu.get_config("fast")
+
+
+def test_sis_sample_can_be_restricted_to_confident_images(tmp_path, monkeypatch):
+  ctx = _SisContext(tmp_path, np.zeros((100, 2, 2, 3), np.uint8), images_per_call=1)
+  confidence = np.linspace(0, 1, 100)
+  monkeypatch.setattr(sis_stage, "base_confidence", lambda ctx: confidence)
+  ctx.config.sis.num_images, ctx.config.sis.min_confidence = 6, 0.9
+  picked = sis_stage.sample_indices(ctx)
+  assert len(picked) == 6 and np.all(np.diff(picked) > 0) and np.all(confidence[picked] >= 0.9)
+  order = sis_stage.test_sample_order(ctx)  # the first 6 eligible of the seeded permutation
+  np.testing.assert_array_equal(picked, np.sort(order[confidence[order] >= 0.9][:6]))
+  ctx.config.sis.min_confidence = 0.0  # 0: any image, as before
+  np.testing.assert_array_equal(sis_stage.sample_indices(ctx), sis_stage.test_sample(ctx, 6))

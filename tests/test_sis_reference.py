@@ -264,7 +264,7 @@ def test_readme_vectors():
   np.testing.assert_allclose(second.values_over_entire_backselect, [0.7, 0.0], rtol=1e-6)
 
 
-# Our documented decisions (docs/paper.md §6) -------------------------------------------
+# Our documented decisions (docs/method.md §6) -------------------------------------------
 
 def test_empty_sis_has_all_false_mask_and_ends_collection():
   # The fully masked input [1, 1] already scores 2 >= 0.5: the SIS is empty.

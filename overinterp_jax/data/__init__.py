@@ -8,7 +8,9 @@ returns a ``Dataset``: uint8 train/test images ``[N, H, W, C]``, int32 labels
 
 Sources:
   * ``'image_folder'``: ``path`` = directory or ``.tar.gz`` of ``<split>/<class>/<image>``
-    (``image_folder.py``; decoded once, cached as ``.npz`` in ``cache_dir``).
+    (``image_folder.py``; decoded once, cached as ``.npz`` in ``cache_dir``); an empty
+    ``path`` is the 1,000-image CIFAR-10 test slice shipped in the package
+    (``cifar10_slice.py``; no train images).
   * ``'tfds'``: ``name`` = ``cifar10`` prepared in ``data_dir`` (``tfds_source.py``).
   * ``'synthetic'``: class-pattern images for tests (``synthetic.py``).
 """
@@ -21,7 +23,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from overinterp_jax.data import augment, image_folder, normalize, synthetic, tfds_source
+from overinterp_jax.data import (augment, cifar10_slice, image_folder, normalize, synthetic,
+                                 tfds_source)
 from overinterp_jax.data.augment import augment_batch, augment_images, random_crop_flip
 from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS,
                                               load_image_folder, load_image_folder_splits)
@@ -91,7 +94,7 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
 
   Args:
     source: ``'image_folder'``, ``'tfds'`` or ``'synthetic'``.
-    path: image folder or archive (image_folder).
+    path: image folder or archive (image_folder); empty: the shipped CIFAR-10 test slice.
     name: TFDS dataset name (tfds; only ``cifar10`` fits in memory).
     data_dir: TFDS data directory holding the prepared dataset (tfds).
     cache_dir: decoded-array cache (image_folder); None = no cache.
@@ -99,9 +102,9 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
     num_train, num_test, image_size, num_classes, seed: synthetic data.
     normalization: ``'auto'``, ``'cifar10'`` or ``'train'`` (see ``_normalization``).
   """
-  if source == "image_folder":
-    if not path:
-      raise ValueError("source='image_folder' needs path (a directory or .tar.gz).")
+  if source == "image_folder" and not path:
+    splits = cifar10_slice.load(expected_counts)
+  elif source == "image_folder":
     splits = load_image_folder_splits(path, ("train", "test"), cache_dir=cache_dir,
                                       expected_counts=expected_counts, progress=progress)
   elif source == "tfds":
@@ -146,5 +149,5 @@ __all__ = [
     "load_image_folder", "load_image_folder_splits", "load_tfds_arrays", "tfds_data_source",
     "make_synthetic", "channel_stats", "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_EXPECTED_COUNTS",
     "augment_batch", "augment_images", "random_crop_flip",
-    "augment", "image_folder", "normalize", "synthetic", "tfds_source",
+    "augment", "cifar10_slice", "image_folder", "normalize", "synthetic", "tfds_source",
 ]

@@ -3,7 +3,7 @@
 The paper's recipe (``RandomCrop(32, padding=4)`` then ``RandomHorizontalFlip``),
 applied per image of a batch with ``vmap``, jit-able, keyed by an explicit
 PRNG key. An image and its pixel mask get the **identical** crop and flip
-(docs/paper.md §6 decision 1), so a pixel subset stays aligned with its image.
+(docs/method.md §6, decision 1), so a pixel subset stays aligned with its image.
 
 Padding: images are expected in normalised space and padded with
 ``pad_value`` (default 0, the mean colour = the masked value); masks are padded

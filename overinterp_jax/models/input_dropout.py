@@ -14,7 +14,7 @@ evaluation, so the module always needs a PRNG stream named ``'input_dropout'``:
 The wrapper shares its scope with the wrapped model, so its variables are
 exactly the wrapped model's (checkpoints are interchangeable).
 
-For SIS the score function must be deterministic (docs/paper.md §6 decision
+For SIS the score function must be deterministic (docs/method.md §6, decision
 4): ``input_dropout_predict_fn(model, variables, key)`` fixes the key **and**
 uses the same ``num_samples`` pixel masks for every image of a batch, so each
 image's logits depend only on that image and the key, never on its batch or

@@ -128,6 +128,10 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
   Every process computes (the mesh spans them); process 0 writes the files.
   """
   n = len(images)
+  d = int(np.prod(images.shape[1:3]))
+  if n == 0:  # a split the data does not have (the shipped slice has no train images)
+    return {"order": np.zeros((0, d), np.int32), "values": np.zeros((0, d), np.float32),
+            "targets": np.zeros((0,), np.int32), "original_scores": np.zeros((0,), np.float32)}
   size = int(bs_config.shard_size)
   shards = [(os.path.join(directory, f"shard_{i:05d}.npz"), fp,
              slice(start, min(start + size, n))) for i, start in enumerate(range(0, n, size))]
@@ -138,5 +142,4 @@ def backselect_split(directory: str, apply: Callable, variables, images: np.ndar
                                     seed=seed + rows.start, fully_masked=fm, mesh=mesh,
                                     compute_dtype=compute_dtype))
 
-  return records_in_shards(shards, compute, int(np.prod(images.shape[1:3])), desc=desc,
-                           progress=progress)
+  return records_in_shards(shards, compute, d, desc=desc, progress=progress)

@@ -16,7 +16,29 @@ from overinterp_jax import data as data_lib
 from overinterp_jax import sharding
 from overinterp_jax import sis
 from overinterp_jax import train
-from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, trained
+from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, shipped_base, trained
+
+
+def check_train_split(config, dataset: data_lib.Dataset) -> None:
+  """ValueError naming the config keys that need train images when ``dataset`` has none
+  (the shipped CIFAR-10 slice): training the base model, retraining, more SIS models."""
+  if len(dataset.train_images):
+    return
+  stages = config.stages
+  needs = []
+  if "train" in stages and not config.pretrained:
+    needs.append("stage train without config.pretrained")
+  if "retrain" in stages and config.retrain.kinds:
+    needs.append(f"config.retrain.kinds={tuple(config.retrain.kinds)}")
+  trained_sis = [m for m in config.sis.models if m != "single"]
+  if "sis" in stages and trained_sis:
+    needs.append(f"config.sis.models with {trained_sis}")
+  if needs:
+    raise ValueError(f"The data has no train images (config.data.path is empty: the shipped "
+                     f"CIFAR-10 test slice), but {'; '.join(needs)} train models. Pass the full "
+                     "dataset (--config.data.path=<image folder or .tar.gz>, or "
+                     "--config.data.source=tfds; docs/data.md), or analyse the shipped model "
+                     "(configs/cifar10_cpu.py:analyze).")
 
 
 class Context:
@@ -29,6 +51,9 @@ class Context:
     self.data_fp = artifacts.fingerprint(
         config.data, dataset.train_images.shape, dataset.test_images.shape,
         artifacts.checksum({"y": dataset.train_labels, "t": dataset.test_labels}))
+    check_train_split(config, dataset)
+    if config.pretrained:
+      shipped_base.check_compatible(config, dataset)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -62,10 +87,15 @@ class Context:
 
   @functools.cached_property
   def base(self) -> trained.Trained:
+    """The base model: trained in ``base_model/``, or the shipped ``config.pretrained``."""
+    if self.config.pretrained:
+      return shipped_base.load(self.config, self.data, self.mesh)
     return self.train_model("base_model", self.config)
 
   @property
   def base_fp(self) -> str:
+    if self.config.pretrained:
+      return shipped_base.fingerprint(self.config.pretrained, self.data_fp)
     return artifacts.fingerprint(trained.train_settings(self.config), self.data_fp)
 
   def backselect_fp(self, split: str, fully_masked_kind: str = "mean",

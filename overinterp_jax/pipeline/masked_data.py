@@ -7,7 +7,7 @@ batches on indexing, so 50,000 subset images cost no extra float copy.
 
 Augmentation: training crops and flips the *built* subset image with zero
 padding. With masks padded as False this is the same as cropping and
-flipping the image and its mask together, then masking (docs/paper.md §6.1),
+flipping the image and its mask together, then masking (docs/method.md §6.1),
 and it happens afresh every epoch.
 """
 from __future__ import annotations

@@ -35,12 +35,37 @@ def test_sample(ctx, count: int) -> np.ndarray:
   ``count`` images (image folders are ordered by class)."""
   n = len(ctx.data.test_images)
   k = n if int(count) <= 0 else min(int(count), n)
-  return np.sort(np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(n)[:k])
+  return np.sort(test_sample_order(ctx)[:k])
+
+
+def test_sample_order(ctx) -> np.ndarray:
+  """``[N]`` a permutation of the test images seeded by ``sis.sample_seed``."""
+  return np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(
+      len(ctx.data.test_images))
 
 
 def sample_indices(ctx) -> np.ndarray:
-  """The test images of the exact-SIS sample (``sis.num_images``)."""
-  return test_sample(ctx, int(ctx.config.sis.num_images))
+  """The test images of the exact-SIS sample: ``sis.num_images`` of them, or, with
+  ``sis.min_confidence > 0``, the first ``sis.num_images`` of the same seeded permutation
+  that the base model classifies with at least that confidence (sorted)."""
+  c = ctx.config.sis
+  if float(c.min_confidence) <= 0:
+    return test_sample(ctx, int(c.num_images))
+  confidence = base_confidence(ctx)
+  order = test_sample_order(ctx)
+  return np.sort(order[confidence[order] >= float(c.min_confidence)][:int(c.num_images)])
+
+
+def base_confidence(ctx) -> np.ndarray:
+  """``[N]`` the base model's softmax confidence in its prediction on each full test image
+  (computed once per run)."""
+  cache = ctx.__dict__.setdefault("_sis_predictors", {})
+  if "base_confidence" not in cache:
+    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
+                                    ctx.data.prepare(ctx.data.test_images),
+                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    cache["base_confidence"] = trained.softmax(logits.astype(np.float64)).max(axis=-1)
+  return cache["base_confidence"]
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:

@@ -52,7 +52,7 @@ def run(ctx) -> dict:
   masks = load_or_compute(ctx)
   d = int(np.prod(ctx.height_width))
   kept = records.pixels_to_keep(d, float(ctx.config.subsets.frac_kept))
-  counts = {k: int(v.reshape(len(v), -1).sum(1).max()) for k, v in masks.items()}
+  counts = {k: int(v.reshape(len(v), -1).sum(1).max()) for k, v in masks.items() if len(v)}
   if any(c != kept for c in counts.values()):
     raise AssertionError(f"Subsets keep {counts} pixels, expected {kept} each.")
   return {"fingerprint": subsets_fp(ctx), "pixels_kept": kept, "num_pixels": d,
