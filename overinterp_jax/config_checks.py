@@ -156,7 +156,11 @@ def validate_with_data(config, dataset) -> None:
                      f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:12])}"
                      f"{', ...' if dataset.num_classes > 12 else ''}).")
   sis_stage.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
-  train.check_batch(config, num_train=len(dataset.train_images))
+  # Some model is trained: the base (unless a shipped one is loaded), retrained
+  # models, or the ensemble's members and the input-dropout model.
+  if (not config.pretrained or config.retrain.kinds
+      or set(config.sis.models) - {"single"}):
+    train.check_batch(config, num_train=len(dataset.train_images))
 
 
 def _override_paths(argv: Sequence[str]) -> list[str]:

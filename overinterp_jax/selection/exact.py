@@ -111,13 +111,20 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
           first, scores, nonfinite = c
           pair = first + offsets
           valid = pair < total
-          row = jnp.minimum(jnp.searchsorted(ends, pair, side="right"), n - 1).astype(jnp.int32)
-          col = jnp.where(valid, pair - starts[row], 0)
+          if n == 1:  # one input (the reference API): broadcasts instead of gathers
+            row = jnp.zeros((size,), jnp.int32)
+            col = jnp.where(valid, pair, 0)
+            inputs_of_rows, fm_rows = base[:1], fully_masked[:1]
+          else:
+            row = jnp.minimum(jnp.searchsorted(ends, pair, side="right"),
+                              n - 1).astype(jnp.int32)
+            col = jnp.where(valid, pair - starts[row], 0)
+            inputs_of_rows = base[row]
+            fm_rows = fully_masked[:1] if shared_fully_masked else fully_masked[row]
           removed = candidates[row, col]
           keep = feature_ids[None, :] != removed[:, None]
-          fm_rows = fully_masked[:1] if shared_fully_masked else fully_masked[row]
           masked = features.apply_presence(
-              base[row], fm_rows, features.expand_presence(keep, fmap, mask_shape))
+              inputs_of_rows, fm_rows, features.expand_presence(keep, fmap, mask_shape))
           s = score_fn(params, masked, row, targets).astype(dtype)
           nonfinite = nonfinite.at[row].max(valid & ~jnp.isfinite(s))
           scores = scores.at[jnp.where(valid, row, n), col].set(s, mode="drop")
