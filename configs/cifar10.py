@@ -55,7 +55,7 @@ def get_config():
   # precision.py): "float32" | "bfloat16" (float32 parameters, float32 ranking).
   c.precision = "float32"
   c.num_epochs = 200
-  c.batch_size = 128
+  c.batch_size = 128                # 0 = the most per device that fits its memory (lr as given)
   c.eval_batch_size = 500
   c.eval_every = 1                  # test metrics every this many epochs (and after the last)
   c.schedule = "multistep"          # "multistep" | "onecycle" | "cosine"

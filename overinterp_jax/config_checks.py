@@ -51,8 +51,10 @@ def _booleans(section, prefix: str, keys: Sequence[str]) -> None:
 
 
 def _training(config, num_devices: int) -> None:
-  _at_least(config, "", ("num_epochs", "batch_size", "eval_batch_size", "eval_every",
+  _at_least(config, "", ("num_epochs", "eval_batch_size", "eval_every",
                          "checkpoints_to_keep"), 1)
+  # 0 = the largest per-device batch that fits the device's memory (main.run resolves it).
+  _at_least(config, "", ("batch_size",), 0)
   _at_least(config, "", ("num_classes",), 2)
   if not config.lr > 0:
     raise ValueError(f"config.lr must be > 0, got {config.lr}.")
@@ -74,7 +76,8 @@ def _training(config, num_devices: int) -> None:
   train.augment_flip(config)
   if int(config.augment_padding) < 0:
     raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
-  train.check_batch(config, num_devices=num_devices)
+  if int(config.batch_size):
+    train.check_batch(config, num_devices=num_devices)
 
 
 def _data(d) -> None:

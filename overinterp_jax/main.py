@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from overinterp_jax import config_checks
 from overinterp_jax import data as data_lib
+from overinterp_jax import train
 from overinterp_jax.config_checks import validate_config
 from overinterp_jax.pipeline import artifacts, report, runner
 
@@ -42,6 +43,13 @@ def run(config, workdir: str) -> dict:
   """
   validate_config(config)
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.progress))
+  if int(config.batch_size) == 0:
+    config.batch_size = train.memory_fitted_batch_size(
+        config, dataset.image_shape, num_devices=jax.device_count(),
+        num_train=len(dataset.train_images))
+    logging.info("Training batch %d (%d per device): the most that fits the device's "
+                 "memory (config.batch_size=0); config.lr is used as given.",
+                 config.batch_size, config.batch_size // jax.device_count())
   config_checks.validate_with_data(config, dataset)
   artifacts.save_json(os.path.join(workdir, "config.json"),
                       json.loads(config.to_json_best_effort()))

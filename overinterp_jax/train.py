@@ -33,7 +33,7 @@ from absl import logging
 from flax import struct
 from tqdm import tqdm
 
-from overinterp_jax import checkpoints, precision, sharding
+from overinterp_jax import checkpoints, memory, precision, sharding
 from overinterp_jax.data import augment
 from overinterp_jax.models import InputDropout, create_model
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
@@ -382,6 +382,29 @@ def check_batch(config, *, num_devices: int | None = None, num_train: int | None
   if num_train is not None and num_train < config.batch_size * largest:
     raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
                      f"config.progressive_resizing) exceeds the {num_train} training examples.")
+
+
+def memory_fitted_batch_size(config, image_shape, *, num_devices: int, num_train: int,
+                             budget_bytes: int | None = None, cap_per_device: int = 256) -> int:
+  """The global batch for ``config.batch_size = 0``: per device, the largest power of two
+  (at most ``cap_per_device``) whose training step fits the device's memory budget
+  (``memory.fit_batch``: XLA's analysis of the compiled step at a probe batch), times
+  ``num_devices``; no larger than the training set allows for every epoch's batch.
+  The learning rate is not rescaled: ``config.lr`` belongs to the batch this gives."""
+  model = build_model(config)
+  tx = make_optimizer(config, steps_per_epoch=100)
+  image_shape = tuple(image_shape)
+  state = jax.eval_shape(lambda: create_train_state(model, tx, image_shape, jax.random.key(0)))
+  key = jax.random.key(0)
+  loss = lambda s, x, y: train_step(s, x, y, key, compute_dtype=config.precision)[1]["loss"]
+  args_at = lambda b: (state, jax.ShapeDtypeStruct((b,) + image_shape, jnp.float32),
+                       jax.ShapeDtypeStruct((b,), jnp.int32))
+  cap = min(cap_per_device, max(1, num_train // (max(epoch_batch_multipliers(config))
+                                                  * num_devices)))
+  fitted = memory.fit_batch(
+      loss, args_at, cap=cap, input_bytes=int(np.prod(image_shape)) * 4,
+      budget_bytes=budget_bytes or memory.device_budget_bytes())
+  return 2 ** int(np.log2(fitted)) * num_devices
 
 
 def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,

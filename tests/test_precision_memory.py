@@ -105,3 +105,19 @@ def test_device_budget_reads_memory_stats():
 
   # The allocator's limit, not what is free now: the same device, the same batches.
   assert memory.device_budget_bytes(FakeDevice(), fraction=0.5) == 500
+
+
+def test_training_batch_from_memory():
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(
+      model="cnn3", num_classes=K, input_dropout_keep_prob=1.0, bn_momentum=0.9,
+      precision="float32", lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2,
+      momentum=0.9, nesterov=True, weight_decay=5e-4, progressive_resizing=()))
+  fit = lambda budget: train.memory_fitted_batch_size(
+      config, (H, W, C), num_devices=2, num_train=4096, budget_bytes=budget)
+  small, large = fit(2_000_000), fit(2_000_000_000)
+  assert small < large == 2 * 256  # capped at 256 per device
+  per_device = small // 2
+  assert small % 2 == 0 and per_device & (per_device - 1) == 0  # a power of two per device
+  assert fit(2_000_000_000) <= 4096 and train.memory_fitted_batch_size(
+      config, (H, W, C), num_devices=2, num_train=100, budget_bytes=2_000_000_000) <= 100
