@@ -7,7 +7,7 @@ package (this config's base model) on the 1,000 CIFAR-10 test images shipped wit
 Batched Gradient SIS of every image, the model on its own 5% subsets and on random
 ones, exact SISes at τ = 0.99 (4×4-pixel features) of 8 images it classifies with
 confidence ≥ 0.99, the smoothed-SIS and confidence-rise controls, report and figures.
-Cost: 1 min 44 s on a 2-core CPU shared with other jobs; the result it gives:
+Cost: 1 min 17 s on a 2-core CPU (load ~1.5); the result it gives:
 docs/results/quickstart.md.
 
   python -m overinterp_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu \
