@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import os
 import tarfile
@@ -26,19 +25,12 @@ import numpy as np
 from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, ExpectedCounts,
                                               load_image_folder_splits)
 from overinterp_jax.data.labelled import LabelledImages
+from overinterp_jax.pipeline import artifacts
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slices",
                     "cifar10_test_1000.tar.gz")
 SHA256 = "32cd9148f4f36b7c85922ca0b9a418d9de5a1688bfa6f078928f1e44efc7d4d2"
 PER_CLASS = 100
-
-
-def sha256_of(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as fh:
-    for block in iter(lambda: fh.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _check_counts(loaded: dict[str, LabelledImages],
@@ -65,7 +57,7 @@ def load(expected_counts: Optional[ExpectedCounts] = None) -> dict[str, Labelled
     ValueError: the file differs from the one shipped, or ``expected_counts``
       (per split, a total or ``{class: count}``) asks for other counts.
   """
-  digest = sha256_of(PATH)
+  digest = artifacts.file_sha256(PATH)
   if digest != SHA256:
     raise ValueError(f"{PATH} has sha256 {digest}, expected {SHA256}: the shipped data "
                      "slice is damaged; reinstall the package.")
@@ -100,7 +92,7 @@ def write(archive: str, out: str = PATH, per_class: int = PER_CLASS) -> str:
   with open(out, "wb") as fh:
     with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=9, mtime=0, filename="") as gz:
       gz.write(buffer.getvalue())
-  return sha256_of(out)
+  return artifacts.file_sha256(out)
 
 
 def main(argv=None) -> None:
