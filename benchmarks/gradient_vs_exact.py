@@ -14,18 +14,16 @@ Also, at pixel level, the 5% subsets of the pipeline's k against k = 32, 8 and 1
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from overinterp_jax import data as data_lib
 from rank_stats import spearman as _spearman
 from overinterp_jax import sis
 from overinterp_jax.pipeline import sis_stage, trained
-from overinterp_jax.pipeline.context import Context
+import workdir_script
 from overinterp_jax.pipeline.masked_data import MaskedImages
 
 FLAGS = flags.FLAGS
@@ -102,14 +100,7 @@ def compare(ctx) -> dict:
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  dataset = data_lib.load_for_config(config.data, FLAGS.workdir)
-  out = compare(Context(config, FLAGS.workdir, dataset))
-  text = json.dumps(out, indent=1)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as fh:
-      fh.write(text + "\n")
+  workdir_script.run(compare)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ features twice, in float32 and with ``compute_dtype="bfloat16"``, and compares:
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -23,10 +22,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from overinterp_jax import data as data_lib
 from overinterp_jax import sis
 from overinterp_jax.pipeline import sis_stage
-from overinterp_jax.pipeline.context import Context
+import workdir_script
 from rank_stats import spearman
 
 FLAGS = flags.FLAGS
@@ -79,14 +77,7 @@ def compare(ctx) -> dict:
 
 def main(argv):
   del argv
-  config = FLAGS.config
-  dataset = data_lib.load_for_config(config.data, FLAGS.workdir)
-  out = compare(Context(config, FLAGS.workdir, dataset))
-  text = json.dumps(out, indent=1)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as fh:
-      fh.write(text + "\n")
+  workdir_script.run(compare)
 
 
 if __name__ == "__main__":
