@@ -42,7 +42,7 @@ def get_config():
   c.data.expected_test = 10000
   c.data.augment = True             # random crop (zero padding) + horizontal flip:
   c.augment_padding = 4             # pixels of padding before the crop
-  c.augment_flip = "random"         # "random" | "alternating" (train.augment_flip)
+  c.augment_flip = "random"         # "random" | "alternating" (cpu_budget.augment_flip)
 
   c.model = "resnet20"
   # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
@@ -64,12 +64,15 @@ def get_config():
   c.lr_decay = 0.2
   c.warmup_fraction = 0.15          # onecycle only
   # ((scale of the image side, fraction of the epochs), ...) trained at lower
-  # resolution before the full-size epochs (train.epoch_scales); () = none.
+  # resolution before the full-size epochs (cpu_budget.epoch_scales); () = none.
   c.progressive_resizing = ()
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 5e-4
   c.checkpoints_to_keep = 2
+  # Also checkpoint every this many steps within an epoch, with the input pipeline's
+  # position (a killed run resumes at that batch); 0 = at the end of each epoch only.
+  c.checkpoint_every_steps = 0
   c.progress = True
   c.distributed = False             # True on multi-host runs: jax.distributed.initialize()
   # CPU only: split the host into this many JAX devices (0 = JAX's default, one).

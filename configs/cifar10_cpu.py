@@ -40,7 +40,7 @@ def get_config(variant: str = ""):
   c.host_devices = 2
   c.num_epochs = 33
   # 8 epochs at 16×16 with 4× the batch, 8 at 24×24 with 2× the batch, then 17
-  # at full size (train.epoch_scales, train.epoch_batch_multipliers; the
+  # at full size (cpu_budget.epoch_scales, cpu_budget.epoch_batch_multipliers; the
   # learning rate scales with the batch). Small images fill the 2 cores poorly
   # at batch 16: the low-resolution epochs cost ~30% and ~60% of a full one
   # here with the larger batches, ~45% and ~70% without.

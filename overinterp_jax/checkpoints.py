@@ -35,16 +35,19 @@ def state_digests(state: Any) -> dict[str, str]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def files(workdir: str, step: int) -> list[str]:
-  """The checkpoint of epoch ``step`` in ``workdir``: its orbax directory and its checksums."""
-  return [os.path.join(workdir, "checkpoints", str(step)),
-          os.path.join(workdir, "checkpoint_sha256", f"{step}.json")]
+def files(workdir: str, step: int, name: str = "checkpoints") -> list[str]:
+  """Checkpoint ``step`` of the manager ``workdir/name`` (epoch-end checkpoints:
+  ``checkpoints``, numbered by epoch): its orbax directory and its checksums."""
+  digests = "checkpoint_sha256" if name == "checkpoints" else f"{name}_sha256"
+  return [os.path.join(workdir, name, str(step)),
+          os.path.join(workdir, digests, f"{step}.json")]
 
 
-def save(mgr: ocp.CheckpointManager, workdir: str, step: int, state: Any) -> None:
+def save(mgr: ocp.CheckpointManager, workdir: str, step: int, state: Any,
+         name: str = "checkpoints") -> None:
   """Checksums first, then the orbax checkpoint; checksums of steps orbax no longer keeps
   are removed."""
-  digest_path = files(workdir, step)[1]
+  digest_path = files(workdir, step, name)[1]
   artifacts.save_json(digest_path, {"step": step, "sha256": state_digests(state)})
   mgr.save(step, args=ocp.args.StandardSave(state))
   mgr.wait_until_finished()
@@ -55,10 +58,11 @@ def save(mgr: ocp.CheckpointManager, workdir: str, step: int, state: Any) -> Non
         os.remove(os.path.join(os.path.dirname(digest_path), name))
 
 
-def _verified(mgr: ocp.CheckpointManager, workdir: str, step: int, template: Any) -> Any:
+def _verified(mgr: ocp.CheckpointManager, workdir: str, step: int, template: Any,
+              name: str) -> Any:
   """Checkpoint ``step`` restored into ``template``'s structure if it reads back with the
   sha256 stored for each array; otherwise None, after an error log naming the checkpoint."""
-  where, digest_path = files(workdir, step)
+  where, digest_path = files(workdir, step, name)
   try:
     state = mgr.restore(step, args=ocp.args.StandardRestore(template))
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore: many types
@@ -85,16 +89,16 @@ def _verified(mgr: ocp.CheckpointManager, workdir: str, step: int, template: Any
   return state
 
 
-def restore_latest(mgr: ocp.CheckpointManager, workdir: str, template: Any
-                   ) -> tuple[int, Any]:
+def restore_latest(mgr: ocp.CheckpointManager, workdir: str, template: Any,
+                   name: str = "checkpoints") -> tuple[int, Any]:
   """``(step, state)`` of the newest checkpoint that passes its checksums (``template``
   gives the structure); those that fail are deleted. ``(0, None)`` when none is left."""
   for step in sorted(mgr.all_steps(), reverse=True):
-    state = _verified(mgr, workdir, step, template)
+    state = _verified(mgr, workdir, step, template, name)
     if state is not None:
       return step, state
     mgr.delete(step)
-    where, digest_path = files(workdir, step)
+    where, digest_path = files(workdir, step, name)
     if artifacts.is_writer() and os.path.exists(digest_path):
       os.remove(digest_path)
     logging.error("Deleted checkpoint %s; training again from %s.", where,

@@ -14,7 +14,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from overinterp_jax import precision, train
+from overinterp_jax import cpu_budget, precision, train
 from overinterp_jax.data import NORMALIZATIONS, SOURCES
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
@@ -71,9 +71,9 @@ def _training(config, num_devices: int) -> None:
   if not config.weight_decay >= 0:
     raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}.")
   _booleans(config, "", ("nesterov", "progress", "distributed"))
-  train.epoch_scales(config)  # raises on a malformed config.progressive_resizing
+  cpu_budget.epoch_scales(config)  # raises on a malformed config.progressive_resizing
   train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
-  train.augment_flip(config)
+  cpu_budget.augment_flip(config)
   if int(config.augment_padding) < 0:
     raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
   if int(config.batch_size):

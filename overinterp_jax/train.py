@@ -33,8 +33,8 @@ from absl import logging
 from flax import struct
 from tqdm import tqdm
 
-from overinterp_jax import checkpoints, memory, precision, sharding
-from overinterp_jax.data import augment
+from overinterp_jax import checkpoints, cpu_budget, memory, precision, sharding
+from overinterp_jax.data import augment, loader
 from overinterp_jax.models import InputDropout, create_model
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
@@ -63,26 +63,11 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   ``config.schedule``: ``"multistep"`` (the paper: ``lr`` × ``lr_decay`` at each
   epoch in ``lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
   ``lr``, for short budgets) or ``"cosine"`` (cosine decay from ``lr``).
-  ``steps_per_epoch`` counts steps of ``config.batch_size``. Epochs whose batch
-  is ``m`` times larger (``epoch_batch_multipliers``) take ``m`` times fewer
-  steps, each advancing the schedule by ``m`` steps at ``m`` times the rate
-  (the linear scaling rule): the learning rate per image stays that of the
-  base batch at the same point of training.
+  ``steps_per_epoch`` counts steps of ``config.batch_size``; epochs with a larger
+  batch (``cpu_budget.epoch_batch_multipliers``) follow ``cpu_budget.scale_schedule``.
   """
-  base = _base_schedule(config, steps_per_epoch)
-  multipliers = epoch_batch_multipliers(config)
-  if all(m == 1 for m in multipliers):
-    return base
-  m = np.asarray(multipliers)
-  real_starts = jnp.asarray(np.cumsum(np.concatenate([[0], steps_per_epoch // m[:-1]])))
-  base_starts = jnp.arange(len(m)) * steps_per_epoch
-  m = jnp.asarray(m)
-
-  def schedule(count):
-    epoch = jnp.clip(jnp.searchsorted(real_starts, count, side="right") - 1, 0, len(m) - 1)
-    base_step = base_starts[epoch] + (count - real_starts[epoch]) * m[epoch]
-    return m[epoch] * base(base_step)
-  return schedule
+  return cpu_budget.scale_schedule(_base_schedule(config, steps_per_epoch), config,
+                                   steps_per_epoch)
 
 
 def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -100,83 +85,12 @@ def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                    f"{config.schedule!r}.")
 
 
-def _resizing_phases(config) -> list[tuple[float, float, int]]:
-  """``config.progressive_resizing`` as ``[(scale, fraction, batch multiplier)]``, validated."""
-  phases = tuple(config.get("progressive_resizing", ()) or ())
-  out = []
-  for phase in phases:
-    if len(phase) not in (2, 3):
-      raise ValueError("config.progressive_resizing must be ((scale, fraction of the epochs"
-                       f"[, batch multiplier]), ...), got {phases!r}.")
-    scale, fraction = float(phase[0]), float(phase[1])
-    multiplier = phase[2] if len(phase) == 3 else 1
-    if not 0 < scale <= 1 or not fraction > 0:
-      raise ValueError(f"config.progressive_resizing: each scale must be in (0, 1] and each "
-                       f"fraction > 0, got {phases!r}.")
-    if int(multiplier) != multiplier or multiplier < 1:
-      raise ValueError(f"config.progressive_resizing: a batch multiplier must be an integer "
-                       f">= 1, got {phases!r}.")
-    out.append((scale, fraction, int(multiplier)))
-  if sum(f for _, f, _ in out) >= 1:
-    raise ValueError(f"config.progressive_resizing: the fractions must sum to < 1 (training "
-                     f"ends at full resolution), got {phases!r}.")
-  return out
-
-
-def _per_epoch(config, field: int, full_size_value) -> list:
-  values, end = [], 0.0
-  for phase in _resizing_phases(config):
-    end += phase[1]
-    values += [phase[field]] * (round(end * config.num_epochs) - len(values))
-  return values + [full_size_value] * (config.num_epochs - len(values))
-
-
-def epoch_scales(config) -> list[float]:
-  """Scale of the training images' side in each epoch (1.0 = full resolution).
-
-  ``config.progressive_resizing``: ``((scale, fraction of the epochs[, batch
-  multiplier]), ...)`` phases trained before the full-resolution epochs, e.g.
-  ``((0.5, 0.25), (0.75, 0.25))``: the first quarter of the epochs on images of
-  half the side, the next quarter at three quarters, the rest at full size.
-  Empty (the default): every epoch at full resolution. Low-resolution epochs are
-  cheaper (a convolution's cost scales with the pixel count), so a fixed time
-  budget fits more epochs; the last ones are at full size, the size of evaluation.
-  """
-  return _per_epoch(config, 0, 1.0)
-
-
-def epoch_batch_multipliers(config) -> list[int]:
-  """Per epoch, how many times ``config.batch_size`` its batch is: the optional
-  third element of a ``config.progressive_resizing`` phase (default 1; full-size
-  epochs 1). Small images fill a CPU poorly at a small batch; a larger batch in
-  the low-resolution phases trains them faster (``learning_rate_schedule``
-  scales the rate with it)."""
-  return _per_epoch(config, 2, 1)
-
-
-FLIPS = ("random", "alternating")
-
-
-def augment_flip(config) -> str:
-  """``config.augment_flip``: ``"random"`` (default; each image mirrored with
-  probability 1/2 in each step, the paper's recipe) or ``"alternating"``."""
-  flip = config.get("augment_flip", "random")
-  if flip not in FLIPS:
-    raise ValueError(f"config.augment_flip must be one of {FLIPS}, got {flip!r}.")
-  return flip
-
-
 def config_augment_fn(config) -> Callable:
   """The ``augment_fn`` of ``config``: random crop with ``config.augment_padding``
-  pixels of padding (default 4) and a random flip, or the crop alone when
-  ``config.augment_flip == "alternating"`` (``train_and_evaluate`` mirrors on the host)."""
-  return functools.partial(augment.augment_images,
-                           padding=int(config.get("augment_padding", 4)),
-                           flip=augment_flip(config) == "random")
-
-
-def scaled_height_width(height_width, scale: float) -> tuple[int, int]:
-  return tuple(max(1, round(d * scale)) for d in height_width)
+  pixels of padding and a random flip, or the crop alone when ``config.augment_flip ==
+  "alternating"`` (the input pipeline mirrors: ``cpu_budget.mirrored``)."""
+  return functools.partial(augment.augment_images, padding=int(config.augment_padding),
+                           flip=cpu_budget.augment_flip(config) == "random")
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -191,7 +105,7 @@ def build_model(config) -> nn.Module:
   """``config.model`` from the registry, wrapped in input dropout when
   ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
   evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm."""
-  bn_momentum = float(config.get("bn_momentum", DEFAULT_MOMENTUM))
+  bn_momentum = float(config.bn_momentum)
   if not 0 <= bn_momentum < 1:
     raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
   kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
@@ -202,7 +116,7 @@ def build_model(config) -> nn.Module:
       raise
     raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model!r} has no "
                      "batch norm.") from e
-  keep_prob = float(config.get("input_dropout_keep_prob", 1.0))
+  keep_prob = float(config.input_dropout_keep_prob)
   if not 0 < keep_prob <= 1:
     raise ValueError(f"config.input_dropout_keep_prob must be in (0, 1], got {keep_prob}.")
   return InputDropout(model, keep_prob=keep_prob) if keep_prob < 1 else model
@@ -294,23 +208,16 @@ def compile_steps(mesh, augment_fn=None, train_height_width=None,
   return Steps(train=train, eval=evaluate, mesh=mesh)
 
 
-def evaluate(steps: Steps, state: TrainState, images: np.ndarray, labels: np.ndarray,
-             batch_size: int, prepare: Callable = lambda x: x) -> dict:
-  """Loss and accuracy over every example once (the last batch padded and masked)."""
+def evaluate(steps: Steps, state: TrainState, feed: loader.Feed, batch_size: int) -> dict:
+  """Loss and accuracy over every example of ``feed`` once (the last batch padded and
+  masked out)."""
   ndev = steps.mesh.devices.size  # a multiple of the process count
   batch_size = -(-batch_size // ndev) * ndev
   totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-  mine = sharding.process_slice(batch_size)
-  for start in range(0, len(images), batch_size):
-    x = prepare(images[start:start + batch_size])
-    y = labels[start:start + batch_size]
-    n = len(y)
-    valid = np.arange(batch_size) < n
-    if n < batch_size:
-      x = np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)])
-      y = np.concatenate([y, np.repeat(y[:1], batch_size - n, 0)])
-    x, y, valid = (sharding.global_batch(steps.mesh, a[mine]) for a in (x, y, valid))
-    out = jax.device_get(steps.eval(state, x, y, valid))
+  plan, valid = loader.eval_plan(len(feed), batch_size)
+  for (x, y), ok in zip(feed.batches(plan), valid):
+    x, y, ok = (sharding.global_batch(steps.mesh, a) for a in (x, y, ok))
+    out = jax.device_get(steps.eval(state, x, y, ok))
     for k in totals:
       totals[k] += out[k]
   count = max(int(totals["count"]), 1)
@@ -318,9 +225,7 @@ def evaluate(steps: Steps, state: TrainState, images: np.ndarray, labels: np.nda
           "count": int(totals["count"])}
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The example order of one epoch: a function of (seed, epoch) only."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
+epoch_permutation = loader.epoch_permutation
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -343,7 +248,7 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  manager = checkpoints.manager(directory, config.get("checkpoints_to_keep", 2))
+  manager = checkpoints.manager(directory, config.checkpoints_to_keep)
   try:
     if manager.latest_step() != config.num_epochs:
       return None
@@ -378,7 +283,7 @@ def check_batch(config, *, num_devices: int | None = None, num_train: int | None
   if num_devices is not None and config.batch_size % num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
                      f"{num_devices} devices (config.host_devices on a CPU).")
-  largest = max(epoch_batch_multipliers(config))
+  largest = max(cpu_budget.epoch_batch_multipliers(config))
   if num_train is not None and num_train < config.batch_size * largest:
     raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
                      f"config.progressive_resizing) exceeds the {num_train} training examples.")
@@ -399,7 +304,7 @@ def memory_fitted_batch_size(config, image_shape, *, num_devices: int, num_train
   loss = lambda s, x, y: train_step(s, x, y, key, compute_dtype=config.precision)[1]["loss"]
   args_at = lambda b: (state, jax.ShapeDtypeStruct((b,) + image_shape, jnp.float32),
                        jax.ShapeDtypeStruct((b,), jnp.int32))
-  cap = min(cap_per_device, max(1, num_train // (max(epoch_batch_multipliers(config))
+  cap = min(cap_per_device, max(1, num_train // (max(cpu_budget.epoch_batch_multipliers(config))
                                                   * num_devices)))
   fitted = memory.fit_batch(
       loss, args_at, cap=cap, input_bytes=int(np.prod(image_shape)) * 4,
@@ -407,52 +312,67 @@ def memory_fitted_batch_size(config, image_shape, *, num_devices: int, num_train
   return 2 ** int(np.log2(fitted)) * num_devices
 
 
-def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
-                       test_images: np.ndarray, test_labels: np.ndarray, *,
-                       prepare: Callable = lambda x: x, augment_fn=None, mesh=None,
-                       max_epochs_this_run: int | None = None) -> tuple[TrainState, dict]:
-  """Trains ``config.model`` and returns the final state and test metrics.
+def _mid_epoch_template(state: TrainState) -> dict:
+  return {"train_state": state, "loader": {"epoch": np.int64(0), "batch": np.int64(0),
+                                           "loss_sum": np.float64(0), "accuracy_sum":
+                                           np.float64(0)}}
+
+
+def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *,
+        augment_fn=None, mesh=None, max_epochs_this_run: int | None = None,
+        max_steps_this_run: int | None = None) -> tuple[TrainState, dict]:
+  """Trains ``config.model`` on the batches of ``train_feed``; returns the final state and
+  the test metrics on ``test_feed``.
 
   Args:
     config: ``model``, ``num_classes``, ``num_epochs``, ``batch_size``, ``lr``,
       ``schedule`` (+ its keys), ``momentum``, ``nesterov``, ``weight_decay``,
-      ``seed``, ``eval_batch_size``, ``checkpoints_to_keep``.
-    workdir: checkpoints go to ``workdir/checkpoints``, per-epoch metrics to
-      ``workdir/metrics.jsonl``. An existing checkpoint is resumed.
-    train_images, test_images: ``[N, H, W, C]`` arrays, turned into model
-      inputs by ``prepare`` (e.g. uint8 -> normalised float32) batch by batch.
+      ``seed``, ``eval_batch_size``, ``eval_every``, ``checkpoints_to_keep``,
+      ``checkpoint_every_steps``, and the ``cpu_budget`` keys.
+    workdir: checkpoints go to ``workdir/checkpoints`` (one per epoch) and
+      ``workdir/checkpoints_mid`` (every ``checkpoint_every_steps`` steps, with the
+      input pipeline's position), per-epoch metrics to ``workdir/metrics.jsonl``.
+      The newest checkpoint that verifies is resumed, mid-epoch ones at the batch
+      they stopped before.
+    train_feed, test_feed: ``data.loader.Feed``; epoch ``e`` trains on the batches of
+      ``loader.train_plan(config.seed, e, ...)``.
     augment_fn: ``(key, images) -> images`` applied on device in each step.
-    max_epochs_this_run: stop after this many epochs in this call (tests use
-      it to simulate a killed run); the checkpoint stays resumable.
-
-  ``config.augment_flip == "alternating"`` (with an ``augment_fn``, which must
-  then not flip itself): each example is mirrored on the host in alternate
-  epochs (``augment.alternating_flips``). ``config.eval_every`` (default 1):
-  test metrics after every that many epochs and after the last.
+    max_epochs_this_run, max_steps_this_run: stop after this many epochs / steps in
+      this call (tests simulate a killed run with them).
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh if mesh is not None else sharding.data_mesh()
-  n = len(train_images)
+  n = len(train_feed)
   check_batch(config, num_devices=mesh.devices.size, num_train=n)
   steps_per_epoch = n // config.batch_size  # at config.batch_size
-  multipliers = epoch_batch_multipliers(config)
-  model = build_model(config)
+  multipliers = cpu_budget.epoch_batch_multipliers(config)
+  scales = cpu_budget.epoch_scales(config)
+  image_shape = train_feed.image_shape
   tx = make_optimizer(config, steps_per_epoch)
-  state = create_train_state(model, tx, train_images.shape[1:],
+  state = create_train_state(build_model(config), tx, image_shape,
                              jax.random.key(config.seed))
   state = jax.device_put(state, sharding.replicated(mesh))
-  steps = compile_steps(mesh, augment_fn, compute_dtype=config.get("precision", "float32"))
-  scales = epoch_scales(config)
-  alternate = augment_fn is not None and augment_flip(config) == "alternating"
-  eval_every = int(config.get("eval_every", 1))
+  steps = compile_steps(mesh, augment_fn, compute_dtype=config.precision)
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
 
   manager = checkpoints.manager(os.path.join(workdir, "checkpoints"),
-                                config.get("checkpoints_to_keep", 2))
+                                config.checkpoints_to_keep)
+  mid_manager = checkpoints.manager(os.path.join(workdir, "checkpoints_mid"), 1)
   start_epoch, restored = checkpoints.restore_latest(manager, workdir, state)
   if restored is not None:
     state = jax.device_put(restored, sharding.replicated(mesh))
     logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
+  start_batch, sums0 = 0, {"loss": 0.0, "accuracy": 0.0}
+  if int(config.checkpoint_every_steps) and mid_manager.all_steps():
+    _, mid = checkpoints.restore_latest(mid_manager, workdir, _mid_epoch_template(state),
+                                        "checkpoints_mid")
+    if mid is not None and int(mid["loader"]["epoch"]) == start_epoch:
+      state = jax.device_put(mid["train_state"], sharding.replicated(mesh))
+      start_batch = int(mid["loader"]["batch"])
+      sums0 = {"loss": float(mid["loader"]["loss_sum"]),
+               "accuracy": float(mid["loader"]["accuracy_sum"])}
+      logging.info("Resumed %s in epoch %d at batch %d.", workdir, start_epoch + 1,
+                   start_batch)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   # Records are written before their checkpoint; drop any past the checkpoint.
@@ -461,31 +381,29 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   end_epoch = config.num_epochs
   if max_epochs_this_run is not None:
     end_epoch = min(end_epoch, start_epoch + max_epochs_this_run)
+  steps_left = max_steps_this_run
+  every = int(config.checkpoint_every_steps)
+  augmenting = augment_fn is not None
   for epoch in range(start_epoch, end_epoch):
-    order = epoch_permutation(config.seed, epoch, n)
     epoch_key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
     scale = scales[epoch]
-    train_hw = scaled_height_width(train_images.shape[1:3], scale)
+    train_hw = cpu_budget.scaled_height_width(image_shape[:2], scale)
     if scale not in train_fns:
-      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw,
-                                       config.get("precision", "float32")).train
+      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.precision).train
     batch_size = config.batch_size * multipliers[epoch]
-    num_steps = n // batch_size
-    mine = sharding.process_slice(batch_size)  # this process's rows of each batch
+    plan = loader.train_plan(config.seed, epoch, n, batch_size)
+    num_steps = len(plan)
+    first = start_batch if epoch == start_epoch else 0
+    batches = train_feed.batches(plan[first:], epoch,
+                                 cpu_budget.mirrored(config, epoch, n, augmenting))
     t0 = time.perf_counter()
-    sums = {"loss": 0.0, "accuracy": 0.0}
+    sums = dict(sums0) if first else {"loss": 0.0, "accuracy": 0.0}
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
-    bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
-               unit="batch", leave=False, disable=not config.get("progress", True))
-    flips = augment.alternating_flips(config.seed, epoch, n) if alternate else None
+    bar = tqdm(range(first, num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
+               unit="batch", leave=False, disable=not config.progress)
     unchecked = []  # losses since the last host sync, checked to be finite there
-    for i in bar:
-      idx = order[i * batch_size:(i + 1) * batch_size][mine]
-      rows = train_images[idx]
-      if flips is not None:
-        rows = augment.mirror_rows(rows, flips[idx])
-      x = sharding.global_batch(mesh, prepare(rows))
-      y = sharding.global_batch(mesh, train_labels[idx])
+    for i, (x, y) in zip(bar, batches):
+      x, y = sharding.global_batch(mesh, x), sharding.global_batch(mesh, y)
       state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
       unchecked.append(m["loss"])
       if i % 20 == 0 or i == num_steps - 1:
@@ -494,21 +412,32 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
         unchecked = []
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}",
-                        img_s=f"{(i + 1) * batch_size / (time.perf_counter() - t0):.0f}")
+                        img_s=f"{(i + 1 - first) * batch_size / (time.perf_counter() - t0):.0f}")
       for k in sums:
         sums[k] += m[k]
+      if steps_left is not None:
+        steps_left -= 1
+      if every and (i + 1) % every == 0 and i + 1 < num_steps:
+        checkpoints.save(mid_manager, workdir, int(state.step), {
+            "train_state": state,
+            "loader": {"epoch": np.int64(epoch), "batch": np.int64(i + 1),
+                       "loss_sum": np.float64(sums["loss"]),
+                       "accuracy_sum": np.float64(sums["accuracy"])}}, "checkpoints_mid")
+      if steps_left == 0:
+        break
+    if steps_left == 0 and i + 1 < num_steps:
+      break  # a run stopped mid-epoch (tests): resumes from its last checkpoint
     seconds = time.perf_counter() - t0
     test_metrics = {}
-    if (epoch + 1) % eval_every == 0 or epoch + 1 == config.num_epochs:
-      test_metrics = evaluate(steps, state, test_images, test_labels,
-                              config.get("eval_batch_size", 500), prepare)
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.num_epochs:
+      test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
     record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / num_steps,
               "train_accuracy": float(sums["accuracy"]) / num_steps,
               "test_loss": test_metrics.get("loss"),
               "test_accuracy": test_metrics.get("accuracy"),
               "train_height_width": list(train_hw), "epoch_seconds": seconds,
               "batch_size": batch_size,
-              "train_images_per_second": num_steps * batch_size / seconds}
+              "train_images_per_second": (num_steps - first) * batch_size / seconds}
     logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
                  workdir, epoch + 1, config.num_epochs, record["train_loss"],
                  "-" if record["test_accuracy"] is None
@@ -517,8 +446,21 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     history.append(record)
     _write_jsonl(metrics_path, history)
     checkpoints.save(manager, workdir, epoch + 1, state)
-  if not test_metrics:
-    test_metrics = evaluate(steps, state, test_images, test_labels,
-                            config.get("eval_batch_size", 500), prepare)
+    if steps_left == 0:
+      break
+  if not test_metrics and not steps_left == 0:
+    test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
   manager.close()
+  mid_manager.close()
   return state, test_metrics
+
+
+def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
+                       test_images: np.ndarray, test_labels: np.ndarray, *,
+                       prepare: Callable = lambda x: x, augment_fn=None, mesh=None,
+                       max_epochs_this_run: int | None = None) -> tuple[TrainState, dict]:
+  """``fit`` on in-memory arrays ``[N, H, W, C]`` (turned into model inputs by ``prepare``
+  batch by batch) and labels ``[N]``."""
+  return fit(config, workdir, loader.array_feed(train_images, train_labels, prepare),
+             loader.array_feed(test_images, test_labels, prepare), augment_fn=augment_fn,
+             mesh=mesh, max_epochs_this_run=max_epochs_this_run)

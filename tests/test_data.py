@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from overinterp_jax import data as data_lib
-from overinterp_jax.data import augment, image_folder, normalize, synthetic, tfds_source
+from overinterp_jax import cpu_budget, data as data_lib
+from overinterp_jax.data import augment, image_folder, loader, normalize, synthetic, tfds_source
 
 REAL_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                             "data", "cifar10_jpeg.tar.gz")
@@ -435,14 +435,15 @@ def test_augment_images_without_flip_only_crops():
 
 
 def test_alternating_flips_mirror_each_image_every_other_epoch():
-  first = augment.alternating_flips(3, 0, 1000)
+  first = cpu_budget.alternating_flips(3, 0, 1000)
   assert first.dtype == bool and 400 < first.sum() < 600
-  np.testing.assert_array_equal(augment.alternating_flips(3, 1, 1000), ~first)
-  np.testing.assert_array_equal(augment.alternating_flips(3, 2, 1000), first)
-  np.testing.assert_array_equal(augment.alternating_flips(3, 0, 1000), first)  # seeded
-  assert not np.array_equal(augment.alternating_flips(4, 0, 1000), first)
-  rows = np.arange(2 * 2 * 3 * 1).reshape(2, 2, 3, 1)
-  out = augment.mirror_rows(rows, np.array([True, False]))
+  np.testing.assert_array_equal(cpu_budget.alternating_flips(3, 1, 1000), ~first)
+  np.testing.assert_array_equal(cpu_budget.alternating_flips(3, 2, 1000), first)
+  np.testing.assert_array_equal(cpu_budget.alternating_flips(3, 0, 1000), first)  # seeded
+  assert not np.array_equal(cpu_budget.alternating_flips(4, 0, 1000), first)
+  rows = np.arange(2 * 2 * 3 * 1, dtype=np.uint8).reshape(2, 2, 3, 1)
+  feed = loader.array_feed(rows, np.zeros(2, np.int32), lambda x: x.astype(np.float32))
+  out, _ = feed.batch(np.array([0, 1]), mirror=np.array([True, False]))
   np.testing.assert_array_equal(out[0], rows[0, :, ::-1])
   np.testing.assert_array_equal(out[1], rows[1])
 

@@ -55,8 +55,7 @@ def _smoke(tmp_path, **overrides):
 
 
 def _ensure(config, ds, workdir):
-  return trained.ensure_trained(config, str(workdir), ds.train_images, ds.train_labels,
-                                ds.test_images, ds.test_labels, prepare=ds.prepare,
+  return trained.ensure_trained(config, str(workdir), ds.feed("train"), ds.feed("test"),
                                 augment_fn=ds.augment_fn, data_fp="data")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import smoke
 from overinterp_jax import data as data_lib
-from overinterp_jax import sharding, train
+from overinterp_jax import cpu_budget, sharding, train
 from overinterp_jax.pipeline import trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +182,7 @@ def test_schedule_with_larger_low_resolution_batches_keeps_the_rate_per_image(sc
   config.lr_milestones = (1, 3, 5)
   base = train.learning_rate_schedule(config, steps_per_epoch=40)
   config.progressive_resizing = ((0.5, 0.2, 4), (0.75, 0.2, 2))
-  assert train.epoch_batch_multipliers(config) == [4, 4, 2, 2] + [1] * 6
+  assert cpu_budget.epoch_batch_multipliers(config) == [4, 4, 2, 2] + [1] * 6
   lr = train.learning_rate_schedule(config, steps_per_epoch=40)
   # Real steps per epoch: 10, 10, 20, 20, then 40.
   for real, base_step, m in [(0, 0, 4), (7, 28, 4), (10, 40, 4), (19, 76, 4), (20, 80, 2),
@@ -193,20 +193,20 @@ def test_schedule_with_larger_low_resolution_batches_keeps_the_rate_per_image(sc
 def test_progressive_resizing_epochs_and_errors():
   config = smoke.get_config()
   config.num_epochs = 27
-  assert train.epoch_scales(config) == [1.0] * 27
+  assert cpu_budget.epoch_scales(config) == [1.0] * 27
   config.progressive_resizing = ((0.5, 0.25), (0.75, 0.25))
-  assert train.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
-  assert train.epoch_batch_multipliers(config) == [1] * 27
+  assert cpu_budget.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
+  assert cpu_budget.epoch_batch_multipliers(config) == [1] * 27
   config.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25))
-  assert train.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
-  assert train.epoch_batch_multipliers(config) == [4] * 7 + [1] * 20
-  assert train.scaled_height_width((32, 32), 0.75) == (24, 24)
+  assert cpu_budget.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
+  assert cpu_budget.epoch_batch_multipliers(config) == [4] * 7 + [1] * 20
+  assert cpu_budget.scaled_height_width((32, 32), 0.75) == (24, 24)
   for bad, match in [(((0.5, 0.5), (0.75, 0.5)), "sum to < 1"), (((1.5, 0.2),), r"\(0, 1\]"),
                      (((0.5, 0.0),), "fraction > 0"), (((0.5,),), "scale, fraction"),
                      (((0.5, 0.2, 0),), "integer >= 1"), (((0.5, 0.2, 1.5),), "integer >= 1")]:
     config.progressive_resizing = bad
     with pytest.raises(ValueError, match=match):
-      train.epoch_scales(config)
+      cpu_budget.epoch_scales(config)
 
 
 def test_main_rejects_bad_progressive_resizing_before_work(tmp_path):
@@ -280,8 +280,7 @@ def test_bad_input_dropout_value_is_named():
 
 
 def _ensure(config, ds, workdir, data_fp="data", **kw):
-  return trained.ensure_trained(config, str(workdir), ds.train_images, ds.train_labels,
-                                ds.test_images, ds.test_labels, prepare=ds.prepare,
+  return trained.ensure_trained(config, str(workdir), ds.feed("train"), ds.feed("test"),
                                 augment_fn=ds.augment_fn, data_fp=data_fp, **kw)
 
 

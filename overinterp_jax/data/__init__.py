@@ -23,8 +23,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from overinterp_jax.data import (augment, cifar10_slice, image_folder, normalize, synthetic,
-                                 tfds_source)
+from overinterp_jax.data import (augment, cifar10_slice, image_folder, loader, normalize, sources,
+                                 synthetic, tfds_source)
 from overinterp_jax.data.augment import augment_batch, augment_images, random_crop_flip
 from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS,
                                               load_image_folder, load_image_folder_splits)
@@ -65,6 +65,13 @@ class Dataset:
   def prepare(self, images: np.ndarray) -> np.ndarray:
     """``[B, H, W, C]`` uint8 -> normalised float32 (0 = mean colour = masked value)."""
     return self.normalization.normalize(images)
+
+  def feed(self, split: str) -> "loader.Feed":
+    """``split`` (``"train"`` or ``"test"``) as a ``loader.Feed`` of normalised images."""
+    images = self.train_images if split == "train" else self.test_images
+    labels = self.train_labels if split == "train" else self.test_labels
+    return loader.Feed(sources.ArraySource(images, labels, self.class_names, split),
+                       self.prepare)
 
   @staticmethod
   def augment_fn(key: jax.Array, images: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from overinterp_jax import data as data_lib
+from overinterp_jax.data import loader
 from overinterp_jax import sharding
 from overinterp_jax import sis
 from overinterp_jax import train
@@ -73,15 +74,18 @@ class Context:
   def split_labels(self, split: str) -> np.ndarray:
     return self.data.train_labels if split == "train" else self.data.test_labels
 
-  def train_model(self, name: str, config, train_images=None, test_images=None,
+  def feed(self, split: str) -> loader.Feed:
+    """The full images of ``split`` as model inputs (``data.loader.Feed``)."""
+    return self.data.feed(split)
+
+  def train_model(self, name: str, config, train_feed=None, test_feed=None,
                   data_fp: Optional[str] = None) -> trained.Trained:
-    """Trains (or loads) ``config`` in ``workdir/name`` on full or given (masked) images."""
-    full = train_images is None
+    """Trains (or loads) ``config`` in ``workdir/name`` on full images or the given feeds
+    (pixel-subsets)."""
+    full = train_feed is None
     return trained.ensure_trained(
-        config, self.path(name),
-        self.data.train_images if full else train_images, self.data.train_labels,
-        self.data.test_images if full else test_images, self.data.test_labels,
-        prepare=self.data.prepare if full else (lambda x: x), augment_fn=self.augment_fn,
+        config, self.path(name), self.feed("train") if full else train_feed,
+        self.feed("test") if full else test_feed, augment_fn=self.augment_fn,
         data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
         mesh=self.mesh, replace_stale=name != "base_model")
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 import numpy as np
 
 from overinterp_jax.pipeline import artifacts, subsets_stage, trained
-from overinterp_jax.pipeline.masked_data import MaskedImages
+from overinterp_jax.data import loader
 
 KINDS = ("bs", "random", "mask_only", "full")
 
 
-def masked_split(ctx, masks: dict, kind: str, split: str) -> MaskedImages:
+def masked_split(ctx, masks: dict, kind: str, split: str) -> loader.Feed:
+  """``split``'s images as inputs of kind ``kind``, its pixel masks applied on the fly."""
   if kind == "full":
-    images = ctx.split_images(split)
-    return MaskedImages(images, np.ones(images.shape[:3], bool), ctx.data.prepare)
+    return ctx.feed(split)
   source = "random" if kind == "random" else "bs"
-  return MaskedImages(ctx.split_images(split), masks[f"{source}_{split}"], ctx.data.prepare,
-                      mask_only=kind == "mask_only")
+  return ctx.feed(split).with_masks(loader.PackedMasks.from_masks(masks[f"{source}_{split}"]),
+                                    mask_only=kind == "mask_only")
 
 
 def retrain_config(ctx):
@@ -36,7 +36,7 @@ def retrain_config(ctx):
   throughout: resizing would blend kept pixels with masked ones."""
   c = ctx.config
   epochs = int(c.retrain.num_epochs) or int(c.num_epochs)
-  no_resizing = {"progressive_resizing": ()} if c.get("progressive_resizing") else {}
+  no_resizing = {"progressive_resizing": ()} if c.progressive_resizing else {}
   return trained.variant(c, num_epochs=epochs, **no_resizing)
 
 
@@ -61,8 +61,8 @@ def run(ctx) -> dict:
   config = retrain_config(ctx)
   for kind in ctx.config.retrain.kinds:
     model = ctx.train_model(f"retrain_{kind}", config,
-                            train_images=masked_split(ctx, masks, kind, "train"),
-                            test_images=masked_split(ctx, masks, kind, "test"),
+                            train_feed=masked_split(ctx, masks, kind, "train"),
+                            test_feed=masked_split(ctx, masks, kind, "test"),
                             # full images do not depend on the subsets
                             data_fp="full" if kind == "full" else subsets_stage.subsets_fp(ctx))
     out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],

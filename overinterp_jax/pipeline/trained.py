@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from overinterp_jax import checkpoints, sharding, train
+from overinterp_jax.data import loader
 from overinterp_jax.models import InputDropout, ensemble
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
@@ -72,10 +73,10 @@ class Trained:
     return module.apply(variables, images, train=False, rngs=rngs)
 
 
-def ensure_trained(config, workdir: str, train_images, train_labels, test_images, test_labels,
-                   *, prepare: Callable, augment_fn, data_fp: str, mesh=None,
-                   replace_stale: bool = False) -> Trained:
-  """Trains ``config`` into ``workdir`` unless a finished model of the same config is there.
+def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, data_fp: str,
+                   mesh=None, replace_stale: bool = False) -> Trained:
+  """Trains ``config`` into ``workdir`` on ``train_feed`` (a ``data.loader.Feed``), tested on
+  ``test_feed``, unless a finished model of the same config is there.
 
   ``workdir/fingerprint.json`` names the config a (possibly unfinished) run there is
   training, so a killed run resumes only its own checkpoints. A directory of another
@@ -100,13 +101,12 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
     artifacts.save_json(marker_path, {"fingerprint": fp})
   state = None
   if summary is not None:
-    state = train.restore_trained(config, workdir, train_images.shape[1:], len(train_images),
+    state = train.restore_trained(config, workdir, train_feed.image_shape, len(train_feed),
                                   mesh)
   if state is None:
     t0 = time.perf_counter()
-    state, metrics = train.train_and_evaluate(
-        config, workdir, train_images, train_labels, test_images, test_labels,
-        prepare=prepare, augment_fn=augment_fn, mesh=mesh)
+    state, metrics = train.fit(config, workdir, train_feed, test_feed, augment_fn=augment_fn,
+                               mesh=mesh)
     summary = {"fingerprint": fp, "metrics": metrics, "seconds": time.perf_counter() - t0}
     artifacts.save_json(summary_path, summary)
   for path in [summary_path] + checkpoints.files(workdir, int(config.num_epochs)):
@@ -139,11 +139,17 @@ def stack_variables(members) -> Any:
 
 def predict_logits(apply: Callable, variables, images, *, batch_size: int = 500,
                    mesh=None) -> np.ndarray:
-  """``apply(variables, x)`` over array-like ``images [N, ...]`` in batches -> ``[N, K]`` numpy."""
+  """``apply(variables, x)`` over ``images`` in batches -> ``[N, K]`` numpy. ``images``: a
+  ``data.loader.Feed`` or array-like model inputs ``[N, ...]``."""
   mesh = mesh if mesh is not None else sharding.data_mesh()
   ndev = mesh.devices.size
   batch_size = -(-batch_size // ndev) * ndev
   fn = _compiled(apply, mesh)
+  if isinstance(images, loader.Feed):
+    plan, _ = loader.eval_plan(len(images), batch_size)  # padding: the tail of the last batch
+    out = [sharding.to_host(fn(variables, sharding.global_batch(mesh, x)))
+           for x, _ in images.batches(plan)]
+    return np.concatenate(out)[:len(images)] if out else np.zeros((0, 0), np.float32)
   mine = sharding.process_slice(batch_size)
   out = []
   for start in range(0, len(images), batch_size):

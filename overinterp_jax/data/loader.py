@@ -1,0 +1,227 @@
+"""Batches of model inputs from any source: the input pipeline of training and evaluation.
+
+A ``Feed`` is one split as model inputs: a random-access source
+(``data.sources``), its analysis view, the normalisation, optionally a pixel
+mask per image (pixel-subsets, applied on the fly) and the host-side training
+crop. ``feed.batches(plan, epoch)`` yields ``(x [b, H, W, C] float32, y [b]
+int32)`` for each entry of ``plan``, a list of example-index arrays: this
+process's rows of each global batch (``train_plan``, ``eval_plan``), which
+callers turn into global arrays with ``sharding.global_batch``
+(``jax.make_array_from_process_local_data`` across processes).
+
+What a batch holds is a function of the plan, the epoch and the seed only —
+never of the worker that built it or of where a run was resumed — so a run
+resumed at ``(epoch, batch)`` sees exactly the batches it would have seen.
+
+Two paths, same batches:
+  * in-memory arrays without host crops (CIFAR): one gather per batch in this
+    process (``ArraySource.gather``), the fastest path for small images;
+  * everything else (image files, TFDS ArrayRecord, host crops): a grain
+    pipeline over the plan (``grain.MapDataset``), each batch decoded and
+    cropped by ``workers`` worker processes (0 = threads of this process),
+    prefetched ahead of the training step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from overinterp_jax import sharding
+from overinterp_jax.data import transforms
+from overinterp_jax.data.sources import ArraySource
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The example order of one training epoch: a function of (seed, epoch) only."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_plan(seed: int, epoch: int, n: int, batch_size: int) -> list[np.ndarray]:
+  """This process's example indices of each full global batch of ``batch_size`` in
+  ``epoch`` (shuffled; the last partial batch is dropped)."""
+  order = epoch_permutation(seed, epoch, n)
+  mine = sharding.process_slice(batch_size)
+  return [order[i * batch_size:(i + 1) * batch_size][mine] for i in range(n // batch_size)]
+
+
+def eval_plan(n: int, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Every example once in order, in global batches of ``batch_size`` (the last one padded
+  by repeating its first example): this process's ``(indices, valid)`` of each batch."""
+  mine = sharding.process_slice(batch_size)
+  plans, valid = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    ok = np.ones(batch_size, bool)
+    ok[len(idx):] = False
+    idx = np.concatenate([idx, np.full(batch_size - len(idx), start)])
+    plans.append(idx[mine])
+    valid.append(ok[mine])
+  return plans, valid
+
+
+class PackedMasks:
+  """Pixel masks ``[N, H, W]`` bool stored bit-packed (``[N, H, ceil(W/8)]`` uint8), in
+  memory or memory-mapped from a ``.npy`` file (read on demand, never loaded whole).
+  ``masks[indices] -> [b, H, W]`` bool. Pickles as its path (grain workers reopen it)."""
+
+  def __init__(self, packed, width: int):
+    self.width = int(width)
+    self.path = packed if isinstance(packed, str) else None
+    self._packed = None if self.path else np.asarray(packed, np.uint8)
+
+  @classmethod
+  def from_masks(cls, masks: np.ndarray) -> "PackedMasks":
+    return cls(np.packbits(np.asarray(masks, bool), axis=-1), masks.shape[-1])
+
+  @property
+  def packed(self) -> np.ndarray:
+    if self._packed is None:
+      self._packed = np.load(self.path, mmap_mode="r")
+    return self._packed
+
+  def __getstate__(self):
+    return {**self.__dict__, "_packed": None} if self.path else self.__dict__
+
+  def __len__(self) -> int:
+    return len(self.packed)
+
+  def __getitem__(self, indices) -> np.ndarray:
+    return np.unpackbits(np.asarray(self.packed[indices]), axis=-1, count=self.width
+                         ).astype(bool)
+
+
+@dataclasses.dataclass(eq=False)
+class Feed:
+  """One split as model inputs.
+
+  Attributes:
+    source: random-access labelled images (``data.sources``).
+    prepare: ``[b, H, W, C]`` uint8 -> normalised float32 (0 = the mean colour).
+    view: the analysis view of each image (``transforms.ViewSpec``; size 0 = as stored).
+    train_crop: host-side Inception-style random crop + flip of the view to
+      ``view.size`` (ImageNet training); CIFAR crops on the device instead.
+    masks: optional ``[N, H, W]`` bool per example (``PackedMasks``): masked
+      pixels show ``fill`` (default 0 = the mean colour).
+    mask_only: kept pixels become 1.0 in every channel (positions only).
+    fill: optional ``indices -> [b, H, W, C]`` float32 masked values (this process only).
+    workers: grain worker processes decoding batches (0 = threads of this process).
+    seed: of the host-side random crops (with the epoch and the example index).
+  """
+  source: object
+  prepare: Callable[[np.ndarray], np.ndarray]
+  view: transforms.ViewSpec = transforms.ViewSpec()
+  train_crop: bool = False
+  masks: Optional[PackedMasks] = None
+  mask_only: bool = False
+  fill: Optional[Callable[[np.ndarray], np.ndarray]] = None
+  workers: int = 0
+  seed: int = 0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.source.labels
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    shape = self.view.shape(getattr(self.source, "image_shape", None))
+    if shape is None:
+      raise ValueError("The images vary in size: set the view size (config.data.image_size).")
+    return tuple(shape)
+
+  def with_masks(self, masks: Optional[PackedMasks], mask_only: bool = False,
+                 fill=None) -> "Feed":
+    return dataclasses.replace(self, masks=masks, mask_only=mask_only, fill=fill)
+
+  @property
+  def in_memory(self) -> bool:
+    return (isinstance(self.source, ArraySource) and not self.train_crop
+            and not self.view.size)
+
+  def batch(self, indices: np.ndarray, epoch: int = 0,
+            mirror: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(x [b, H, W, C] float32, y [b] int32)`` of examples ``indices`` in ``epoch``;
+    ``mirror [N]`` bool: examples to mirror left-right (the alternating flip)."""
+    indices = np.asarray(indices)
+    if self.in_memory:
+      images, labels = self.source.gather(indices)
+      masks = None if self.masks is None else self.masks[indices]
+    else:
+      images, masks, labels = self._decode(indices, epoch)
+    x = self.prepare(images)
+    if masks is not None:
+      if self.mask_only:
+        x = np.broadcast_to(masks[..., None], x.shape).astype(np.float32)
+      else:
+        fill = np.float32(0) if self.fill is None else self.fill(indices)
+        x = np.where(masks[..., None], x, fill).astype(np.float32)
+    if mirror is not None:
+      flips = np.asarray(mirror[indices], bool).reshape(-1, 1, 1, 1)
+      x = np.where(flips, x[:, :, ::-1], x)
+    return x, np.asarray(labels, np.int32)
+
+  def _decode(self, indices: np.ndarray, epoch: int):
+    images, masks, labels = [], [], []
+    for i in indices:
+      image, label = self.source[int(i)]
+      image = transforms.view(image, self.view)
+      mask = None if self.masks is None else self.masks[int(i)]
+      if mask is not None and mask.shape != image.shape[:2]:
+        raise ValueError(f"Mask {mask.shape} of example {int(i)} does not match its view "
+                         f"{image.shape[:2]}.")
+      if self.train_crop:
+        rng = np.random.default_rng([self.seed, epoch, int(i)])
+        image, mask = transforms.random_resized_crop(rng, image, self.view.size or
+                                                     image.shape[0], mask)
+      images.append(image)
+      masks.append(mask)
+      labels.append(label)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+      raise ValueError(f"Images of one batch differ in size {sorted(shapes)}: set the view size "
+                       "(config.data.image_size) for data whose images vary in size.")
+    return (np.stack(images), None if self.masks is None else np.stack(masks),
+            np.asarray(labels))
+
+  def batches(self, plan: Sequence[np.ndarray], epoch: int = 0,
+              mirror: Optional[np.ndarray] = None, prefetch: int = 2
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``feed.batch(indices, epoch, mirror)`` for each ``indices`` of ``plan``, in order."""
+    if self.in_memory or not len(plan):
+      return (self.batch(idx, epoch, mirror) for idx in plan)
+    return _grain_batches(self, plan, epoch, mirror, prefetch)
+
+
+class _BuildBatch:
+  """A picklable ``plan index -> batch`` for grain workers."""
+
+  def __init__(self, feed: Feed, plan, epoch: int, mirror):
+    self.feed, self.plan, self.epoch, self.mirror = feed, list(plan), epoch, mirror
+
+  def __call__(self, b: int):
+    return self.feed.batch(self.plan[b], self.epoch, self.mirror)
+
+
+def _grain_batches(feed: Feed, plan, epoch: int, mirror, prefetch: int):
+  import grain  # pylint: disable=import-outside-toplevel
+  if feed.fill is not None and feed.workers:
+    feed = dataclasses.replace(feed, workers=0)  # fill functions stay in this process
+  build = _BuildBatch(dataclasses.replace(feed, workers=0), plan, epoch, mirror)
+  ds = grain.MapDataset.range(len(plan)).map(build)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(4, prefetch)),
+                                            prefetch_buffer_size=max(1, prefetch)))
+  if feed.workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(feed.workers),
+                                                     per_worker_buffer_size=max(1, prefetch)))
+  return iter(it)
+
+
+def array_feed(images: np.ndarray, labels: np.ndarray, prepare: Callable = lambda x: x,
+               class_names: Sequence[str] = (), split: str = "data") -> Feed:
+  """A ``Feed`` over in-memory arrays (``prepare`` maps a batch of ``images`` to inputs)."""
+  names = tuple(class_names) or tuple(str(i) for i in range(int(np.max(labels, initial=0)) + 1))
+  return Feed(ArraySource(images, labels, names, split), prepare)

@@ -1,0 +1,224 @@
+"""Random-access image sources behind one interface, decoded lazily.
+
+Every source is a sequence of labelled images: ``len(source)``,
+``source[i] -> (image [H, W, 3] uint8, label int)``, ``source.example_id(i)``
+(a stable key: the file's path relative to the dataset root, TFDS's
+``file_name``, or ``"<split>/<index>"`` for arrays), ``source.class_names``
+and ``source.image_shape`` (``(H, W, 3)`` when every image has it, else None).
+Sources are picklable, so grain's worker processes can read them.
+
+  * ``ArraySource``: images already in memory (CIFAR-sized data, synthetic
+    data, the shipped slice); ``gather(indices)`` reads a whole batch with one
+    fancy index, the fast path the loader uses.
+  * ``FileSource``: an image folder ``<root>/<split>/<class>/<image>`` read as
+    a list of files; each image is decoded (PIL, converted to RGB from grey,
+    CMYK, palette or RGBA) only when asked for. ``.tar``/``.tar.gz`` archives
+    are extracted once into a cache folder (streamed, written atomically) and
+    then read the same way: a gzip stream has no random access.
+  * ``TfdsSource``: a split prepared by TFDS as ArrayRecord files, through
+    ``tfds.data_source`` (never downloading); JPEG bytes decoded here.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from overinterp_jax.data import image_folder, tfds_source
+
+IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+  """A PIL image of any mode (L, LA, P, CMYK, RGBA, I;16...) as ``[H, W, 3]`` uint8 RGB."""
+  if img.mode == "RGB":
+    return np.asarray(img, np.uint8)
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+    a = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+    return np.repeat((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
+  return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def decode(data: bytes, where: str) -> np.ndarray:
+  """JPEG/PNG bytes -> ``[H, W, 3]`` uint8 RGB; ValueError naming ``where`` if it fails."""
+  if not data:
+    raise ValueError(f"Cannot decode image {where}: the file is empty (0 bytes).")
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.load()
+      return to_rgb(img)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"Cannot decode image {where}: {e}") from e
+
+
+class ArraySource:
+  """In-memory images ``[N, H, W, C]`` uint8 and labels ``[N]`` int32."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+               split: str = "data"):
+    if images.ndim != 4 or len(images) != len(labels):
+      raise ValueError(f"ArraySource needs images [N, H, W, C] and labels [N], got "
+                       f"{images.shape} and {np.shape(labels)}.")
+    self.images, self.labels = images, np.asarray(labels, np.int32)
+    self.class_names, self.split = tuple(class_names), split
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    return self.images[i], int(self.labels[i])
+
+  def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[b, H, W, C]`` and labels ``[b]`` of ``indices`` in one read."""
+    return self.images[indices], self.labels[indices]
+
+  def example_id(self, i: int) -> str:
+    return f"{self.split}/{int(i)}"
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.images.shape[1:])
+
+
+class FileSource:
+  """Image files, decoded lazily. ``paths[i]`` has label ``labels[i]``."""
+
+  def __init__(self, root: str, paths: Sequence[str], labels: Sequence[int],
+               class_names: Sequence[str], image_shape: Optional[tuple] = None):
+    self.root, self.paths = root, list(paths)
+    self.labels = np.asarray(labels, np.int32)
+    self.class_names, self.image_shape = tuple(class_names), image_shape
+
+  @classmethod
+  def from_folder(cls, root: str, split: str, image_shape: Optional[tuple] = None
+                  ) -> "FileSource":
+    """``root/split/<class>/<image>``, classes sorted by name (= label order), files sorted."""
+    files = image_folder._directory_files(root, split)  # pylint: disable=protected-access
+    classes = tuple(sorted(files))
+    paths = [p for c in classes for p in files[c]]
+    labels = [i for i, c in enumerate(classes) for _ in files[c]]
+    return cls(root, paths, labels, classes, image_shape)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    path = self.paths[i]
+    with open(path, "rb") as fh:
+      return decode(fh.read(), path), int(self.labels[i])
+
+  def example_id(self, i: int) -> str:
+    return os.path.relpath(self.paths[i], self.root)
+
+
+def archive_fingerprint(path: str) -> str:
+  st = os.stat(path)
+  return hashlib.sha1(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+                      ).hexdigest()[:16]
+
+
+def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
+  """The image members of tar archive ``path`` extracted under ``cache_dir``; returns the
+  folder holding ``<split>/<class>/<image>``.
+
+  Streamed member by member (nothing held in memory); written to a temporary folder
+  renamed into place when complete, so a killed extraction is redone, never half-used.
+  A folder is reused only if the archive's path, size and modification time match.
+  Members are stored as ``<split>/<class>/<image>`` whatever top folder they had.
+  """
+  image_folder._check_source(path)  # pylint: disable=protected-access
+  target = os.path.join(cache_dir, f"{os.path.basename(path).split('.')[0]}-"
+                                    f"{archive_fingerprint(path)}")
+  if os.path.isdir(target):
+    return target
+  tmp = f"{target}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    with tarfile.open(path, mode="r|*") as archive:
+      for member in tqdm(archive, desc=f"extracting {os.path.basename(path)}", unit="file",
+                         disable=not progress):
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if (not member.isfile() or ".." in parts or len(parts) < 3
+            or not image_folder._is_image_name(member.name)):  # pylint: disable=protected-access
+          continue
+        out = os.path.join(tmp, *parts[-3:])  # <split>/<class>/<image>, any top folder dropped
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with archive.extractfile(member) as src, open(out, "wb") as dst:
+          shutil.copyfileobj(src, dst)
+  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ValueError(f"Cannot read archive {path}: {e}") from e
+  os.replace(tmp, target)
+  return target
+
+
+def folder_source(path: str, split: str, cache_dir: str, progress: bool = True,
+                  image_shape: Optional[tuple] = None) -> FileSource:
+  """A ``FileSource`` of ``split`` of an image folder or tar archive at ``path``."""
+  image_folder._check_source(path)  # pylint: disable=protected-access
+  root = extract_archive(path, cache_dir, progress) if os.path.isfile(path) else path
+  return FileSource.from_folder(root, split, image_shape)
+
+
+class TfdsSource:
+  """A TFDS split prepared as ArrayRecord, read with ``tfds.data_source``; the image bytes
+  are decoded here (TFDS's own decoder would need TensorFlow). Opened lazily, so the
+  source pickles as its name, split and folder."""
+
+  def __init__(self, name: str, split: str, data_dir: str,
+               image_shape: Optional[tuple] = None):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self.class_names = tfds_source.class_names(name, data_dir)
+    self.image_shape = image_shape
+    self._source = None
+    self._length = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      tfds_source._check_prepared(self.name, self.data_dir)  # pylint: disable=protected-access
+      try:
+        self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                        download=False,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
+      except Exception as e:  # pylint: disable=broad-except  # TFDS raises many kinds here
+        raise FileNotFoundError(
+            f"Cannot open TFDS {self.name!r} split {self.split!r} in {self.data_dir!r}: "
+            f"{type(e).__name__}: {e}. It must be prepared there as array_record (docs/data.md)."
+        ) from e
+    return self._source
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _example(self, i: int) -> dict:
+    return self._open()[int(i)]
+
+  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    ex = self._example(i)
+    image = ex["image"]
+    if isinstance(image, (bytes, np.bytes_)):
+      image = decode(bytes(image), f"{self.name}/{self.split}[{i}]")
+    elif image.shape[-1] == 1:
+      image = np.repeat(image, 3, -1)
+    return np.asarray(image, np.uint8), int(ex["label"])
+
+  def example_id(self, i: int) -> str:
+    ex = self._example(i)
+    name = ex.get("file_name") if isinstance(ex, dict) else None
+    if name is None:
+      return f"{self.split}/{int(i)}"
+    return name.decode() if isinstance(name, bytes) else str(name)
