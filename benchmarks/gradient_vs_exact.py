@@ -22,9 +22,9 @@ from ml_collections import config_flags
 
 from rank_stats import spearman as _spearman
 from overinterp_jax import sis
+from overinterp_jax.data import loader
 from overinterp_jax.pipeline import sis_stage, trained
 import workdir_script
-from overinterp_jax.pipeline.masked_data import MaskedImages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pipeline config.", lock_config=True)
@@ -39,8 +39,8 @@ def _confidence(ctx, idx, feature_mask, fmap, targets) -> np.ndarray:
   h, w = ctx.height_width
   pixels = sis.feature_mask_to_pixels(feature_mask, fmap, (h, w))
   logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                  MaskedImages(ctx.data.test_images[idx], pixels,
-                                               ctx.data.prepare), mesh=ctx.mesh)
+                                  ctx.feed("test").subset(idx).with_masks(
+                                      loader.PackedMasks.from_masks(pixels)), mesh=ctx.mesh)
   return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 

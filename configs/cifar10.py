@@ -40,6 +40,15 @@ def get_config():
   c.data.cache_dir = ""             # decoded-array cache; default <workdir>/data_cache
   c.data.expected_train = 50000     # image counts verified on load (0 = unchecked)
   c.data.expected_test = 10000
+  # Hold both splits decoded in memory (small data: CIFAR); False streams the images
+  # from disk batch by batch (ImageNet), through worker processes.
+  c.data.in_memory = True
+  c.data.workers = 0                # grain worker processes decoding batches (streaming)
+  c.data.view_size = 0              # side of the square analysis view; 0 = images as stored
+  c.data.view_resize = 0            # shorter side before the view's centre crop; 0 = view_size
+  # Training crop: "device" (pad + random crop + flip on the accelerator: CIFAR) or
+  # "inception" (random-resized crop + flip of the view on the host: ImageNet).
+  c.data.train_crop = "device"
   c.data.augment = True             # random crop (zero padding) + horizontal flip:
   c.augment_padding = 4             # pixels of padding before the crop
   c.augment_flip = "random"         # "random" | "alternating" (cpu_budget.augment_flip)

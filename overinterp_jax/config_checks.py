@@ -163,7 +163,7 @@ def validate_with_data(config, dataset) -> None:
   # models, or the ensemble's members and the input-dropout model.
   if (not config.pretrained or config.retrain.kinds
       or set(config.sis.models) - {"single"}):
-    train.check_batch(config, num_train=len(dataset.train_images))
+    train.check_batch(config, num_train=dataset.num_examples("train"))
 
 
 def _override_paths(argv: Sequence[str]) -> list[str]:

@@ -46,7 +46,7 @@ def run(config, workdir: str) -> dict:
   if int(config.batch_size) == 0:
     config.batch_size = train.memory_fitted_batch_size(
         config, dataset.image_shape, num_devices=jax.device_count(),
-        num_train=len(dataset.train_images))
+        num_train=dataset.num_examples("train"))
     logging.info("Training batch %d (%d per device): the most that fits the device's "
                  "memory (config.batch_size=0); config.lr is used as given.",
                  config.batch_size, config.batch_size // jax.device_count())

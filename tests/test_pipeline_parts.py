@@ -10,8 +10,9 @@ from configs import cifar10, smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
-from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data, report,
-                                     retrain_stage, sis_stage)
+from overinterp_jax.data import loader
+from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data,
+                                     record_shards, report, retrain_stage, sis_stage)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -62,36 +63,43 @@ def test_backselect_shards_resume_and_recompute_only_bad_ones(tmp_path, monkeypa
   apply, w = _linear_model(16)
   images = np.random.default_rng(1).integers(0, 255, (10, 4, 4, 3)).astype(np.uint8)
   prepare = lambda x: x.astype(np.float32) / 255 - 0.5
+  feed = loader.array_feed(images, np.zeros(10, np.int32), prepare)
   cfg = cifar10.get_config().backselect
   cfg.method, cfg.remove_per_step, cfg.shard_size = "gradient", 2, 4
-  first = backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp",
+  first = backselect_stage.backselect_split(str(tmp_path), apply, w, feed, cfg, "fp",
                                             seed=0, progress=False)
-  assert first["order"].shape == (10, 16)
+  assert len(first) == 10 and first.num_features == 16
   assert sorted(os.listdir(tmp_path)) == ["shard_00000.npz", "shard_00001.npz",
                                           "shard_00002.npz"]
+  # The records equal one in-memory selection of each shard's images.
+  direct = backselect_stage.run_backselect(apply, w, prepare(images[4:8]), cfg, seed=4)
+  rows = first.rows(np.arange(4, 8))
+  np.testing.assert_array_equal(rows["order"], direct.order)
+  np.testing.assert_array_equal(rows["values"], direct.values)
+  assert list(rows["ids"]) == [f"data/{i}" for i in range(4, 8)]
   calls = []
   real = backselect_stage.run_backselect
   monkeypatch.setattr(backselect_stage, "run_backselect",
                       lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
   (tmp_path / "shard_00001.npz").write_bytes(b"garbage")
-  again = backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp",
+  again = backselect_stage.backselect_split(str(tmp_path), apply, w, feed, cfg, "fp",
                                             seed=0, progress=False)
   assert calls == [4]  # only the bad shard
-  for k in first:
-    np.testing.assert_array_equal(first[k], again[k])
-  backselect_stage.backselect_split(str(tmp_path), apply, w, images, prepare, cfg, "fp2",
+  for k, v in first.everything().items():
+    np.testing.assert_array_equal(v, again.everything()[k])
+  backselect_stage.backselect_split(str(tmp_path), apply, w, feed, cfg, "fp2",
                                     seed=0, progress=False)
   assert calls == [4, 4, 4, 2]  # another config recomputes everything
 
 
 def test_shard_check_rejects_non_permutations():
-  check = backselect_stage.shard_check(1, 3)
-  good = {"order": np.array([[2, 0, 1]]), "values": np.zeros((1, 3)), "targets": np.zeros(1),
-          "original_scores": np.zeros(1)}
+  check = record_shards.shard_check(1, 3, 1)
+  good = {"rank": np.array([[2, 0, 1]], np.uint8), "step_values": np.zeros((1, 3)),
+          "targets": np.zeros(1), "original_scores": np.zeros(1), "ids": np.array(["a"])}
   assert check(good) is None
-  assert "permutation" in check({**good, "order": np.array([[0, 0, 1]])})
-  assert "values" in check({**good, "values": np.zeros((1, 2))})
-  assert "non-finite" in check({**good, "values": np.array([[0, np.nan, 0]])})
+  assert "permutation" in check({**good, "rank": np.array([[0, 0, 1]])})
+  assert "step_values" in check({**good, "step_values": np.zeros((1, 2))})
+  assert "non-finite" in check({**good, "step_values": np.array([[0, np.nan, 0]])})
 
 
 class _SisContext:
@@ -159,27 +167,27 @@ def test_augmenting_the_subset_image_equals_augmenting_image_and_mask_together()
   images = rng.integers(0, 255, (6, 8, 8, 3)).astype(np.uint8)
   masks = rng.random((6, 8, 8)) < 0.1
   prepare = lambda x: x.astype(np.float32) / 127.5 - 1
-  subset = masked_data.MaskedImages(images, masks, prepare)
+  subset = loader.array_feed(images, np.zeros(6, np.int32), prepare).with_masks(
+      loader.PackedMasks.from_masks(masks))
   key = jax.random.key(3)
-  aug_subset, _ = data_lib.augment_batch(key, subset[np.arange(6)])
+  aug_subset, _ = data_lib.augment_batch(key, subset.batch(np.arange(6))[0])
   aug_x, aug_m = data_lib.augment_batch(key, prepare(images), masks)
   expected = np.where(np.asarray(aug_m)[..., None], np.asarray(aug_x), 0)
   np.testing.assert_array_equal(np.asarray(aug_subset), expected)
 
 
-def test_masked_images_views():
+def test_masked_feed_views():
   images = np.full((2, 2, 2, 3), 200, np.uint8)
   masks = np.array([[[True, False], [False, False]]] * 2)
-  prepare = lambda x: x.astype(np.float32)
-  x = masked_data.MaskedImages(images, masks, prepare)[0:2]
+  feed = loader.array_feed(images, np.zeros(2, np.int32), lambda x: x.astype(np.float32))
+  packed = loader.PackedMasks.from_masks(masks)
+  x = feed.with_masks(packed).batch(np.arange(2))[0]
   assert x.shape == (2, 2, 2, 3) and x[0, 0, 0, 0] == 200 and x[0, 0, 1, 0] == 0
-  only = masked_data.MaskedImages(images, masks, prepare, mask_only=True)[[1]]
+  only = feed.with_masks(packed, mask_only=True).batch(np.array([1]))[0]
   np.testing.assert_array_equal(only[0, ..., 0], masks[1].astype(np.float32))
-  fm = np.full(images.shape, -7, np.float32)
-  y = masked_data.MaskedImages(images, masks, prepare, fully_masked=fm)[0:1]
+  fill = lambda idx: np.full((len(idx),) + images.shape[1:], -7, np.float32)
+  y = feed.with_masks(packed, fill=fill).batch(np.array([0]))[0]
   assert y[0, 1, 1, 2] == -7
-  with pytest.raises(ValueError, match="masks"):
-    masked_data.MaskedImages(images, masks[:, :1], prepare)
 
 
 def test_dilate():
@@ -207,9 +215,17 @@ def test_masking_values_are_deterministic_and_keyed_by_image_index():
     masked_data.fully_masked_values("purple", x)
 
 
-def test_pack_masks_round_trip():
-  m = np.random.default_rng(0).random((3, 32, 32)) < 0.05
-  np.testing.assert_array_equal(masked_data.unpack_masks(masked_data.pack_masks(m), 32), m)
+def test_packed_masks_round_trip_in_memory_and_memory_mapped(tmp_path):
+  m = np.random.default_rng(0).random((3, 32, 30)) < 0.05
+  packed = loader.PackedMasks.from_masks(m)
+  np.testing.assert_array_equal(packed[np.arange(3)], m)
+  np.save(tmp_path / "m.npy", packed.packed)
+  mapped = loader.PackedMasks(str(tmp_path / "m.npy"), 30)
+  np.testing.assert_array_equal(mapped[np.array([2, 0])], m[[2, 0]])
+  import pickle
+  again = pickle.loads(pickle.dumps(mapped))  # grain workers reopen the file
+  assert again._packed is None
+  np.testing.assert_array_equal(again[np.array([1])], m[[1]])
 
 
 # ----------------------------------------------------------------------------- controls
@@ -223,7 +239,7 @@ def test_wrong_targets_never_hit_the_prediction():
 
 def test_rise_fraction():
   values = np.array([[0.5, 0.7, 0.2], [0.4, 0.3, 0.1], [0.905, 0.1, 0.0]])
-  out = controls.rise_fraction(values, np.array([0.6, 0.5, 0.9]))
+  out = controls.rise_fraction(values.max(axis=1), np.array([0.6, 0.5, 0.9]))
   assert out["fraction_rising"] == pytest.approx(2 / 3)
   assert out["fraction_rising_by_0.01"] == pytest.approx(1 / 3)
 

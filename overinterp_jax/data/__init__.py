@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from overinterp_jax.data import (augment, cifar10_slice, image_folder, loader, normalize, sources,
-                                 synthetic, tfds_source)
+                                 synthetic, tfds_source, transforms)
 from overinterp_jax.data.augment import augment_batch, augment_images, random_crop_flip
 from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS,
                                               load_image_folder, load_image_folder_splits)
@@ -34,7 +34,9 @@ from overinterp_jax.data.synthetic import make_synthetic
 from overinterp_jax.data.tfds_source import load_tfds_arrays, tfds_data_source
 
 SOURCES = ("image_folder", "tfds", "synthetic")
-NORMALIZATIONS = ("auto", "cifar10", "train")
+NORMALIZATIONS = ("auto", "cifar10", "imagenet", "train")
+# Train images whose statistics give normalization "train" for streamed data.
+STATS_SAMPLE = 2000
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,17 +68,88 @@ class Dataset:
     """``[B, H, W, C]`` uint8 -> normalised float32 (0 = mean colour = masked value)."""
     return self.normalization.normalize(images)
 
+  in_memory = True
+
+  def source(self, split: str) -> sources.ArraySource:
+    images = self.train_images if split == "train" else self.test_images
+    return sources.ArraySource(images, self.labels(split), self.class_names, split)
+
+  def labels(self, split: str) -> np.ndarray:
+    return self.train_labels if split == "train" else self.test_labels
+
+  def num_examples(self, split: str) -> int:
+    return len(self.labels(split))
+
   def feed(self, split: str) -> "loader.Feed":
     """``split`` (``"train"`` or ``"test"``) as a ``loader.Feed`` of normalised images."""
-    images = self.train_images if split == "train" else self.test_images
-    labels = self.train_labels if split == "train" else self.test_labels
-    return loader.Feed(sources.ArraySource(images, labels, self.class_names, split),
-                       self.prepare)
+    return loader.Feed(self.source(split), self.prepare)
+
+  def fingerprint_parts(self) -> tuple:
+    """What identifies the loaded data beyond its config: shapes and labels."""
+    return (self.train_images.shape, self.test_images.shape,
+            _labels_checksum(self.train_labels, self.test_labels))
 
   @staticmethod
   def augment_fn(key: jax.Array, images: jax.Array) -> jax.Array:
     """Random crop (4 px padding with 0) + flip of normalised ``[B, H, W, C]`` images."""
     return augment_images(key, images)
+
+
+def _labels_checksum(train: np.ndarray, test: np.ndarray) -> str:
+  from overinterp_jax.pipeline import artifacts  # pylint: disable=import-outside-toplevel
+  return artifacts.checksum({"y": train, "t": test})
+
+
+@dataclasses.dataclass(eq=False)
+class StreamingDataset:
+  """Train and test splits read from disk on demand (``sources.FileSource`` or
+  ``sources.TfdsSource``), never held in memory; the same interface as ``Dataset``
+  minus the whole-split arrays.
+
+  Attributes:
+    train, test: the random-access sources.
+    view: the analysis view of every image (``transforms.ViewSpec``).
+    normalization: per-channel mean/std.
+    workers: grain worker processes decoding batches.
+  """
+  train: object
+  test: object
+  view: transforms.ViewSpec
+  normalization: Normalization
+  workers: int = 0
+  in_memory = False
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.train.class_names if len(self.train) else self.test.class_names)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.feed("test").image_shape
+
+  def prepare(self, images: np.ndarray) -> np.ndarray:
+    return self.normalization.normalize(images)
+
+  def source(self, split: str):
+    return self.train if split == "train" else self.test
+
+  def labels(self, split: str) -> np.ndarray:
+    return np.asarray(self.source(split).labels)
+
+  def num_examples(self, split: str) -> int:
+    return len(self.source(split))
+
+  def feed(self, split: str) -> "loader.Feed":
+    return loader.Feed(self.source(split), self.prepare, view=self.view,
+                       workers=self.workers)
+
+  def fingerprint_parts(self) -> tuple:
+    return (len(self.train), len(self.test), self.image_shape,
+            _labels_checksum(self.labels("train"), self.labels("test")))
 
 
 def _normalization(kind: str, train: LabelledImages) -> Normalization:
@@ -87,6 +160,8 @@ def _normalization(kind: str, train: LabelledImages) -> Normalization:
     kind = "cifar10" if is_cifar else "train"
   if kind == "cifar10":
     return CIFAR10
+  if kind == "imagenet":
+    return normalize.IMAGENET
   if kind == "train":
     return channel_stats(train.images)
   raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {kind!r}.")
@@ -128,6 +203,48 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
                  _normalization(normalization, train))
 
 
+def load_streaming(data_config, workdir: str, progress: bool = True) -> StreamingDataset:
+  """The splits of ``data_config`` as sources read on demand (``data.in_memory = False``).
+
+  Image folders are listed (archives extracted once into ``cache_dir``), TFDS splits
+  opened through ``tfds.data_source``; nothing is decoded until a batch asks for it.
+  Normalisation ``"train"`` (or ``"auto"`` for data other than CIFAR-10) uses the
+  statistics of ``STATS_SAMPLE`` seeded random train images.
+  """
+  view = transforms.ViewSpec(int(data_config.view_size), int(data_config.view_resize))
+  cache_dir = data_config.cache_dir or os.path.join(workdir, "data_cache")
+  if data_config.source == "image_folder":
+    if not data_config.path:
+      raise ValueError("config.data.in_memory=False streams an image folder or archive: set "
+                       "config.data.path (the shipped CIFAR-10 slice is loaded in memory).")
+    train_src, test_src = (sources.folder_source(data_config.path, split, cache_dir, progress)
+                           for split in ("train", "test"))
+  elif data_config.source == "tfds":
+    name = data_config.name
+    train_src, test_src = (sources.TfdsSource(name, split, data_config.data_dir)
+                           for split in ("train", tfds_source.EVAL_SPLIT.get(name, "test")))
+  else:
+    raise ValueError(f"config.data.in_memory=False: source {data_config.source!r} cannot be "
+                     "streamed; use image_folder or tfds (synthetic data is always in memory).")
+  for split, src in (("train", train_src), ("test", test_src)):
+    expected = int(data_config[f"expected_{split}"])
+    if expected and len(src) != expected:
+      raise ValueError(f"The {split} split has {len(src)} images, config.data.expected_{split}"
+                       f" = {expected}.")
+  kind = data_config.normalization
+  cifar = train_src.class_names == CIFAR10_CLASSES and view.shape((32, 32, 3)) == (32, 32, 3)
+  if kind == "auto":
+    kind = "cifar10" if cifar else "train"
+  if kind == "train":
+    feed = loader.Feed(train_src, lambda x: x, view=view)
+    pick = np.sort(np.random.default_rng(0).permutation(len(train_src))[:STATS_SAMPLE])
+    norm = channel_stats(np.concatenate([feed.images(pick[i:i + 256])
+                                         for i in range(0, len(pick), 256)]))
+  else:
+    norm = _normalization(kind, None)
+  return StreamingDataset(train_src, test_src, view, norm, int(data_config.workers))
+
+
 def load_for_config(data_config, workdir: str, progress: bool = True) -> Dataset:
   """``load_dataset`` from a ``config.data`` ConfigDict (keys as in configs/cifar10.py).
 
@@ -137,6 +254,8 @@ def load_for_config(data_config, workdir: str, progress: bool = True) -> Dataset
   ``image_size``, ``num_classes``, ``seed``, ``normalization``. ``progress``: show
   decoding progress bars (``config.progress``).
   """
+  if not data_config.in_memory and data_config.source != "synthetic":
+    return load_streaming(data_config, workdir, progress)
   get = data_config.get
   cache_dir = get("cache_dir", "") or os.path.join(workdir, "data_cache")
   expected = {split: int(get(f"expected_{split}", 0)) for split in ("train", "test")}

@@ -139,8 +139,22 @@ class Feed:
 
   @property
   def in_memory(self) -> bool:
-    return (isinstance(self.source, ArraySource) and not self.train_crop
+    return (getattr(self.source, "in_memory", False) and not self.train_crop
             and not self.view.size)
+
+  def subset(self, indices) -> "Feed":
+    """This feed restricted to examples ``indices`` (renumbered ``0 .. len - 1``)."""
+    return dataclasses.replace(self, source=Subset(self.source, indices), masks=None, fill=None)
+
+  def images(self, indices) -> np.ndarray:
+    """The analysis views ``[b, H, W, C]`` uint8 of examples ``indices`` (no masks,
+    crops or normalisation): what figures show."""
+    indices = np.asarray(indices, np.int64)
+    if getattr(self.source, "in_memory", False) and not self.view.size:
+      return self.source.gather(indices)[0]
+    plain = dataclasses.replace(self, train_crop=False, masks=None)
+    return plain._decode(indices, 0)[0] if len(indices) else np.zeros(
+        (0,) + self.image_shape, np.uint8)
 
   def batch(self, indices: np.ndarray, epoch: int = 0,
             mirror: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +208,29 @@ class Feed:
     if self.in_memory or not len(plan):
       return (self.batch(idx, epoch, mirror) for idx in plan)
     return _grain_batches(self, plan, epoch, mirror, prefetch)
+
+
+class Subset:
+  """Examples ``indices`` of ``source`` as a source of their own."""
+
+  def __init__(self, source, indices):
+    self.base, self.indices = source, np.asarray(indices, np.int64)
+    self.class_names = source.class_names
+    self.image_shape = getattr(source, "image_shape", None)
+    self.labels = np.asarray(source.labels)[self.indices]
+    self.in_memory = getattr(source, "in_memory", False)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.base[int(self.indices[i])]
+
+  def gather(self, indices):
+    return self.base.gather(self.indices[np.asarray(indices, np.int64)])
+
+  def example_id(self, i: int) -> str:
+    return self.base.example_id(int(self.indices[i]))
 
 
 class _BuildBatch:

@@ -45,6 +45,9 @@ class Normalization:
 
 
 CIFAR10 = Normalization(CIFAR10_MEAN, CIFAR10_STD)
+# torchvision's ImageNet statistics (its pretrained Inception v3 and ResNet-50).
+IMAGENET = Normalization(np.array((0.485, 0.456, 0.406), np.float32),
+                         np.array((0.229, 0.224, 0.225), np.float32))
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> Normalization:

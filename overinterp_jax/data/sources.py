@@ -62,6 +62,7 @@ def decode(data: bytes, where: str) -> np.ndarray:
 
 class ArraySource:
   """In-memory images ``[N, H, W, C]`` uint8 and labels ``[N]`` int32."""
+  in_memory = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                split: str = "data"):

@@ -1,11 +1,12 @@
 """Stage ``backselect``: backward selection of every train and test image, in shards.
 
-Shard ``i`` of a split holds images ``[i·S, (i+1)·S)`` (``S = shard_size``):
-``order [n, d]`` (feature ids, first removed first), ``values [n, d]`` (target
-confidence after each removal), ``targets [n]`` and ``original_scores [n]``.
-Shards are written atomically and validated on read (fingerprint, checksum,
-shapes, every order a permutation), so a re-run resumes at the first shard
-that is missing or invalid. Method ``"exact"`` is ``sis.batched_backselect``;
+Shard ``i`` of a split holds images ``[i·S, (i+1)·S)`` (``S = shard_size``) in the
+compact form of ``record_shards`` (removal rank per pixel in the smallest integer
+type, one confidence per step, example ids). Images are read through the input
+pipeline shard by shard; shards are written atomically and validated on read
+(fingerprint, checksum, shapes, every rank row a permutation), so a re-run
+computes only the shards that are missing or invalid, and later stages read
+them back as a stream (``record_shards.RecordSet``). Method ``"exact"`` is ``sis.batched_backselect``;
 ``"gradient"`` is ``sis.gradient_backselect`` (Batched Gradient SIS).
 """
 from __future__ import annotations
@@ -20,30 +21,10 @@ from absl import logging
 from tqdm import tqdm
 
 from overinterp_jax import precision, sis
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.data import loader
+from overinterp_jax.pipeline import artifacts, record_shards
 
 SPLITS = ("train", "test")
-
-
-def shard_check(n: int, d: int) -> Callable[[dict], Optional[str]]:
-  def check(a: dict) -> Optional[str]:
-    for key, shape in (("order", (n, d)), ("values", (n, d)), ("targets", (n,)),
-                       ("original_scores", (n,))):
-      if key not in a or a[key].shape != shape:
-        return f"{key} missing or not of shape {shape}"
-    if not np.array_equal(np.sort(a["order"], axis=1), np.broadcast_to(np.arange(d), (n, d))):
-      return "an order is not a permutation"
-    if not np.all(np.isfinite(a["values"])):
-      return "non-finite values"
-    return None
-  return check
-
-
-def to_record(r: sis.BackselectResult) -> dict:
-  """The arrays stored per image set: ``order``, ``values``, ``targets``, ``original_scores``."""
-  return {"order": r.order.astype(np.int32), "values": r.values.astype(np.float32),
-          "targets": r.target_classes.astype(np.int32),
-          "original_scores": r.original_scores.astype(np.float32)}
 
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
@@ -87,19 +68,26 @@ def _gradient_batch(apply, variables, images, bs_config, mesh, compute_dtype) ->
   return _FITTED[key]
 
 
+def per_step(bs_config) -> int:
+  """Features removed per backselect step: 1 (exact) or ``remove_per_step`` (gradient)."""
+  return int(bs_config.remove_per_step) if bs_config.method == "gradient" else 1
+
+
 def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],
-                      d: int, *, desc: str, progress: bool = True) -> dict:
+                      d: int, step: int, *, desc: str, progress: bool = True
+                      ) -> record_shards.RecordSet:
   """Backselect records of consecutive image rows, one resumable file per shard.
 
   ``shards``: ``(path, fingerprint, rows)`` per file, the rows in order and
   together covering all images. A shard whose file is valid (``artifacts.load``
-  with ``shard_check``) is read back; the others get ``compute(rows)`` (a
-  ``to_record`` dict), saved atomically at once, so a killed run loses at most
-  the shard it was computing. Returns the records of all rows concatenated.
+  with ``record_shards.shard_check``) is kept; the others get ``compute(rows)`` (a
+  ``record_shards.encode`` dict), saved atomically at once, so a killed run loses at
+  most the shard it was computing. Returns the shards as a ``RecordSet``; no records
+  stay in memory.
   """
-  results = [artifacts.load(path, fp, shard_check(rows.stop - rows.start, d))
-             for path, fp, rows in shards]
-  missing = [i for i, r in enumerate(results) if r is None]
+  missing = [i for i, (path, fp, rows) in enumerate(shards)
+             if artifacts.load(path, fp, record_shards.shard_check(rows.stop - rows.start, d,
+                                                                   step)) is None]
   if missing and len(missing) < len(shards):
     logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(shards))
   todo = sum(shards[i][2].stop - shards[i][2].start for i in missing)
@@ -108,38 +96,42 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
   t0, done = time.perf_counter(), 0
   for i in missing:
     path, fp, rows = shards[i]
-    results[i] = compute(rows)
-    artifacts.save(path, results[i], fp)
+    artifacts.save(path, compute(rows), fp)
     done += rows.stop - rows.start
     bar.update(rows.stop - rows.start)
     bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}")
   bar.close()
-  return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+  return record_shards.RecordSet(shards, d, step)
 
 
-def backselect_split(directory: str, apply: Callable, variables, images: np.ndarray,
-                     prepare: Callable, bs_config, fp: str, *, seed: int, fully_masked=None,
-                     progress: bool = True, desc: str = "backselect", mesh=None,
-                     compute_dtype: str = "float32") -> dict:
-  """Backward selection of every image of one split into ``directory/shard_XXXXX.npz``.
+def backselect_split(directory: str, apply: Callable, variables, feed: loader.Feed, bs_config,
+                     fp: str, *, seed: int, indices: Optional[np.ndarray] = None,
+                     fully_masked: Optional[Callable] = None, progress: bool = True,
+                     desc: str = "backselect", mesh=None,
+                     compute_dtype: str = "float32") -> record_shards.RecordSet:
+  """Backward selection of images ``indices`` (default all) of ``feed`` into
+  ``directory/shard_XXXXX.npz``, ``bs_config.shard_size`` images per shard.
 
-  ``fully_masked``: optional ``[N, H, W, C]`` masked values per image.
-  Returns ``{"order", "values", "targets", "original_scores"}`` of all images.
-  Every process computes (the mesh spans them); process 0 writes the files.
+  ``fully_masked(rows of indices)``: optional masked values ``[n, H, W, C]``.
+  Images are read through the feed shard by shard. Every process computes (the mesh
+  spans them); process 0 writes the files.
   """
-  n = len(images)
-  d = int(np.prod(images.shape[1:3]))
-  if n == 0:  # a split the data does not have (the shipped slice has no train images)
-    return {"order": np.zeros((0, d), np.int32), "values": np.zeros((0, d), np.float32),
-            "targets": np.zeros((0,), np.int32), "original_scores": np.zeros((0,), np.float32)}
+  indices = np.arange(len(feed)) if indices is None else np.asarray(indices, np.int64)
+  n = len(indices)
+  d = int(np.prod(feed.image_shape[:2]))
+  step = per_step(bs_config)
   size = int(bs_config.shard_size)
   shards = [(os.path.join(directory, f"shard_{i:05d}.npz"), fp,
              slice(start, min(start + size, n))) for i, start in enumerate(range(0, n, size))]
+  read = 256  # images decoded per read of the feed
 
   def compute(rows: slice) -> dict:
-    fm = None if fully_masked is None else fully_masked[rows]
-    return to_record(run_backselect(apply, variables, prepare(images[rows]), bs_config,
-                                    seed=seed + rows.start, fully_masked=fm, mesh=mesh,
-                                    compute_dtype=compute_dtype))
+    idx = indices[rows]
+    x = np.concatenate([feed.batch(idx[i:i + read])[0] for i in range(0, len(idx), read)])
+    fm = None if fully_masked is None else fully_masked(rows)
+    r = run_backselect(apply, variables, x, bs_config, seed=seed + rows.start,
+                       fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype)
+    return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
+                                [feed.source.example_id(int(i)) for i in idx], step)
 
-  return records_in_shards(shards, compute, d, desc=desc, progress=progress)
+  return records_in_shards(shards, compute, d, step, desc=desc, progress=progress)

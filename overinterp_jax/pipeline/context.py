@@ -6,6 +6,7 @@ and read back from the work directory on a re-run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Optional
@@ -17,13 +18,14 @@ from overinterp_jax.data import loader
 from overinterp_jax import sharding
 from overinterp_jax import sis
 from overinterp_jax import train
-from overinterp_jax.pipeline import artifacts, backselect_stage, masked_data, shipped_base, trained
+from overinterp_jax.pipeline import (artifacts, backselect_stage, masked_data, record_shards,
+                                     shipped_base, trained)
 
 
 def check_train_split(config, dataset: data_lib.Dataset) -> None:
   """ValueError naming the config keys that need train images when ``dataset`` has none
   (the shipped CIFAR-10 slice): training the base model, retraining, more SIS models."""
-  if len(dataset.train_images):
+  if dataset.num_examples("train"):
     return
   stages = config.stages
   needs = []
@@ -49,9 +51,7 @@ class Context:
     self.config, self.workdir, self.data = config, workdir, dataset
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.progress = bool(config.get("progress", True))
-    self.data_fp = artifacts.fingerprint(
-        config.data, dataset.train_images.shape, dataset.test_images.shape,
-        artifacts.checksum({"y": dataset.train_labels, "t": dataset.test_labels}))
+    self.data_fp = artifacts.fingerprint(config.data, *dataset.fingerprint_parts())
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
@@ -65,14 +65,19 @@ class Context:
 
   @property
   def augment_fn(self):
-    """``train.config_augment_fn``, or None when ``config.data.augment`` is off."""
-    return train.config_augment_fn(self.config) if self.config.data.augment else None
+    """The device-side crop + flip (``train.config_augment_fn``), or None when
+    ``config.data.augment`` is off or the input pipeline crops on the host."""
+    if not self.config.data.augment or self.config.data.train_crop != "device":
+      return None
+    return train.config_augment_fn(self.config)
 
-  def split_images(self, split: str) -> np.ndarray:
-    return self.data.train_images if split == "train" else self.data.test_images
+  def labels(self, split: str) -> np.ndarray:
+    return self.data.labels(split)
 
-  def split_labels(self, split: str) -> np.ndarray:
-    return self.data.train_labels if split == "train" else self.data.test_labels
+  def training_feed(self, feed: loader.Feed) -> loader.Feed:
+    """``feed`` with the host-side training crop when ``config.data.train_crop`` asks."""
+    host = self.config.data.augment and self.config.data.train_crop == "inception"
+    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.seed))
 
   def feed(self, split: str) -> loader.Feed:
     """The full images of ``split`` as model inputs (``data.loader.Feed``)."""
@@ -84,7 +89,7 @@ class Context:
     (pixel-subsets)."""
     full = train_feed is None
     return trained.ensure_trained(
-        config, self.path(name), self.feed("train") if full else train_feed,
+        config, self.path(name), self.training_feed(self.feed("train") if full else train_feed),
         self.feed("test") if full else test_feed, augment_fn=self.augment_fn,
         data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
         mesh=self.mesh, replace_stale=name != "base_model")
@@ -113,39 +118,35 @@ class Context:
 
   @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, indices: Optional[tuple] = None,
-                 masking: str = "mean") -> dict:
+                 masking: str = "mean") -> record_shards.RecordSet:
     """Backward selection of images ``indices`` (a tuple; default all) of ``split`` with the
-    base model, masked value ``masking`` (``masked_data.MASKING_VALUES``)."""
-    images = self.split_images(split)
-    if indices is not None:
-      images = images[np.asarray(indices)]
+    base model, masked value ``masking`` (``masked_data.MASKING_VALUES``): the records in
+    shards (``record_shards.RecordSet``), computed where missing."""
     directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
-    fm = self.fully_masked(split, masking, indices)
+    chosen = None if indices is None else np.asarray(indices, np.int64)
+    fm = None
+    if masking != "mean":
+      where = np.arange(self.data.num_examples(split)) if chosen is None else chosen
+      fm = lambda rows: self.fully_masked(split, masking, where[rows])
     return backselect_stage.backselect_split(
-        directory, self.base.apply, self.base.variables, images, self.data.prepare,
+        directory, self.base.apply, self.base.variables, self.feed(split),
         self.config.backselect, self.backselect_fp(split, masking, indices),
         seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
-        fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
-        mesh=self.mesh, compute_dtype=self.config.precision)
+        indices=chosen, fully_masked=fm, progress=self.progress,
+        desc=f"backselect {split} ({masking})", mesh=self.mesh,
+        compute_dtype=self.config.precision)
 
-  def fully_masked(self, split: str, kind: str, indices=None):
-    """Masked values ``[len(indices), H, W, C]`` of images ``indices`` (default all) of
-    ``split``; None for the mean (zeros after normalisation). The last few are kept:
-    the controls ask for a sample's values for its backselect and again for its subsets."""
+  def fully_masked(self, split: str, kind: str, indices) -> Optional[np.ndarray]:
+    """Masked values ``[len(indices), H, W, C]`` of images ``indices`` of ``split``; None
+    for the mean (zeros after normalisation). Image ``i``'s values depend only on it and
+    the config, so any batch of them can be computed on its own."""
     if kind == "mean":
       return None
-    return self._fully_masked(split, kind, None if indices is None else tuple(
-        np.asarray(indices).tolist()))
-
-  @functools.lru_cache(maxsize=2)
-  def _fully_masked(self, split: str, kind: str, indices: Optional[tuple]):
-    images = self.split_images(split)
-    if indices is not None:
-      images = images[np.asarray(indices, np.int64)]
+    indices = np.asarray(indices, np.int64)
     c = self.config.controls
     seed = int(c.noise_seed) + (0 if split == "train" else 1)
     return masked_data.fully_masked_values(
-        kind, self.data.prepare(images), seed=seed, blur_sigma=float(c.blur_sigma),
+        kind, self.feed(split).batch(indices)[0], seed=seed, blur_sigma=float(c.blur_sigma),
         noise_scale=float(c.noise_scale), indices=indices)
 
   def stage_summary_path(self, stage: str) -> str:

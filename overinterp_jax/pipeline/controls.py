@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from overinterp_jax import sis
+from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts, sis_stage, trained
-from overinterp_jax.pipeline.masked_data import MASKING_VALUES, MaskedImages, dilate
+from overinterp_jax.pipeline.masked_data import MASKING_VALUES, dilate
 from overinterp_jax.selection import records
 
 CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
@@ -49,12 +50,12 @@ def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
   keep = batch.exists & (batch.size > 0)
   h, w = ctx.height_width
   pixels = sis.feature_mask_to_pixels(batch.mask[keep], fmap, (h, w))
-  images = ctx.data.test_images[indices[keep]]
+  feed = ctx.feed("test").subset(indices[keep])
   targets = rec["targets"][keep]
-  prep = ctx.data.prepare
-  conf_sis = target_confidence(ctx, apply, variables, MaskedImages(images, pixels, prep), targets)
+  masked = lambda m: feed.with_masks(loader.PackedMasks.from_masks(m))
+  conf_sis = target_confidence(ctx, apply, variables, masked(pixels), targets)
   dilated = dilate(pixels, k)
-  conf_dil = target_confidence(ctx, apply, variables, MaskedImages(images, dilated, prep), targets)
+  conf_dil = target_confidence(ctx, apply, variables, masked(dilated), targets)
   summary = {"count": int(keep.sum()), "dilation": k,
              "median_confidence_sis": float(np.median(conf_sis)) if len(conf_sis) else None,
              "median_confidence_dilated": float(np.median(conf_dil)) if len(conf_dil) else None,
@@ -78,7 +79,7 @@ def smoothed(ctx) -> tuple[dict, dict]:
                                tau, k)
     out[f"exact/{name}"], arrays[f"exact/{name}/sis"], arrays[f"exact/{name}/dilated"] = s, a, b
   sample = sis_stage.test_sample(ctx, int(c.controls.smoothed_images))
-  rec = {key: v[sample] for key, v in ctx.backselect("test").items()}
+  rec = ctx.backselect("test").rows(sample)
   s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, sample, rec, None, tau, k)
   name = f"{c.backselect.method}/single"
   out[name], arrays[f"{name}/sis"], arrays[f"{name}/dilated"] = s, a, b
@@ -125,7 +126,7 @@ def masking_values(ctx) -> dict:
   for kind in c.controls.masking_values:
     if kind == "mean":
       rec = sis_stage.records_for(ctx, "single")
-      bs = {key: v[sample] for key, v in ctx.backselect("test").items()}
+      bs = ctx.backselect("test").rows(sample)
     else:
       fm = ctx.fully_masked("test", kind, indices)
       rec = sis_stage.exact_records(ctx, f"single_mask_{kind}", ctx.base.apply,
@@ -133,22 +134,26 @@ def masking_values(ctx) -> dict:
                                         ctx.base_fp, kind, c.controls.blur_sigma,
                                         c.controls.noise_scale, c.controls.noise_seed),
                                     indices, fully_masked=fm)
-      bs = ctx.backselect("test", tuple(sample.tolist()), kind)
+      bs = ctx.backselect("test", tuple(sample.tolist()), kind).everything()
     batch = sis_stage.sis_of(rec, tau)
     keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
         -1, *ctx.height_width)
-    images = MaskedImages(ctx.data.test_images[sample], keep, ctx.data.prepare,
-                          fully_masked=ctx.fully_masked("test", kind, sample))
+    fill = (None if kind == "mean" else
+            lambda local, kind=kind: ctx.fully_masked("test", kind, sample[local]))
+    images = ctx.feed("test").subset(sample).with_masks(loader.PackedMasks.from_masks(keep),
+                                                        fill=fill)
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, images,
                                     batch_size=int(c.eval_batch_size), mesh=ctx.mesh)
     out[kind] = {"sis": sis_stage.size_stats(batch.size * ppf, batch.exists, num_pixels),
                  "base_on_bs_subsets": trained.accuracy_and_confidence(
-                     logits, ctx.data.test_labels[sample], bs["targets"])}
+                     logits, ctx.labels("test")[sample], bs["targets"])}
   return out
 
 
-def rise_fraction(values: np.ndarray, original: np.ndarray) -> dict:
-  rise = values.max(axis=1) - original
+def rise_fraction(max_values: np.ndarray, original: np.ndarray) -> dict:
+  """How often the highest confidence over a selection (``max_values [N]``) exceeds the
+  full image's (``original [N]``)."""
+  rise = max_values - original
   return {"count": int(len(original)), "fraction_rising": float((rise > 0).mean()),
           "fraction_rising_by_0.01": float((rise > 0.01).mean()),
           "median_max_rise": float(np.median(rise))}
@@ -158,10 +163,10 @@ def confidence_rise(ctx) -> dict:
   out = {}
   for name in ctx.config.sis.models:
     rec = sis_stage.records_for(ctx, name)
-    out[f"exact/{name}"] = rise_fraction(rec["values"], rec["original_scores"])
-  rec = ctx.backselect("test")
-  out[f"{ctx.config.backselect.method}/single"] = rise_fraction(rec["values"],
-                                                               rec["original_scores"])
+    out[f"exact/{name}"] = rise_fraction(rec["values"].max(axis=1), rec["original_scores"])
+  small = ctx.backselect("test").small()
+  out[f"{ctx.config.backselect.method}/single"] = rise_fraction(small["max_values"],
+                                                               small["original_scores"])
   return out
 
 

@@ -1,14 +1,13 @@
-"""Pixel-subset images built lazily, batch by batch, from uint8 images and masks.
+"""What masked pixels show, and masks grown by a neighbourhood.
 
-A 5% pixel-subset image keeps the pixels of its mask and shows the masked
-value elsewhere (zero after normalisation, the dataset mean). ``MaskedImages``
-stores the uint8 images and boolean masks and builds normalised float32
-batches on indexing, so 50,000 subset images cost no extra float copy.
-
-Augmentation: training crops and flips the *built* subset image with zero
-padding. With masks padded as False this is the same as cropping and
-flipping the image and its mask together, then masking (docs/method.md §6.1),
-and it happens afresh every epoch.
+A pixel-subset image keeps the pixels of its mask and shows the masked value
+elsewhere: zero after normalisation (the dataset mean, the paper's choice), or
+for the masking-value control a blurred copy of the image or noise
+(``fully_masked_values``). The input pipeline builds subset images on the fly
+(``data.loader.Feed.with_masks``). Augmentation crops and flips the *built*
+subset image with zero padding; with masks padded as False this is the same as
+cropping and flipping the image and its mask together, then masking
+(docs/method.md §6.1), afresh every epoch.
 """
 from __future__ import annotations
 
@@ -19,44 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 MASKING_VALUES = ("mean", "blur", "noise")
-
-
-class MaskedImages:
-  """Array-like ``[N, H, W, C]`` float32 view of masked images.
-
-  Args:
-    images: ``[N, H, W, C]`` uint8.
-    masks: ``[N, H, W]`` bool, True = pixel kept.
-    prepare: uint8 -> normalised float32.
-    mask_only: True replaces kept pixels by the constant 1.0 in every channel
-      (positions only, no pixel values); masked pixels stay 0.
-    fully_masked: optional ``[N, H, W, C]`` float32 masked values (normalised),
-      default zeros.
-  """
-
-  def __init__(self, images: np.ndarray, masks: np.ndarray, prepare: Callable, *,
-               mask_only: bool = False, fully_masked: Optional[np.ndarray] = None):
-    if images.ndim != 4 or masks.shape != images.shape[:3]:
-      raise ValueError(f"masks {masks.shape} must be [N, H, W] of images {images.shape}.")
-    if fully_masked is not None and fully_masked.shape != images.shape:
-      raise ValueError(f"fully_masked {fully_masked.shape} must match images {images.shape}.")
-    self.images, self.masks, self.prepare = images, masks.astype(bool), prepare
-    self.mask_only, self.fully_masked = mask_only, fully_masked
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.images.shape
-
-  def __getitem__(self, idx) -> np.ndarray:
-    m = self.masks[idx][..., None]
-    if self.mask_only:
-      return np.broadcast_to(m, m.shape[:-1] + self.images.shape[-1:]).astype(np.float32)
-    x = self.prepare(self.images[idx])
-    fm = np.float32(0) if self.fully_masked is None else self.fully_masked[idx]
-    return np.where(m, x, fm).astype(np.float32)
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
@@ -112,12 +73,3 @@ def dilate(masks: np.ndarray, k: int) -> np.ndarray:
     for dx in range(k):
       out |= padded[:, dy:dy + h, dx:dx + w]
   return out
-
-
-def pack_masks(masks: np.ndarray) -> np.ndarray:
-  """``[N, H, W]`` bool -> packed uint8 bits (8x smaller on disk)."""
-  return np.packbits(np.asarray(masks, bool), axis=-1)
-
-
-def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
-  return np.unpackbits(packed, axis=-1, count=width).astype(bool)

@@ -164,6 +164,10 @@ def controls_md(s: dict) -> str:
   return "\n".join(out)
 
 
+# Test images (a seeded sample) whose backselect curves the figures draw.
+FIGURE_SAMPLE = 1000
+
+
 def draw_figures(ctx, s: dict) -> dict:
   """Writes the figures whose inputs exist; returns ``{name: relative path}``."""
   made = {}
@@ -183,18 +187,18 @@ def draw_figures(ctx, s: dict) -> dict:
       curves[f"exact/{name}"] = rec["values"]
     single = next(iter(recs.values()))
     names = ctx.data.class_names
-    titles = [f"{names[ctx.data.test_labels[i]]} → {names[t]} {p:.3f}"
+    labels = ctx.labels("test")
+    titles = [f"{names[labels[i]]} → {names[t]} {p:.3f}"
               for i, t, p in zip(idx[:n_fig], single["targets"], single["original_scores"])]
     made["sis_examples"] = figures.sis_grid(ctx.path(FIGURES["sis_examples"]),
-                                            ctx.data.test_images[idx[:n_fig]], masks,
+                                            ctx.feed("test").images(idx[:n_fig]), masks,
                                             titles=titles, exists_by_model=exists,
                                             max_images=n_fig)
     made["sis_sizes"] = figures.size_histograms(ctx.path(FIGURES["sis_sizes"]), sizes,
                                                 num_features=h * w)
     if "backselect" in s:
-      rec = ctx.backselect("test")
-      curves[f"{ctx.config.backselect.method}/single (test)"] = \
-          rec["values"][sis_stage.test_sample(ctx, 1000)]
+      curves[f"{ctx.config.backselect.method}/single (test)"] = ctx.backselect("test").rows(
+          sis_stage.test_sample(ctx, FIGURE_SAMPLE))["values"]
     made["confidence_curves"] = figures.confidence_curves(
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
   c = s.get("controls", {})
@@ -212,7 +216,7 @@ def draw_figures(ctx, s: dict) -> dict:
     for name in s["sis"]["models"]:
       rec = sis_stage.records_for(ctx, name)
       values[f"exact/{name}"], original[f"exact/{name}"] = rec["values"], rec["original_scores"]
-    rec = ctx.backselect("test")
+    rec = ctx.backselect("test").rows(sis_stage.test_sample(ctx, FIGURE_SAMPLE))
     key = f"{ctx.config.backselect.method}/single"
     values[key], original[key] = rec["values"], rec["original_scores"]
     made["confidence_rise"] = figures.rise_curves(ctx.path(FIGURES["confidence_rise"]), values,
@@ -225,8 +229,8 @@ def run(ctx) -> dict:
   s = {stage: ctx.load_summary(stage) for stage in EARLIER if stage in c.stages}
   s = {k: v for k, v in s.items() if v is not None}
   md = [f"# Overinterpretation report: {c.model} (seed {c.seed})", "",
-        f"Data: {c.data.source} ({len(ctx.data.train_images)} train / "
-        f"{len(ctx.data.test_images)} test images, {ctx.height_width[0]}×{ctx.height_width[1]}). "
+        f"Data: {c.data.source} ({ctx.data.num_examples('train')} train / "
+        f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}). "
         f"Stages run: {', '.join(k for k in EARLIER if k in s)}.", ""]
   md += ["## Table 1: pixel-subset retraining", ""]
   t1_md, t1 = table1(s, c)

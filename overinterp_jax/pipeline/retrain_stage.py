@@ -27,8 +27,7 @@ def masked_split(ctx, masks: dict, kind: str, split: str) -> loader.Feed:
   if kind == "full":
     return ctx.feed(split)
   source = "random" if kind == "random" else "bs"
-  return ctx.feed(split).with_masks(loader.PackedMasks.from_masks(masks[f"{source}_{split}"]),
-                                    mask_only=kind == "mask_only")
+  return ctx.feed(split).with_masks(masks[f"{source}_{split}"], mask_only=kind == "mask_only")
 
 
 def retrain_config(ctx):
@@ -48,8 +47,8 @@ def fingerprint(ctx) -> str:
 def run(ctx) -> dict:
   masks = subsets_stage.load_or_compute(ctx)
   out = {"fingerprint": fingerprint(ctx), "models": {}, "base_on_subsets": {}}
-  labels = ctx.data.test_labels
-  targets = ctx.backselect("test")["targets"]
+  labels = ctx.labels("test")
+  targets = ctx.backselect("test").targets
   for kind in ("bs", "random"):
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
                                      masked_split(ctx, masks, kind, "test"),

@@ -40,9 +40,9 @@ def _backselect(ctx) -> dict:
   out = {"fingerprint": _backselect_fp(ctx), "method": ctx.config.backselect.method}
   for split in ("train", "test"):
     r = ctx.backselect(split)
-    n = len(r["order"])
-    out[split] = {"count": n, "num_features": int(r["order"].shape[1]),
-                  "mean_original_score": float(r["original_scores"].mean()) if n else None}
+    n = len(r)
+    out[split] = {"count": n, "num_features": r.num_features,
+                  "mean_original_score": float(r.original_scores.mean()) if n else None}
   return out
 
 

@@ -56,9 +56,9 @@ def load(config, dataset, mesh=None) -> trained.Trained:
   check_compatible(config, dataset)
   module, variables = shipped.pretrained(config.pretrained)
   base = trained.Trained(module, variables, {}, 0.0)
-  logits = trained.predict_logits(base.apply, variables, dataset.prepare(dataset.test_images),
+  logits = trained.predict_logits(base.apply, variables, dataset.feed("test"),
                                   batch_size=int(config.eval_batch_size), mesh=mesh)
-  labels = dataset.test_labels
+  labels = dataset.labels("test")
   z = logits.astype(np.float64)
   z -= z.max(axis=-1, keepdims=True)
   log_p = z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(axis=-1))

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from overinterp_jax import sis
-from overinterp_jax.pipeline import artifacts, backselect_stage, trained
+from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards, trained
 
 MODELS = ("single", "ensemble", "input_dropout")
 
@@ -33,7 +33,7 @@ def test_sample(ctx, count: int) -> np.ndarray:
   """Sorted indices of ``count`` test images (0 = all), the first ``count`` of one permutation
   seeded by ``sis.sample_seed``: smaller samples are subsets of larger ones. Never the first
   ``count`` images (image folders are ordered by class)."""
-  n = len(ctx.data.test_images)
+  n = ctx.data.num_examples("test")
   k = n if int(count) <= 0 else min(int(count), n)
   return np.sort(test_sample_order(ctx)[:k])
 
@@ -41,7 +41,7 @@ def test_sample(ctx, count: int) -> np.ndarray:
 def test_sample_order(ctx) -> np.ndarray:
   """``[N]`` a permutation of the test images seeded by ``sis.sample_seed``."""
   return np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(
-      len(ctx.data.test_images))
+      ctx.data.num_examples("test"))
 
 
 def sample_indices(ctx) -> np.ndarray:
@@ -62,7 +62,7 @@ def base_confidence(ctx) -> np.ndarray:
   cache = ctx.__dict__.setdefault("_sis_predictors", {})
   if "base_confidence" not in cache:
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                    ctx.data.prepare(ctx.data.test_images),
+                                    ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
     cache["base_confidence"] = trained.softmax(logits.astype(np.float64)).max(axis=-1)
   return cache["base_confidence"]
@@ -99,7 +99,7 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   fp = artifacts.fingerprint(fp, ctx.config.sis.patch_size, indices.tolist(),
                              None if target_classes is None else np.asarray(target_classes).tolist(),
                              sis.SELECTION_VERSION)
-  rec = artifacts.load(path, fp, backselect_stage.shard_check(len(indices), d))
+  rec = artifacts.load(path, fp, dense_check(len(indices), d))
   if rec is None:
     logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices), d)
     rec = _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d,
@@ -126,15 +126,35 @@ def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_mas
              slice(start, min(start + per_call, len(indices))))
             for start in range(0, len(indices), per_call)]
 
+  feed = ctx.feed("test")
+
   def compute(rows: slice) -> dict:
     r = sis.batched_backselect(
-        apply, ctx.data.prepare(ctx.data.test_images[indices[rows]]), params=variables,
+        apply, feed.batch(indices[rows])[0], params=variables,
         feature_map=fmap, fully_masked=fm[rows] if per_image_fm else fm,
         target_classes=None if targets is None else targets[rows], mesh=ctx.mesh)
-    return backselect_stage.to_record(r)
+    return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
+                                [feed.source.example_id(int(i)) for i in indices[rows]], 1)
 
-  return backselect_stage.records_in_shards(shards, compute, d, desc=f"exact SIS ({name})",
-                                            progress=ctx.progress)
+  recs = backselect_stage.records_in_shards(shards, compute, d, 1,
+                                            desc=f"exact SIS ({name})", progress=ctx.progress)
+  return {k: v for k, v in recs.everything().items() if k != "ids"}
+
+
+def dense_check(n: int, d: int) -> Callable[[dict], Optional[str]]:
+  """``artifacts.load`` check of ``n`` decoded records (``order``, ``values [n, d]``,
+  ``targets``, ``original_scores``)."""
+  def check(a: dict) -> Optional[str]:
+    for key, shape in (("order", (n, d)), ("values", (n, d)), ("targets", (n,)),
+                       ("original_scores", (n,))):
+      if key not in a or a[key].shape != shape:
+        return f"{key} missing or not of shape {shape}"
+    if not np.array_equal(np.sort(a["order"], axis=1), np.broadcast_to(np.arange(d), (n, d))):
+      return "an order is not a permutation"
+    if not np.all(np.isfinite(a["values"])):
+      return "non-finite values"
+    return None
+  return check
 
 
 def sis_of(rec: dict, threshold: float) -> sis.SISBatch:
@@ -193,9 +213,9 @@ def _build_predictor(ctx, name: str):
     apply = _APPLY_CACHE.setdefault(key, trained.ensemble_apply(ctx.base.apply))
     stacked = trained.stack_variables(members)
     fp = artifacts.fingerprint(ctx.base_fp, c.ensemble_size, c.ensemble_epochs)
-    logits = trained.predict_logits(apply, stacked, ctx.data.prepare(ctx.data.test_images),
+    logits = trained.predict_logits(apply, stacked, ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
-    acc = float((logits.argmax(-1) == ctx.data.test_labels).mean())
+    acc = float((logits.argmax(-1) == ctx.labels("test")).mean())
     return apply, stacked, fp, acc
   if name == "input_dropout":
     model = input_dropout_model(ctx)
@@ -207,9 +227,9 @@ def _build_predictor(ctx, name: str):
     fp = artifacts.fingerprint(ctx.base_fp, c.input_dropout_keep_prob, c.input_dropout_epochs,
                                c.input_dropout_samples, c.input_dropout_key)
     logits = trained.predict_logits(apply, model.variables,
-                                    ctx.data.prepare(ctx.data.test_images),
+                                    ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
-    acc = float((logits.argmax(-1) == ctx.data.test_labels).mean())
+    acc = float((logits.argmax(-1) == ctx.labels("test")).mean())
     return apply, model.variables, fp, acc
   raise ValueError(f"config.sis.models: unknown model {name!r}; known: {list(MODELS)}.")
 

@@ -1,0 +1,160 @@
+"""The input pipeline: sources, feeds, batch plans, worker processes, record shards."""
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from overinterp_jax import sharding
+from overinterp_jax.data import loader, sources, transforms
+from overinterp_jax.pipeline import record_shards
+
+
+def _write_folder(root, sizes=((40, 30), (25, 50), (33, 33)), modes=("RGB", "L", "CMYK")):
+  """``root/<split>/<class>/i.png`` with images of several sizes and modes."""
+  rng = np.random.default_rng(0)
+  expected = {}
+  for split in ("train", "test"):
+    for c, cls in enumerate(("a", "b")):
+      os.makedirs(root / split / cls)
+      for i, ((h, w), mode) in enumerate(zip(sizes, modes)):
+        rgb = rng.integers(0, 255, (h, w, 3)).astype(np.uint8)
+        img = Image.fromarray(rgb).convert(mode)
+        path = root / split / cls / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(path)
+        expected[(split, cls, i)] = np.asarray(Image.open(path).convert("RGB"))
+  return expected
+
+
+def test_file_source_decodes_lazily_any_mode_to_rgb(tmp_path):
+  expected = _write_folder(tmp_path)
+  src = sources.FileSource.from_folder(str(tmp_path), "train")
+  assert len(src) == 6 and src.class_names == ("a", "b")
+  assert list(src.labels) == [0, 0, 0, 1, 1, 1]
+  for i in range(6):
+    image, label = src[i]
+    cls = src.class_names[label]
+    assert image.dtype == np.uint8 and image.shape[-1] == 3
+    np.testing.assert_array_equal(image, expected[("train", cls, i % 3)])
+  assert src.example_id(4) == os.path.join("train", "b", "1.png")
+  again = pickle.loads(pickle.dumps(src))
+  np.testing.assert_array_equal(again[2][0], src[2][0])
+
+
+def test_archive_is_extracted_once_and_read_like_a_folder(tmp_path):
+  _write_folder(tmp_path / "data")
+  archive = tmp_path / "data.tar.gz"
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(tmp_path / "data", arcname="top")
+  cache = tmp_path / "cache"
+  a = sources.folder_source(str(archive), "test", str(cache), progress=False)
+  folder = sources.FileSource.from_folder(str(tmp_path / "data"), "test")
+  assert len(a) == len(folder) and a.class_names == folder.class_names
+  for i in range(len(a)):
+    np.testing.assert_array_equal(a[i][0], folder[i][0])
+  mtime = os.path.getmtime(os.path.dirname(os.path.dirname(a.paths[0])))
+  b = sources.folder_source(str(archive), "test", str(cache), progress=False)
+  assert b.paths == a.paths
+  assert os.path.getmtime(os.path.dirname(os.path.dirname(b.paths[0]))) == mtime
+  assert not [n for n in os.listdir(cache) if ".tmp" in n]
+
+
+def test_views_and_random_resized_crops_keep_masks_aligned(tmp_path):
+  image = np.random.default_rng(0).integers(0, 255, (60, 80, 3)).astype(np.uint8)
+  view = transforms.view(image, transforms.ViewSpec(32, 40))
+  assert view.shape == (32, 32, 3)
+  mask = np.random.default_rng(1).random((32, 32)) < 0.1
+  for seed in range(6):
+    crop, crop_mask = transforms.random_resized_crop(np.random.default_rng(seed), view, 24, mask)
+    rng = np.random.default_rng(seed)
+    top, left, h, w = transforms.crop_box(rng, 32, 32)
+    mirror = rng.random() < 0.5
+    flip = (lambda a: a[:, ::-1]) if mirror else (lambda a: a)
+    np.testing.assert_array_equal(crop, flip(transforms._resize(
+        view[top:top + h, left:left + w], 24, 24)))
+    np.testing.assert_array_equal(crop_mask, flip(transforms._resize(
+        mask[top:top + h, left:left + w], 24, 24, nearest=True)))
+  with pytest.raises(ValueError, match="vary in size"):
+    feed = loader.Feed(sources.FileSource.from_folder(str(_folder(tmp_path)), "train"),
+                       lambda x: x.astype(np.float32))
+    feed.batch(np.arange(3))
+
+
+def _folder(tmp_path):
+  root = tmp_path / "imgs"
+  _write_folder(root)
+  return root
+
+
+def test_train_plan_gives_each_process_its_share_of_every_global_batch(monkeypatch):
+  full = loader.train_plan(3, 1, 100, 8)
+  assert len(full) == 12 and all(len(b) == 8 for b in full)
+  assert len(set(np.concatenate(full).tolist())) == 96
+  for pid in (0, 1):
+    monkeypatch.setattr(sharding.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding.jax, "process_index", lambda pid=pid: pid)
+    mine = loader.train_plan(3, 1, 100, 8)
+    for b, m in zip(full, mine):
+      np.testing.assert_array_equal(m, b[pid * 4:(pid + 1) * 4])
+  plans, valid = loader.eval_plan(10, 4)
+  assert [len(p) for p in plans] == [4, 4, 4] and valid[-1].tolist() == [1, 1, 0, 0]
+
+
+def test_grain_workers_give_the_same_batches_as_this_process(tmp_path):
+  root = tmp_path / "same"
+  _write_folder(root, sizes=((20, 24),) * 3, modes=("RGB", "L", "RGB"))
+  src = sources.FileSource.from_folder(str(root), "train")
+  prepare = lambda x: x.astype(np.float32) / 255
+  base = loader.Feed(src, prepare, view=transforms.ViewSpec(16, 18), train_crop=True, seed=4)
+  plan = loader.train_plan(0, 2, len(src), 2)
+  inline = [base.batch(p, 2) for p in plan]
+  for workers in (0, 2):
+    got = list(loader.Feed(src, prepare, view=base.view, train_crop=True, seed=4,
+                           workers=workers).batches(plan, 2))
+    assert len(got) == len(inline)
+    for (x, y), (x0, y0) in zip(got, inline):
+      np.testing.assert_array_equal(x, x0)
+      np.testing.assert_array_equal(y, y0)
+  # Another epoch crops differently; the in-memory path equals the file path.
+  assert not np.array_equal(base.batch(plan[0], 3)[0], inline[0][0])
+  images = np.stack([transforms.view(src[i][0], base.view) for i in range(len(src))])
+  arrays = loader.Feed(sources.ArraySource(images, src.labels, src.class_names), prepare)
+  files = loader.Feed(src, prepare, view=base.view)
+  np.testing.assert_array_equal(arrays.batch(np.arange(6))[0], files.batch(np.arange(6))[0])
+
+
+@pytest.mark.parametrize("d,per_step", [(16, 1), (16, 4), (70000, 100)])
+def test_record_shards_round_trip(tmp_path, d, per_step):
+  rng = np.random.default_rng(d)
+  n = 3
+  order = np.stack([rng.permutation(d) for _ in range(n)]).astype(np.int32)
+  steps = -(-d // per_step)
+  values = np.repeat(rng.random((n, steps)).astype(np.float32), per_step, axis=1)[:, :d]
+  rec = record_shards.encode(order, values, np.arange(n), rng.random(n), ["a", "b", "c"],
+                             per_step)
+  assert rec["rank"].dtype == (np.uint16 if d > 256 else np.uint8) or d > 65536
+  if d > record_shards.MAX_RANKS:
+    assert rec["rank"].dtype == np.uint16 and rec["step_values"].dtype == np.float16
+  assert record_shards.shard_check(n, d, per_step)(rec) is None
+  back = record_shards.decode(rec, per_step)
+  if record_shards.rank_unit(d, per_step) == 1:
+    np.testing.assert_array_equal(back["order"], order)
+    np.testing.assert_array_equal(back["values"], values)
+  else:  # steps only: the same features in each step, values to float16 precision
+    for i in range(n):
+      for s in (0, steps - 1):
+        sl = slice(s * per_step, (s + 1) * per_step)
+        assert set(back["order"][i, sl]) == set(order[i, sl])
+    np.testing.assert_allclose(back["values"], values, rtol=1e-3)
+  path = str(tmp_path / "s.npz")
+  from overinterp_jax.pipeline import artifacts
+  artifacts.save(path, rec, "fp")
+  recs = record_shards.RecordSet([(path, "fp", slice(0, n))], d, per_step)
+  rows = recs.rows(np.array([2, 0]))
+  np.testing.assert_array_equal(rows["order"], back["order"][[2, 0]])
+  assert list(rows["ids"]) == ["c", "a"]
+  np.testing.assert_array_equal(recs.small()["max_values"],
+                                rec["step_values"].astype(np.float32).max(1))
