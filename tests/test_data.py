@@ -489,8 +489,10 @@ def test_load_dataset_image_folder(tree, tmp_path):
 
 
 def test_load_for_config(tmp_path):
-  cfg = ml_collections.ConfigDict({"source": "synthetic", "num_train": 16, "num_test": 8,
-                                   "image_size": 4, "augment": True, "cache_dir": ""})
+  from configs import cifar10
+  cfg = cifar10.get_config().data
+  cfg.update({"source": "synthetic", "num_train": 16, "num_test": 8, "image_size": 4,
+              "expected_train": 0, "expected_test": 0})
   ds = data_lib.load_for_config(cfg, str(tmp_path))
   assert ds.train_images.shape == (16, 4, 4, 3)
 
@@ -500,7 +502,7 @@ def test_load_dataset_errors():
     data_lib.load_dataset("csv")
   with pytest.raises(ValueError, match="normalization must be"):
     data_lib.load_dataset("synthetic", num_train=4, num_test=2, image_size=4,
-                          normalization="imagenet")
+                          normalization="purple")
 
 
 def test_cifar_class_names_are_sorted():

@@ -90,6 +90,8 @@ def _folder(tmp_path):
 
 
 def test_train_plan_gives_each_process_its_share_of_every_global_batch(monkeypatch):
+  plans, valid = loader.eval_plan(10, 4)
+  assert [len(p) for p in plans] == [4, 4, 4] and valid[-1].tolist() == [1, 1, 0, 0]
   full = loader.train_plan(3, 1, 100, 8)
   assert len(full) == 12 and all(len(b) == 8 for b in full)
   assert len(set(np.concatenate(full).tolist())) == 96
@@ -99,8 +101,6 @@ def test_train_plan_gives_each_process_its_share_of_every_global_batch(monkeypat
     mine = loader.train_plan(3, 1, 100, 8)
     for b, m in zip(full, mine):
       np.testing.assert_array_equal(m, b[pid * 4:(pid + 1) * 4])
-  plans, valid = loader.eval_plan(10, 4)
-  assert [len(p) for p in plans] == [4, 4, 4] and valid[-1].tolist() == [1, 1, 0, 0]
 
 
 def test_grain_workers_give_the_same_batches_as_this_process(tmp_path):
@@ -158,3 +158,23 @@ def test_record_shards_round_trip(tmp_path, d, per_step):
   assert list(rows["ids"]) == ["c", "a"]
   np.testing.assert_array_equal(recs.small()["max_values"],
                                 rec["step_values"].astype(np.float32).max(1))
+
+
+def test_streaming_dataset_reads_a_folder_on_demand(tmp_path):
+  from configs import cifar10
+  from overinterp_jax import data as data_lib
+  root = tmp_path / "stream"
+  _write_folder(root)
+  cfg = cifar10.get_config().data
+  cfg.update({"source": "image_folder", "path": str(root), "in_memory": False,
+              "view_size": 16, "view_resize": 20, "expected_train": 6, "expected_test": 6,
+              "normalization": "imagenet"})
+  ds = data_lib.load_for_config(cfg, str(tmp_path / "work"))
+  assert not ds.in_memory and ds.image_shape == (16, 16, 3) and ds.num_examples("test") == 6
+  x, y = ds.feed("test").batch(np.array([5, 0]))
+  assert x.shape == (2, 16, 16, 3) and x.dtype == np.float32 and y.tolist() == [1, 0]
+  expected = ds.prepare(transforms.view(ds.test[5][0], transforms.ViewSpec(16, 20)))
+  np.testing.assert_array_equal(x[0], expected)
+  cfg.expected_test = 7
+  with pytest.raises(ValueError, match="expected_test"):
+    data_lib.load_for_config(cfg, str(tmp_path / "work"))

@@ -110,8 +110,12 @@ class _SisContext:
     self.progress = False
     self.config = smoke.get_config()
     self.config.sis.patch_size, self.config.sis.images_per_call = 1, images_per_call
-    self.data = type("D", (), {"test_images": images,
-                               "prepare": staticmethod(lambda x: x.astype(np.float32) / 255)})
+    self.images = images
+    self.data = type("D", (), {"num_examples": staticmethod(lambda split: len(images))})
+
+  def feed(self, split):
+    return loader.array_feed(self.images, np.zeros(len(self.images), np.int32),
+                             lambda x: x.astype(np.float32) / 255)
 
   def path(self, *parts):
     return os.path.join(self.workdir, *parts)

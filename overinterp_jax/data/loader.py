@@ -252,6 +252,9 @@ def _grain_batches(feed: Feed, plan, epoch: int, mirror, prefetch: int):
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(4, prefetch)),
                                             prefetch_buffer_size=max(1, prefetch)))
   if feed.workers > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(feed.workers),
                                                      per_worker_buffer_size=max(1, prefetch)))
   return iter(it)
