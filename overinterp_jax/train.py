@@ -313,9 +313,14 @@ def memory_fitted_batch_size(config, image_shape, *, num_devices: int, num_train
 
 
 def _mid_epoch_template(state: TrainState) -> dict:
-  return {"train_state": state, "loader": {"epoch": np.int64(0), "batch": np.int64(0),
-                                           "loss_sum": np.float64(0), "accuracy_sum":
-                                           np.float64(0)}}
+  return {"train_state": state, "loader": _loader_position(0, 0, 0.0, 0.0)}
+
+
+def _loader_position(epoch: int, batch: int, loss_sum: float, accuracy_sum: float) -> dict:
+  """Where the input pipeline stands in a mid-epoch checkpoint (0-d arrays, for orbax)."""
+  return {"epoch": np.array(epoch, np.int64), "batch": np.array(batch, np.int64),
+          "loss_sum": np.array(loss_sum, np.float64),
+          "accuracy_sum": np.array(accuracy_sum, np.float64)}
 
 
 def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *,
@@ -420,9 +425,8 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
       if every and (i + 1) % every == 0 and i + 1 < num_steps:
         checkpoints.save(mid_manager, workdir, int(state.step), {
             "train_state": state,
-            "loader": {"epoch": np.int64(epoch), "batch": np.int64(i + 1),
-                       "loss_sum": np.float64(sums["loss"]),
-                       "accuracy_sum": np.float64(sums["accuracy"])}}, "checkpoints_mid")
+            "loader": _loader_position(epoch, i + 1, float(sums["loss"]),
+                                       float(sums["accuracy"]))}, "checkpoints_mid")
       if steps_left == 0:
         break
     if steps_left == 0 and i + 1 < num_steps:

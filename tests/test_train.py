@@ -100,6 +100,35 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   assert records[-1]["test_accuracy"] == full_metrics["accuracy"]
 
 
+def test_run_killed_mid_epoch_resumes_at_its_batch_with_the_same_batches(tmp_path):
+  """Checkpoints every 3 steps carry the loader's position: a run stopped after 11 steps
+  (8 per epoch at batch 32: epoch 1, then 3 batches of epoch 2) resumes at batch 3 of
+  epoch 2, not at the epoch's start, and ends bitwise equal to a run never stopped."""
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 2
+  config.checkpoint_every_steps = 3
+  config.augment_flip, config.augment_padding = "alternating", 2
+  kw = dict(augment_fn=train.config_augment_fn(config))
+  full_state, full_metrics = train.fit(config, str(tmp_path / "full"), ds.feed("train"),
+                                       ds.feed("test"), **kw)
+  train.fit(config, str(tmp_path / "cut"), ds.feed("train"), ds.feed("test"),
+            max_steps_this_run=11, **kw)
+  assert train.read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))[0]["epoch"] == 1
+  seen = []
+  feed = ds.feed("train")
+  real = feed.batches
+  feed.batches = lambda plan, *a, **k: seen.append(len(plan)) or real(plan, *a, **k)
+  resumed_state, resumed_metrics = train.fit(config, str(tmp_path / "cut"), feed,
+                                             ds.feed("test"), **kw)
+  assert seen == [5]  # epoch 2's batches 3..7
+  for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(resumed_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed_metrics == full_metrics
+  full = train.read_metrics(str(tmp_path / "full" / "metrics.jsonl"))
+  cut = train.read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))
+  assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in full]
+
+
 def test_alternating_flip_mirrors_training_images_on_the_host(tmp_path):
   """With a crop-only augmentation, only the host's mirroring tells the two runs apart."""
   config, ds = _smoke_data(tmp_path)
