@@ -22,6 +22,7 @@ setup(
         "importlib_resources",  # tensorflow-datasets imports it without declaring it.
         "numpy>=1.26",
         "pillow>=10",  # JPEG/PNG decoding for image-folder datasets.
+        "grain>=0.2.18",  # input pipeline: worker processes decoding and cropping batches.
         "tqdm>=4.66",  # progress bars on long loops.
         "matplotlib>=3.8",  # report figures.
     ],

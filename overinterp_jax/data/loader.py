@@ -24,6 +24,7 @@ Two paths, same batches:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -249,14 +250,17 @@ def _grain_batches(feed: Feed, plan, epoch: int, mirror, prefetch: int):
     feed = dataclasses.replace(feed, workers=0)  # fill functions stay in this process
   build = _BuildBatch(dataclasses.replace(feed, workers=0), plan, epoch, mirror)
   ds = grain.MapDataset.range(len(plan)).map(build)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(4, prefetch)),
-                                            prefetch_buffer_size=max(1, prefetch)))
-  if feed.workers > 0:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(feed.workers),
-                                                     per_worker_buffer_size=max(1, prefetch)))
+  if feed.workers <= 0:  # threads of this process (PIL decodes without the GIL)
+    threads = max(1, min(4, os.cpu_count() or 1))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                     prefetch_buffer_size=max(1, prefetch))))
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use, tests)
+    flags.FLAGS.mark_as_parsed()
+  # One thread per worker process: the processes are the parallelism.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+  it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(feed.workers),
+                                                   per_worker_buffer_size=max(1, prefetch)))
   return iter(it)
 
 
