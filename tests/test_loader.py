@@ -178,3 +178,35 @@ def test_streaming_dataset_reads_a_folder_on_demand(tmp_path):
   cfg.expected_test = 7
   with pytest.raises(ValueError, match="expected_test"):
     data_lib.load_for_config(cfg, str(tmp_path / "work"))
+
+
+def test_tfds_source_decodes_jpeg_bytes_and_keys_by_file_name(tmp_path, monkeypatch):
+  """TFDS itself needs TensorFlow to build test data, so ``tfds.data_source`` is replaced by
+  what it returns with ``SkipDecoding``: feature dicts holding the encoded image."""
+  import tensorflow_datasets as tfds
+  from overinterp_jax.data import tfds_source
+  (tmp_path / "cifar10").mkdir()
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 255, (8, 8, 3)).astype(np.uint8) for _ in range(3)]
+  encoded = []
+  for im in images:
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, format="PNG")
+    encoded.append({"image": buf.getvalue(), "label": 2, "id": b"x",
+                    "file_name": f"train_{len(encoded)}.png".encode()})
+  calls = []
+  def data_source(name, split, data_dir, download, decoders):
+    assert download is False and "image" in decoders
+    calls.append((name, split))
+    return encoded
+  monkeypatch.setattr(tfds, "data_source", data_source)
+  monkeypatch.setattr(tfds_source, "class_names", lambda name, data_dir: ("a", "b", "c"))
+  src = sources.TfdsSource("cifar10", "train", str(tmp_path))
+  assert len(src) == 3 and calls == [("cifar10", "train")]
+  image, label = src[1]
+  np.testing.assert_array_equal(image, images[1])
+  assert label == 2 and src.example_id(2) == "train_2.png"
+  assert src.labels.tolist() == [2, 2, 2]
+  clone = pickle.loads(pickle.dumps(src))  # grain workers reopen the source
+  assert clone._source is None
+  np.testing.assert_array_equal(clone[0][0], images[0])

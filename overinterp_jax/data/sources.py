@@ -205,6 +205,14 @@ class TfdsSource:
   def __len__(self) -> int:
     return self._length
 
+  @property
+  def labels(self) -> np.ndarray:
+    """``[N]`` int32, read once from every record (a pass over the split's files)."""
+    if getattr(self, "_labels", None) is None:
+      self._labels = np.array([int(self._example(i)["label"]) for i in range(len(self))],
+                              np.int32)
+    return self._labels
+
   def _example(self, i: int) -> dict:
     return self._open()[int(i)]
 

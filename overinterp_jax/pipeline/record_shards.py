@@ -129,19 +129,17 @@ class RecordSet:
       yield rows, decode(self._load(i), self.per_step)
 
   def small(self) -> dict:
-    """``targets``, ``original_scores``, ``ids`` and ``max_values`` (highest confidence
-    over the selection) of every image: ``[N]`` arrays."""
+    """``targets``, ``original_scores`` and ``max_values`` (highest confidence over the
+    selection) of every image: ``[N]`` numbers (ids only through ``rows``)."""
     if self._small is None:
       parts = []
       for i in range(len(self._shards)):
         s = self._load(i)
         parts.append({"targets": s["targets"], "original_scores": s["original_scores"],
-                      "ids": s["ids"],
                       "max_values": s["step_values"].astype(np.float32).max(axis=1)})
       self._small = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else
                      {"targets": np.zeros(0, np.int32), "original_scores":
-                      np.zeros(0, np.float32), "ids": np.zeros(0, str),
-                      "max_values": np.zeros(0, np.float32)})
+                      np.zeros(0, np.float32), "max_values": np.zeros(0, np.float32)})
     return self._small
 
   @property
