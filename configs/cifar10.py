@@ -43,6 +43,9 @@ def get_config():
   # Hold both splits decoded in memory (small data: CIFAR); False streams the images
   # from disk batch by batch (ImageNet), through worker processes.
   c.data.in_memory = True
+  # "auto" (CIFAR-10 constants for CIFAR-10, else the train images' statistics) |
+  # "cifar10" | "imagenet" (torchvision's constants) | "train".
+  c.data.normalization = "auto"
   c.data.workers = 0                # grain worker processes decoding batches (streaming)
   c.data.view_size = 0              # side of the square analysis view; 0 = images as stored
   c.data.view_resize = 0            # shorter side before the view's centre crop; 0 = view_size

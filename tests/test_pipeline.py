@@ -97,3 +97,28 @@ def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
   assert "| cnn3 | 0 |" in table and "mean of 2" in table
   with pytest.raises(FileNotFoundError, match="report.json"):
     collect.collect([str(tmp_path)])
+
+
+def test_streamed_image_folder_gives_the_in_memory_report(tmp_path):
+  """Every stage on an image folder read file by file (``data.in_memory=False``: lazy
+  decoding, records read shard by shard, masks memory-mapped) reports exactly what the
+  same folder decoded into memory reports."""
+  from PIL import Image
+  from overinterp_jax.data import synthetic
+  splits = synthetic.make_synthetic(256, 64, image_size=16, num_classes=10, seed=0)
+  root = tmp_path / "folder"
+  for split, data in splits.items():
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+      path = root / split / data.class_names[label] / f"{i:04d}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(image).save(path)
+  common = ("--config.data.source=image_folder", f"--config.data.path={root}",
+            "--config.data.expected_train=256", "--config.data.expected_test=64")
+  runs = {}
+  for name, extra in (("memory", ()), ("stream", ("--config.data.in_memory=False",
+                                                   "--config.data.view_size=16",
+                                                   "--config.data.workers=0"))):
+    proc = run_main(tmp_path / name, *common, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[name] = outputs(tmp_path / name)
+  assert runs["stream"] == runs["memory"]
