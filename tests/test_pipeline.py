@@ -1,6 +1,7 @@
 """The pipeline end to end on the smoke config: every stage, the report, kill -9 and resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -97,3 +98,26 @@ def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
   assert "| cnn3 | 0 |" in table and "mean of 2" in table
   with pytest.raises(FileNotFoundError, match="report.json"):
     collect.collect([str(tmp_path)])
+
+
+def test_changing_frac_kept_recomputes_every_stage_that_reads_it(finished, tmp_path):
+  """subsets.frac_kept is read by subsets, retrain (through the masks), controls (the
+  masking-value control's BS subsets) and report (its headings): all four rerun and the
+  report names the configured fraction. (It once reported stale controls.)"""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  proc = run_main(workdir, "--config.subsets.frac_kept=0.1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("train", "backselect", "sis"):
+    assert f"Stage {stage}: already done." in proc.stderr, stage
+  for stage in ("subsets", "retrain", "controls", "report"):
+    assert f"Stage {stage}: running." in proc.stderr, stage
+  md = (workdir / "report.md").read_text()
+  assert "5%" not in md
+  assert "10% BS" in md and "base on own 10% BS test subsets" in md
+  report = json.loads((workdir / "report.json").read_text())
+  assert report["stages"]["subsets"]["pixels_kept"] == 26  # ceil(0.1 · 256)
+  before = json.loads((finished / "stages" / "controls.json").read_text())
+  after = json.loads((workdir / "stages" / "controls.json").read_text())
+  assert (after["masking_values"]["mean"]["base_on_bs_subsets"]
+          != before["masking_values"]["mean"]["base_on_bs_subsets"])
