@@ -102,7 +102,7 @@ def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 def _resizing_phases(config) -> list[tuple[float, float, int]]:
   """``config.progressive_resizing`` as ``[(scale, fraction, batch multiplier)]``, validated."""
-  phases = tuple(config.get("progressive_resizing", ()) or ())
+  phases = tuple(config.progressive_resizing or ())
   out = []
   for phase in phases:
     if len(phase) not in (2, 3):
@@ -158,20 +158,20 @@ FLIPS = ("random", "alternating")
 
 
 def augment_flip(config) -> str:
-  """``config.augment_flip``: ``"random"`` (default; each image mirrored with
+  """``config.augment.flip``: ``"random"`` (default; each image mirrored with
   probability 1/2 in each step, the paper's recipe) or ``"alternating"``."""
-  flip = config.get("augment_flip", "random")
+  flip = config.augment.flip
   if flip not in FLIPS:
-    raise ValueError(f"config.augment_flip must be one of {FLIPS}, got {flip!r}.")
+    raise ValueError(f"config.augment.flip must be one of {FLIPS}, got {flip!r}.")
   return flip
 
 
 def config_augment_fn(config) -> Callable:
-  """The ``augment_fn`` of ``config``: random crop with ``config.augment_padding``
+  """The ``augment_fn`` of ``config``: random crop with ``config.augment.padding``
   pixels of padding (default 4) and a random flip, or the crop alone when
-  ``config.augment_flip == "alternating"`` (``train_and_evaluate`` mirrors on the host)."""
+  ``config.augment.flip == "alternating"`` (``train_and_evaluate`` mirrors on the host)."""
   return functools.partial(augment.augment_images,
-                           padding=int(config.get("augment_padding", 4)),
+                           padding=int(config.augment.padding),
                            flip=augment_flip(config) == "random")
 
 
@@ -191,7 +191,7 @@ def build_model(config) -> nn.Module:
   """``config.model`` from the registry, wrapped in input dropout when
   ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
   evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm."""
-  bn_momentum = float(config.get("bn_momentum", DEFAULT_MOMENTUM))
+  bn_momentum = float(config.bn_momentum)
   if not 0 <= bn_momentum < 1:
     raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
   kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
@@ -202,7 +202,7 @@ def build_model(config) -> nn.Module:
       raise
     raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model!r} has no "
                      "batch norm.") from e
-  keep_prob = float(config.get("input_dropout_keep_prob", 1.0))
+  keep_prob = float(config.input_dropout_keep_prob)
   if not 0 < keep_prob <= 1:
     raise ValueError(f"config.input_dropout_keep_prob must be in (0, 1], got {keep_prob}.")
   return InputDropout(model, keep_prob=keep_prob) if keep_prob < 1 else model
@@ -343,7 +343,7 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  manager = checkpoints.manager(directory, config.get("checkpoints_to_keep", 2))
+  manager = checkpoints.manager(directory, config.checkpoints_to_keep)
   try:
     if manager.latest_step() != config.num_epochs:
       return None
@@ -377,7 +377,7 @@ def check_batch(config, *, num_devices: int | None = None, num_train: int | None
   epoch's batch (``epoch_batch_multipliers``) fits in ``num_train`` examples."""
   if num_devices is not None and config.batch_size % num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{num_devices} devices (config.host_devices on a CPU).")
+                     f"{num_devices} devices (config.runtime.host_devices on a CPU).")
   largest = max(epoch_batch_multipliers(config))
   if num_train is not None and num_train < config.batch_size * largest:
     raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
@@ -425,7 +425,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     max_epochs_this_run: stop after this many epochs in this call (tests use
       it to simulate a killed run); the checkpoint stays resumable.
 
-  ``config.augment_flip == "alternating"`` (with an ``augment_fn``, which must
+  ``config.augment.flip == "alternating"`` (with an ``augment_fn``, which must
   then not flip itself): each example is mirrored on the host in alternate
   epochs (``augment.alternating_flips``). ``config.eval_every`` (default 1):
   test metrics after every that many epochs and after the last.
@@ -441,14 +441,14 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
   state = create_train_state(model, tx, train_images.shape[1:],
                              jax.random.key(config.seed))
   state = jax.device_put(state, sharding.replicated(mesh))
-  steps = compile_steps(mesh, augment_fn, compute_dtype=config.get("precision", "float32"))
+  steps = compile_steps(mesh, augment_fn, compute_dtype=config.precision)
   scales = epoch_scales(config)
   alternate = augment_fn is not None and augment_flip(config) == "alternating"
-  eval_every = int(config.get("eval_every", 1))
+  eval_every = int(config.eval_every)
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
 
   manager = checkpoints.manager(os.path.join(workdir, "checkpoints"),
-                                config.get("checkpoints_to_keep", 2))
+                                config.checkpoints_to_keep)
   start_epoch, restored = checkpoints.restore_latest(manager, workdir, state)
   if restored is not None:
     state = jax.device_put(restored, sharding.replicated(mesh))
@@ -468,7 +468,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     train_hw = scaled_height_width(train_images.shape[1:3], scale)
     if scale not in train_fns:
       train_fns[scale] = compile_steps(mesh, augment_fn, train_hw,
-                                       config.get("precision", "float32")).train
+                                       config.precision).train
     batch_size = config.batch_size * multipliers[epoch]
     num_steps = n // batch_size
     mine = sharding.process_slice(batch_size)  # this process's rows of each batch
@@ -476,7 +476,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     sums = {"loss": 0.0, "accuracy": 0.0}
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
     bar = tqdm(range(num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
-               unit="batch", leave=False, disable=not config.get("progress", True))
+               unit="batch", leave=False, disable=not config.runtime.progress)
     flips = augment.alternating_flips(config.seed, epoch, n) if alternate else None
     unchecked = []  # losses since the last host sync, checked to be finite there
     for i in bar:
@@ -501,7 +501,7 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     test_metrics = {}
     if (epoch + 1) % eval_every == 0 or epoch + 1 == config.num_epochs:
       test_metrics = evaluate(steps, state, test_images, test_labels,
-                              config.get("eval_batch_size", 500), prepare)
+                              config.eval_batch_size, prepare)
     record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / num_steps,
               "train_accuracy": float(sums["accuracy"]) / num_steps,
               "test_loss": test_metrics.get("loss"),
@@ -519,6 +519,6 @@ def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_lab
     checkpoints.save(manager, workdir, epoch + 1, state)
   if not test_metrics:
     test_metrics = evaluate(steps, state, test_images, test_labels,
-                            config.get("eval_batch_size", 500), prepare)
+                            config.eval_batch_size, prepare)
   manager.close()
   return state, test_metrics

@@ -102,16 +102,23 @@ def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
 
 def test_changing_frac_kept_recomputes_every_stage_that_reads_it(finished, tmp_path):
   """subsets.frac_kept is read by subsets, retrain (through the masks), controls (the
-  masking-value control's BS subsets) and report (its headings): all four rerun and the
-  report names the configured fraction. (It once reported stale controls.)"""
+  masking-value control's BS subsets) and report (its headings): they rerun (and the stages
+  after subsets, a linear chain), the report names the configured fraction, and nothing
+  that does not depend on it is recomputed. (It once reported stale controls.)"""
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
   proc = run_main(workdir, "--config.subsets.frac_kept=0.1")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  for stage in ("train", "backselect", "sis"):
+  for stage in ("train", "backselect"):
     assert f"Stage {stage}: already done." in proc.stderr, stage
-  for stage in ("subsets", "retrain", "controls", "report"):
+  for stage in ("subsets", "retrain", "sis", "controls", "report"):
     assert f"Stage {stage}: running." in proc.stderr, stage
+  # Models and SIS records that do not depend on the subsets are reused, not recomputed.
+  for model in ("base_model", "retrain_full", "ensemble_member_1", "input_dropout_model"):
+    assert f"{model}: epoch" not in proc.stderr, model
+  for model in ("retrain_bs", "retrain_random", "retrain_mask_only"):
+    assert f"{model}: epoch 2/2" in proc.stderr, model
+  assert "Exact backward selection" not in proc.stderr
   md = (workdir / "report.md").read_text()
   assert "5%" not in md
   assert "10% BS" in md and "base on own 10% BS test subsets" in md

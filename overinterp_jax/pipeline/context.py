@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from overinterp_jax import config_reads
 from overinterp_jax import data as data_lib
 from overinterp_jax import sharding
 from overinterp_jax import sis
@@ -47,7 +48,7 @@ class Context:
   def __init__(self, config, workdir: str, dataset: data_lib.Dataset, mesh=None):
     self.config, self.workdir, self.data = config, workdir, dataset
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
-    self.progress = bool(config.get("progress", True))
+    self.progress = bool(config.runtime.progress)
     self.data_fp = artifacts.fingerprint(
         config.data, dataset.train_images.shape, dataset.test_images.shape,
         artifacts.checksum({"y": dataset.train_labels, "t": dataset.test_labels}))
@@ -64,8 +65,8 @@ class Context:
 
   @property
   def augment_fn(self):
-    """``train.config_augment_fn``, or None when ``config.data.augment`` is off."""
-    return train.config_augment_fn(self.config) if self.config.data.augment else None
+    """``train.config_augment_fn``, or None when ``config.augment.enabled`` is off."""
+    return train.config_augment_fn(self.config) if self.config.augment.enabled else None
 
   def split_images(self, split: str) -> np.ndarray:
     return self.data.train_images if split == "train" else self.data.test_images
@@ -75,37 +76,31 @@ class Context:
 
   def train_model(self, name: str, config, train_images=None, test_images=None,
                   data_fp: Optional[str] = None) -> trained.Trained:
-    """Trains (or loads) ``config`` in ``workdir/name`` on full or given (masked) images."""
+    """Trains (or loads) ``config`` in ``workdir/name`` on full or given (masked) images;
+    ``data_fp`` identifies the given images (e.g. a checksum of their masks)."""
     full = train_images is None
-    return trained.ensure_trained(
-        config, self.path(name),
-        self.data.train_images if full else train_images, self.data.train_labels,
-        self.data.test_images if full else test_images, self.data.test_labels,
-        prepare=self.data.prepare if full else (lambda x: x), augment_fn=self.augment_fn,
-        data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
-        mesh=self.mesh, replace_stale=name != "base_model")
+    with config_reads.recording() as reads:  # the augmentation's reads key the model too
+      return trained.ensure_trained(
+          config, self.path(name),
+          self.data.train_images if full else train_images, self.data.train_labels,
+          self.data.test_images if full else test_images, self.data.test_labels,
+          prepare=self.data.prepare if full else (lambda x: x), augment_fn=self.augment_fn,
+          data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
+          mesh=self.mesh, replace_stale=name != "base_model", reads=reads)
 
   @functools.cached_property
   def base(self) -> trained.Trained:
     """The base model: trained in ``base_model/``, or the shipped ``config.pretrained``."""
     if self.config.pretrained:
-      return shipped_base.load(self.config, self.data, self.mesh)
+      base = shipped_base.load(self.config, self.data, self.mesh)
+      base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)
+      return base
     return self.train_model("base_model", self.config)
 
   @property
   def base_fp(self) -> str:
-    if self.config.pretrained:
-      return shipped_base.fingerprint(self.config.pretrained, self.data_fp)
-    return artifacts.fingerprint(trained.train_settings(self.config), self.data_fp)
-
-  def backselect_fp(self, split: str, fully_masked_kind: str = "mean",
-                    indices: Optional[tuple] = None) -> str:
-    # precision joins only when not float32, so earlier fingerprints stay valid.
-    return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind,
-                                 sis.SELECTION_VERSION,
-                                 *([] if indices is None else [list(indices)]),
-                                 *([] if self.config.precision == "float32"
-                                   else [self.config.precision]))
+    """What identifies the base model: its ``trained.model_key`` (or the shipped weights)."""
+    return self.base.key
 
   @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, indices: Optional[tuple] = None,
@@ -116,13 +111,17 @@ class Context:
     if indices is not None:
       images = images[np.asarray(indices)]
     directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
-    fm = self.fully_masked(split, masking, indices)
-    return backselect_stage.backselect_split(
-        directory, self.base.apply, self.base.variables, images, self.data.prepare,
-        self.config.backselect, self.backselect_fp(split, masking, indices),
-        seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
-        fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
-        mesh=self.mesh, compute_dtype=self.config.precision)
+    with config_reads.recording() as reads:  # each shard is keyed by the reads made for it
+      key = config_reads.Key(artifacts.fingerprint(
+          self.base_fp, split, masking, sis.SELECTION_VERSION,
+          *([] if indices is None else [list(indices)])), self.config, reads)
+      fm = self.fully_masked(split, masking, indices)
+      return backselect_stage.backselect_split(
+          directory, self.base.apply, self.base.variables, images, self.data.prepare,
+          self.config.backselect, key,
+          seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
+          fully_masked=fm, progress=self.progress, desc=f"backselect {split} ({masking})",
+          mesh=self.mesh, compute_dtype=self.config.precision)
 
   def fully_masked(self, split: str, kind: str, indices=None):
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` (default all) of
@@ -130,19 +129,21 @@ class Context:
     the controls ask for a sample's values for its backselect and again for its subsets."""
     if kind == "mean":
       return None
+    c = self.config.controls  # read on every call: the caller's results depend on them
     return self._fully_masked(split, kind, None if indices is None else tuple(
-        np.asarray(indices).tolist()))
+        np.asarray(indices).tolist()), int(c.noise_seed), float(c.blur_sigma),
+        float(c.noise_scale))
 
   @functools.lru_cache(maxsize=2)
-  def _fully_masked(self, split: str, kind: str, indices: Optional[tuple]):
+  def _fully_masked(self, split: str, kind: str, indices: Optional[tuple], noise_seed: int,
+                    blur_sigma: float, noise_scale: float):
     images = self.split_images(split)
     if indices is not None:
       images = images[np.asarray(indices, np.int64)]
-    c = self.config.controls
-    seed = int(c.noise_seed) + (0 if split == "train" else 1)
+    seed = noise_seed + (0 if split == "train" else 1)
     return masked_data.fully_masked_values(
-        kind, self.data.prepare(images), seed=seed, blur_sigma=float(c.blur_sigma),
-        noise_scale=float(c.noise_scale), indices=indices)
+        kind, self.data.prepare(images), seed=seed, blur_sigma=blur_sigma,
+        noise_scale=noise_scale, indices=indices)
 
   def stage_summary_path(self, stage: str) -> str:
     return self.path("stages", f"{stage}.json")

@@ -31,23 +31,26 @@ def masked_split(ctx, masks: dict, kind: str, split: str) -> MaskedImages:
                       mask_only=kind == "mask_only")
 
 
+def masks_checksum(masks: dict, kind: str) -> str:
+  """What identifies the masks of ``kind``'s train and test images ("full": none)."""
+  if kind == "full":
+    return "full"
+  source = "random" if kind == "random" else "bs"
+  return artifacts.checksum({k: v for k, v in masks.items() if k.startswith(source + "_")})
+
+
 def retrain_config(ctx):
   """The base model's training config, ``retrain.num_epochs`` long, at full resolution
   throughout: resizing would blend kept pixels with masked ones."""
   c = ctx.config
   epochs = int(c.retrain.num_epochs) or int(c.num_epochs)
-  no_resizing = {"progressive_resizing": ()} if c.get("progressive_resizing") else {}
+  no_resizing = {"progressive_resizing": ()} if c.progressive_resizing else {}
   return trained.variant(c, num_epochs=epochs, **no_resizing)
-
-
-def fingerprint(ctx) -> str:
-  return artifacts.fingerprint(subsets_stage.subsets_fp(ctx), ctx.config.retrain,
-                               ctx.base_fp, trained.train_settings(ctx.config))
 
 
 def run(ctx) -> dict:
   masks = subsets_stage.load_or_compute(ctx)
-  out = {"fingerprint": fingerprint(ctx), "models": {}, "base_on_subsets": {}}
+  out = {"models": {}, "base_on_subsets": {}}
   labels = ctx.data.test_labels
   targets = ctx.backselect("test")["targets"]
   for kind in ("bs", "random"):
@@ -63,8 +66,7 @@ def run(ctx) -> dict:
     model = ctx.train_model(f"retrain_{kind}", config,
                             train_images=masked_split(ctx, masks, kind, "train"),
                             test_images=masked_split(ctx, masks, kind, "test"),
-                            # full images do not depend on the subsets
-                            data_fp="full" if kind == "full" else subsets_stage.subsets_fp(ctx))
+                            data_fp=masks_checksum(masks, kind))
     out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],
                            "test_loss": model.metrics["loss"],
                            "num_epochs": int(config.num_epochs), "train_seconds": model.seconds}

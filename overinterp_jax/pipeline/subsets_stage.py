@@ -1,4 +1,4 @@
-"""Stage ``subsets``: 5% backward-selection and random pixel-subsets of train and test images.
+"""Stage ``subsets``: backward-selection and random pixel-subsets of train and test images.
 
 BS subsets keep the last-removed ``ceil(frac_kept · d)`` pixels of each
 image's backward selection; random subsets keep as many uniformly random
@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from overinterp_jax import sis
+from overinterp_jax import config_reads, sis
 from overinterp_jax.pipeline import artifacts, masked_data
 from overinterp_jax.selection import records
 
 KINDS = ("bs", "random")
-
-
-def subsets_fp(ctx) -> str:
-  return artifacts.fingerprint(ctx.backselect_fp("train"), ctx.backselect_fp("test"),
-                               ctx.config.subsets)
 
 
 def compute_masks(ctx) -> dict:
@@ -39,12 +34,14 @@ def compute_masks(ctx) -> dict:
 def load_or_compute(ctx) -> dict:
   h, w = ctx.height_width
   path = ctx.path("subsets", "masks.npz")
-  fp = subsets_fp(ctx)
-  stored = artifacts.load(path, fp)
-  if stored is None:
-    masks = compute_masks(ctx)
-    artifacts.save(path, {k: masked_data.pack_masks(v) for k, v in masks.items()}, fp)
-    return masks
+  with config_reads.recording() as reads:  # keyed by the rankings and what it reads
+    orders = {split: ctx.backselect(split)["order"] for split in ("train", "test")}
+    key = config_reads.Key(artifacts.checksum(orders), ctx.config, reads)
+    stored = artifacts.load(path, key)
+    if stored is None:
+      masks = compute_masks(ctx)
+      artifacts.save(path, {k: masked_data.pack_masks(v) for k, v in masks.items()}, key)
+      return masks
   return {k: masked_data.unpack_masks(v, w).reshape(-1, h, w) for k, v in stored.items()}
 
 
@@ -55,6 +52,6 @@ def run(ctx) -> dict:
   counts = {k: int(v.reshape(len(v), -1).sum(1).max()) for k, v in masks.items() if len(v)}
   if any(c != kept for c in counts.values()):
     raise AssertionError(f"Subsets keep {counts} pixels, expected {kept} each.")
-  return {"fingerprint": subsets_fp(ctx), "pixels_kept": kept, "num_pixels": d,
+  return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
           "mask_checksum": artifacts.checksum(masks)}
