@@ -18,7 +18,7 @@ else:
   jax.config.update("jax_num_cpu_devices", 4)
 
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
+from overinterp_jax.config_schema import base_config  # noqa: E402
 import numpy as np  # noqa: E402
 
 from overinterp_jax import sharding, sis, train  # noqa: E402
@@ -33,8 +33,8 @@ predict = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p[0]) @ p[1]
 exact = sis.batched_backselect(predict, images, params=(w1, w2), eval_batch_size=8)
 grad = sis.gradient_backselect(predict, images, params=(w1, w2), remove_per_step=3)
 
-config = ml_collections.ConfigDict(dict(lr=0.1, schedule="cosine", num_epochs=1, momentum=0.9,
-                                        nesterov=True, weight_decay=5e-4))
+config = base_config()
+config.update(dict(lr=0.1, schedule="cosine", num_epochs=1))
 model = create_model("cnn3", num_classes=10)
 tx = train.make_optimizer(config, steps_per_epoch=4)
 mesh = sharding.data_mesh()

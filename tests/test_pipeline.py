@@ -50,7 +50,7 @@ def test_smoke_run_prints_its_own_lines_only(finished_run):
   lines = (proc.stdout + proc.stderr).splitlines()
   assert len(lines) <= 60, "\n".join(lines)
   assert not [l for l in lines if "orbax" in l or "Unable to initialize backend" in l]
-  assert "exact SIS (" not in proc.stderr  # config.progress=False: no progress bars
+  assert "exact SIS (" not in proc.stderr  # config.runtime.progress=False: no progress bars
   assert proc.stdout.splitlines()[0] == f"Done: 7 stages. Results in {workdir}/report.md"
   assert proc.stdout.splitlines()[1].startswith("Test accuracy (%): full images (2 ep) ")
   assert len(proc.stdout.splitlines()) == 2  # a summary, not the whole results
