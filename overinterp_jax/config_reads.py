@@ -11,17 +11,21 @@ recorded: they say how a run executes, not what it computes.
 A cached result stores the paths its producer read and the hash of their
 values (``values_fingerprint``); it is valid for a config whose values at those
 paths hash the same. So a key the producer read, when changed, invalidates it,
-and a key it never read does not, with no list kept by hand. ``Key`` carries
-this for result files (``artifacts.save`` / ``artifacts.load``).
+and a key it never read does not, with no list kept by hand. A key added to the
+schema after a result was made could not be read by its producer: the result also
+stores the keys that existed (``leaf_paths``), and a newer key away from its
+schema default invalidates it (``changed_new_keys``). ``Key`` carries this for
+result files (``artifacts.save`` / ``artifacts.load``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import ml_collections
 
-from overinterp_jax.config_schema import RUNTIME
+from overinterp_jax.config_schema import RUNTIME, base_config
 from overinterp_jax.pipeline import artifacts
 
 _MISSING = "<missing>"
@@ -57,7 +61,7 @@ def recording(reads: Optional[Reads] = None) -> Iterator[Reads]:
 
 
 def _record(path: str) -> None:
-  if path == RUNTIME or path.startswith(RUNTIME + "."):
+  if _runtime(path):
     return
   for r in list(_RECORDINGS):
     r.add(path)
@@ -166,8 +170,38 @@ def value_at(config, path: str) -> Any:
 
 def values_fingerprint(config, paths: Iterable[str]) -> str:
   """A hash of ``config``'s values at ``paths`` (``value_at``), runtime keys excluded."""
-  paths = sorted(p for p in set(paths) if p != RUNTIME and not p.startswith(RUNTIME + "."))
+  paths = sorted(p for p in set(paths) if not _runtime(p))
   return artifacts.fingerprint({p: value_at(config, p) for p in paths})
+
+
+def _runtime(path: str) -> bool:
+  return path == RUNTIME or path.startswith(RUNTIME + ".")
+
+
+def leaf_paths(config) -> list[str]:
+  """Every leaf's dotted path in ``config``, runtime keys excluded, sorted."""
+  def walk(node, prefix):
+    for key in node.keys():
+      path = _join(prefix, key)
+      if isinstance(node[key], ml_collections.ConfigDict):
+        yield from walk(node[key], path)
+      elif not _runtime(path):
+        yield path
+  return sorted(walk(plain(config), ""))
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_defaults() -> dict:
+  base = base_config()
+  return {p: value_at(base, p) for p in leaf_paths(base)}
+
+
+def changed_new_keys(config, known: Iterable[str]) -> list[str]:
+  """The leaves of ``config`` missing from ``known`` (the keys that existed when a result
+  was made) whose value is not the schema's default."""
+  known, defaults = set(known), _schema_defaults()
+  return [p for p in leaf_paths(config)
+          if p not in known and value_at(config, p) != defaults.get(p, _MISSING)]
 
 
 class Key:
@@ -183,10 +217,14 @@ class Key:
     """The key of a part of this result (shares the recording)."""
     return Key(artifacts.fingerprint(self.base, *parts), self.config, self.reads)
 
-  def expected(self, paths: Iterable[str]) -> str:
-    return artifacts.fingerprint(self.base, values_fingerprint(self.config, paths))
+  def expected(self, stored: dict) -> str:
+    """The fingerprint a result must carry, given what ``stamp`` stored with it."""
+    if changed_new_keys(self.config, stored["known"]):
+      return "<a newer config key is set>"
+    return artifacts.fingerprint(self.base, values_fingerprint(self.config, stored["reads"]))
 
-  def stamp(self) -> tuple[str, list[str]]:
-    """``(fingerprint, paths)`` to store with a result written now."""
-    paths = sorted(self.reads.paths)
-    return self.expected(paths), paths
+  def stamp(self) -> tuple[str, dict]:
+    """``(fingerprint, {"reads": paths read so far, "known": the config's keys})`` to store
+    with a result written now."""
+    stored = {"reads": sorted(self.reads.paths), "known": leaf_paths(self.config)}
+    return self.expected(stored), stored

@@ -56,6 +56,19 @@ def test_a_missing_key_is_a_value_of_its_own():
           != config_reads.values_fingerprint(config, ["sis.threshold"]))
 
 
+def test_a_key_newer_than_a_result_counts_only_away_from_its_default():
+  config = base_config()
+  known = [p for p in config_reads.leaf_paths(config) if p != "controls.dilation"]
+  assert "runtime.progress" not in config_reads.leaf_paths(config)
+  assert config_reads.changed_new_keys(config, known) == []
+  config.controls.dilation = 5
+  assert config_reads.changed_new_keys(config, known) == ["controls.dilation"]
+  key = config_reads.Key("base", config, config_reads.Reads())
+  fp, stored = key.stamp()
+  assert key.expected(stored) == fp
+  assert key.expected(dict(stored, known=known)) != fp
+
+
 def _markers(workdir):
   return {stage: json.loads((workdir / "stages" / f"{stage}.json").read_text())
           for stage in runner.STAGES}

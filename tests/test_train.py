@@ -1,4 +1,5 @@
 """Training and the main CLI on the smoke config (synthetic data, tiny CNN)."""
+import json
 import os
 import subprocess
 import sys
@@ -237,6 +238,15 @@ def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
   assert trained.load_summary(config, str(tmp_path / "m"), "other data") is None
   unread = perturbed_config(config, "sis.threshold")
   assert trained.load_summary(unread, str(tmp_path / "m"), "data") == summary
+  # A model from before augment.padding existed: reused at the key's default only.
+  old = {k: v for k, v in summary.items()}
+  old["config_reads"] = [p for p in paths if p != "augment.padding"]
+  old["config_known"] = [p for p in old["config_known"] if p != "augment.padding"]
+  old["fingerprint"] = trained.model_key(config, "data", old["config_reads"])
+  (tmp_path / "m" / "summary.json").write_text(json.dumps(old))
+  assert trained.load_summary(config, str(tmp_path / "m"), "data") is not None
+  config.augment.padding = 2
+  assert trained.load_summary(config, str(tmp_path / "m"), "data") is None
 
 
 def test_bn_momentum_errors_name_the_key(tmp_path):

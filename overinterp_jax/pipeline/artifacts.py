@@ -108,8 +108,9 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def _stamp(fp) -> tuple[str, Optional[list]]:
-  """``(fingerprint, config paths read)`` of ``fp``: a string, or a ``config_reads.Key``."""
+def _stamp(fp) -> tuple[str, Any]:
+  """``(fingerprint, what to store for its check)`` of ``fp``: a string, or a
+  ``config_reads.Key`` (the config paths its producer read)."""
   return (fp, None) if isinstance(fp, str) else fp.stamp()
 
 

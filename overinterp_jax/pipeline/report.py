@@ -19,14 +19,14 @@ FIGURES = {"sis_examples": "figures/sis_examples.png",
            "smoothed_sis": "figures/smoothed_sis_confidence.png",
            "confidence_rise": "figures/confidence_rise.png"}
 EARLIER = ("train", "backselect", "subsets", "retrain", "sis", "controls")
-# What the runner adds to a stage's marker (runner.MARKER_KEYS): not results.
-_MARKER_KEYS = ("fingerprint", "config_reads", "upstream", "outputs")
 
 
 def _without_timings(x):
+  """``x`` less timings and what the runner adds to a stage's marker (not results)."""
+  from overinterp_jax.pipeline.runner import MARKER_KEYS
   if isinstance(x, dict):
     return {k: _without_timings(v) for k, v in x.items()
-            if "seconds" not in k and k not in _MARKER_KEYS}
+            if "seconds" not in k and k not in MARKER_KEYS}
   return x
 
 

@@ -53,7 +53,7 @@ RUNNERS = {"train": _train, "backselect": _backselect, "subsets": subsets_stage.
            "retrain": retrain_stage.run, "sis": sis_stage.run, "controls": controls.run,
            "report": report.run}
 # Written by the runner into each stage's marker, beside what the stage returns.
-MARKER_KEYS = ("fingerprint", "config_reads", "upstream", "outputs")
+MARKER_KEYS = ("fingerprint", "config_reads", "config_known", "upstream", "outputs")
 
 
 def stage_fingerprint(config, upstream: dict, data_fp: str, paths) -> str:
@@ -67,13 +67,17 @@ def _finished(ctx, stage: str, upstream: dict) -> Optional[dict]:
   summary = artifacts.load_json(ctx.stage_summary_path(stage))
   if summary is None:
     return None
-  if "outputs" not in summary or "config_reads" not in summary:
+  if any(k not in summary for k in ("outputs", "config_reads", "config_known")):
     logging.warning("Stage %s: its marker lists no files or config reads (written by an older "
                     "version); running it again (its cached results are reused).", stage)
     return None
   if summary["fingerprint"] != stage_fingerprint(ctx.config, upstream, ctx.data_fp,
                                                  summary["config_reads"]):
     logging.info("Stage %s: its config values or earlier stages changed.", stage)
+    return None
+  newer = config_reads.changed_new_keys(ctx.config, summary["config_known"])
+  if newer:
+    logging.info("Stage %s: keys newer than its run are set (%s).", stage, ", ".join(newer))
     return None
   problems = artifacts.changed_files(ctx.workdir, summary["outputs"])
   if problems:
@@ -107,6 +111,7 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
       paths = sorted(reads.paths)
       summary["fingerprint"] = stage_fingerprint(ctx.config, upstream, ctx.data_fp, paths)
       summary["config_reads"] = paths
+      summary["config_known"] = config_reads.leaf_paths(ctx.config)
       summary["upstream"] = upstream
       summary["outputs"] = artifacts.describe_files(ctx.workdir, touched - owned)
       artifacts.save_json(ctx.stage_summary_path(stage), summary)

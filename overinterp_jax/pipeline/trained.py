@@ -31,9 +31,11 @@ def model_key(config, data_fp: str, paths) -> str:
 
 def _matches(record: Optional[dict], config, data_fp: str) -> bool:
   """True when ``record`` (a model's ``summary.json`` or ``fingerprint.json``) is of a
-  model of ``config``: same data, same values at every config path its training read."""
-  return (record is not None and "config_reads" in record
-          and record.get("fingerprint") == model_key(config, data_fp, record["config_reads"]))
+  model of ``config``: same data, same values at every config path its training read,
+  and no key newer than the model set away from its default."""
+  return (record is not None and "config_reads" in record and "config_known" in record
+          and record.get("fingerprint") == model_key(config, data_fp, record["config_reads"])
+          and not config_reads.changed_new_keys(config, record["config_known"]))
 
 
 def load_summary(config, workdir: str, data_fp: str) -> Optional[dict]:
@@ -107,8 +109,9 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
 
     def mark(paths):
       artifacts.save_json(marker_path, {"fingerprint": model_key(config, data_fp, paths),
-                                        "config_reads": sorted(paths)})
+                                        "config_reads": sorted(paths), "config_known": known})
 
+    known = config_reads.leaf_paths(config)
     reads = config_reads.Reads() if reads is None else reads
     reads.on_new = mark
     mark(reads.paths)
@@ -120,7 +123,7 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
     reads.on_new = None
     paths = sorted(reads.paths)
     summary = {"fingerprint": model_key(config, data_fp, paths), "config_reads": paths,
-               "metrics": metrics, "seconds": time.perf_counter() - t0}
+               "config_known": known, "metrics": metrics, "seconds": time.perf_counter() - t0}
     artifacts.save_json(summary_path, summary)
   for path in [summary_path] + checkpoints.files(workdir, int(config.num_epochs)):
     artifacts.note(path)  # what a finished stage checks before it is trusted
