@@ -60,6 +60,26 @@ def recording(reads: Optional[Reads] = None) -> Iterator[Reads]:
     _RECORDINGS.remove(reads)
 
 
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+  """Reads made inside go to no recording open outside (recordings opened inside still
+  collect): for an earlier stage's result loaded late, which that stage's fingerprint
+  already covers."""
+  saved = _RECORDINGS[:]
+  _RECORDINGS.clear()
+  try:
+    yield
+  finally:
+    _RECORDINGS[:] = saved
+
+
+def replay(paths: Iterable[str]) -> None:
+  """Records ``paths`` as read: what a cached result's producer read, when the result is
+  reused, so a consumer's recorded reads are the same whether it was computed or loaded."""
+  for path in paths:
+    _record(path)
+
+
 def _record(path: str) -> None:
   if _runtime(path):
     return
@@ -222,6 +242,10 @@ class Key:
     if changed_new_keys(self.config, stored["known"]):
       return "<a newer config key is set>"
     return artifacts.fingerprint(self.base, values_fingerprint(self.config, stored["reads"]))
+
+  def used(self, stored: dict) -> None:
+    """A result with ``stored`` was reused: its producer's reads count as read now."""
+    replay(stored["reads"])
 
   def stamp(self) -> tuple[str, dict]:
     """``(fingerprint, {"reads": paths read so far, "known": the config's keys})`` to store

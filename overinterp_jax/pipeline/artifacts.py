@@ -160,6 +160,8 @@ def load(path: str, fp, check: Optional[Callable[[dict], Optional[str]]] = None
   if problem:
     logging.warning("Ignoring %s (%s); it will be recomputed.", path, problem)
     return None
+  if not isinstance(fp, str):
+    fp.used(reads)
   note(path)
   return arrays
 

@@ -6,6 +6,7 @@ and read back from the work directory on a re-run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -47,6 +48,7 @@ class Context:
 
   def __init__(self, config, workdir: str, dataset: data_lib.Dataset, mesh=None):
     self.config, self.workdir, self.data = config, workdir, dataset
+    self.stage: Optional[str] = None  # the stage running now (set by the runner)
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.progress = bool(config.runtime.progress)
     self.data_fp = artifacts.fingerprint(
@@ -55,6 +57,13 @@ class Context:
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
+
+  def owned_by(self, stage: str):
+    """A context for loading ``stage``'s results: from another stage, the reads it makes
+    are not that stage's (``stage``'s fingerprint, upstream of it, covers them)."""
+    if self.stage is None or self.stage == stage:
+      return contextlib.nullcontext()
+    return config_reads.paused()
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -91,11 +100,12 @@ class Context:
   @functools.cached_property
   def base(self) -> trained.Trained:
     """The base model: trained in ``base_model/``, or the shipped ``config.pretrained``."""
-    if self.config.pretrained:
-      base = shipped_base.load(self.config, self.data, self.mesh)
-      base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)
-      return base
-    return self.train_model("base_model", self.config)
+    with self.owned_by("train"):
+      if self.config.pretrained:
+        base = shipped_base.load(self.config, self.data, self.mesh)
+        base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)
+        return base
+      return self.train_model("base_model", self.config)
 
   @property
   def base_fp(self) -> str:
@@ -111,7 +121,8 @@ class Context:
     if indices is not None:
       images = images[np.asarray(indices)]
     directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
-    with config_reads.recording() as reads:  # each shard is keyed by the reads made for it
+    whole = masking == "mean" and indices is None  # stage backselect's, else the controls'
+    with self.owned_by("backselect" if whole else self.stage), config_reads.recording() as reads:  # each shard is keyed by the reads made for it
       key = config_reads.Key(artifacts.fingerprint(
           self.base_fp, split, masking, sis.SELECTION_VERSION,
           *([] if indices is None else [list(indices)])), self.config, reads)

@@ -104,8 +104,10 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
     else:
       logging.info("Stage %s: running.", stage)
       t0 = time.perf_counter()
+      ctx.stage = stage
       with artifacts.recording() as touched, config_reads.recording() as reads:
         summary = RUNNERS[stage](ctx)
+      ctx.stage = None
       owned = {os.path.abspath(ctx.path(rel)) for s in summaries.values()
                for rel in s["outputs"]}
       paths = sorted(reads.paths)

@@ -225,8 +225,10 @@ def _build_predictor(ctx, name: str):
 
 
 def records_for(ctx, name: str) -> dict:
-  apply, variables, fp, _ = predictor(ctx, name)
-  return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
+  """The stored exact record of SIS model ``name`` (stage ``sis``'s result)."""
+  with ctx.owned_by("sis"):
+    apply, variables, fp, _ = predictor(ctx, name)
+    return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
 
 
 def run(ctx) -> dict:

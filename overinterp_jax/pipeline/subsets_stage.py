@@ -34,7 +34,8 @@ def compute_masks(ctx) -> dict:
 def load_or_compute(ctx) -> dict:
   h, w = ctx.height_width
   path = ctx.path("subsets", "masks.npz")
-  with config_reads.recording() as reads:  # keyed by the rankings and what it reads
+  # keyed by the rankings and what it reads
+  with ctx.owned_by("subsets"), config_reads.recording() as reads:
     orders = {split: ctx.backselect(split)["order"] for split in ("train", "test")}
     key = config_reads.Key(artifacts.checksum(orders), ctx.config, reads)
     stored = artifacts.load(path, key)

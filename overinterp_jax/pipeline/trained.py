@@ -93,6 +93,7 @@ def ensure_trained(config, workdir: str, train_images, train_labels, test_images
   summary = load_summary(config, workdir, data_fp)
   state = None
   if summary is not None:
+    config_reads.replay(summary["config_reads"])  # as if trained now
     state = train.restore_trained(view, workdir, train_images.shape[1:], len(train_images),
                                   mesh)
   if state is None:
