@@ -29,13 +29,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import rate  # noqa: E402
 
 from overinterp_jax import memory, precision, sharding, sis, train  # noqa: E402
+from overinterp_jax.config_schema import base_config  # noqa: E402
 from overinterp_jax.models import create_model  # noqa: E402
 
 # Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets.
@@ -97,9 +97,8 @@ def resnet(name: str, size: int, num_classes: int, policy: str):
 
 def train_rate(name: str, size: int, batch: int, num_classes: int, policy: str, sizes: dict):
   """``(train img/s, train FLOPs per image, inference img/s at the same batch)``."""
-  config = ml_collections.ConfigDict(dict(lr=0.1, schedule="onecycle", num_epochs=1,
-                                          warmup_fraction=0.2, momentum=0.9, nesterov=True,
-                                          weight_decay=5e-4))
+  config = base_config()
+  config.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
   model = create_model(name, num_classes=num_classes)
   tx = train.make_optimizer(config, steps_per_epoch=100)
   mesh = sharding.data_mesh()

@@ -31,8 +31,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
-  if int(config.host_devices) > 0:
-    jax.config.update("jax_num_cpu_devices", int(config.host_devices))
+  if int(config.runtime.host_devices) > 0:
+    jax.config.update("jax_num_cpu_devices", int(config.runtime.host_devices))
   if not os.path.exists(os.path.join(FLAGS.workdir, "base_model", "summary.json")):
     # Without this check ctx.base would train one; a model of another config raises there.
     raise SystemExit(f"{FLAGS.workdir}/base_model has no finished model to evaluate.")

@@ -13,10 +13,10 @@ import argparse
 import json
 
 import jax
-import ml_collections
 import numpy as np
 
 from overinterp_jax import sharding, train
+from overinterp_jax.config_schema import base_config
 from overinterp_jax.data import augment
 from overinterp_jax.models import create_model
 from timing import rate
@@ -36,9 +36,8 @@ def main():
   args = parser.parse_args()
   if args.host_devices:
     jax.config.update("jax_num_cpu_devices", args.host_devices)
-  config = ml_collections.ConfigDict(dict(
-      lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2, momentum=0.9,
-      nesterov=True, weight_decay=5e-4))
+  config = base_config()
+  config.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
   model = create_model(args.model, num_classes=10)
   tx = train.make_optimizer(config, steps_per_epoch=100)
   mesh = sharding.data_mesh()

@@ -37,7 +37,7 @@ def get_config(variant: str = ""):
   """The full pipeline; ``variant="analyze"``: the quick start on the shipped model."""
   c = cifar10.get_config()
   c.data.source = "image_folder"
-  c.host_devices = 2
+  c.runtime.host_devices = 2
   c.num_epochs = 33
   # 8 epochs at 16×16 with 4× the batch, 8 at 24×24 with 2× the batch, then 17
   # at full size (cpu_budget.epoch_scales, cpu_budget.epoch_batch_multipliers; the
@@ -49,8 +49,8 @@ def get_config(variant: str = ""):
   c.lr = 0.025        # same lr / batch ratio (and weight decay per epoch) as 0.1 at 64
   c.warmup_fraction = 0.2
   c.batch_size = 16   # 8 per host device: the fastest training on 2 cores (docs/benchmarks.md)
-  c.augment_flip = "alternating"  # each image mirrored in alternate epochs
-  c.augment_padding = 2           # ±2 px crops: ResNet-20 underfits in this budget
+  c.augment.flip = "alternating"  # each image mirrored in alternate epochs
+  c.augment.padding = 2           # ±2 px crops: ResNet-20 underfits in this budget
   c.eval_every = 8                # a test pass costs ~7 s
   # Batch norm's running statistics average the last ~100 steps (1,600 images)
   # instead of ~10 (160): about the horizon of the paper's batch 128 at PyTorch's

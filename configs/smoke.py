@@ -24,7 +24,7 @@ def get_config():
   c.eval_batch_size = 64
   c.schedule = "onecycle"
   c.lr = 0.05
-  c.progress = False
+  c.runtime.progress = False
 
   c.backselect.method = "gradient"
   c.backselect.remove_per_step = 16

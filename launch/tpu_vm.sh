@@ -3,7 +3,7 @@
 #
 #   launch/tpu_vm.sh TPU_NAME ZONE configs/cifar10.py /mnt/gcs/workdirs/cifar10 [--config.key=value ...]
 #
-# Each worker runs the same command; `--config.distributed=True` makes main call
+# Each worker runs the same command; `--config.runtime.distributed=True` makes main call
 # jax.distributed.initialize(), which finds the other workers by itself on TPU VMs.
 # The work directory must be a POSIX path on storage every host sees (Filestore/NFS,
 # or a GCS bucket mounted with gcsfuse, e.g. /mnt/gcs/workdirs/cifar10): the pipeline
@@ -19,5 +19,5 @@ gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
   [ -d overinterp_jax ] || git clone '$repo' overinterp_jax
   cd overinterp_jax && git pull --ff-only
   python3 -m pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  python3 -m overinterp_jax.main --config='$config' --workdir='$workdir' --config.distributed=True $*
+  python3 -m overinterp_jax.main --config='$config' --workdir='$workdir' --config.runtime.distributed=True $*
 "

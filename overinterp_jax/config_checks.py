@@ -19,6 +19,9 @@ from overinterp_jax.data import NORMALIZATIONS, SOURCES
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
 
+CROPS = ("device", "inception")  # config.augment.crop
+
+
 def _subset_of(key: str, values, known) -> None:
   unknown = [v for v in values if v not in known]
   if unknown:
@@ -70,21 +73,29 @@ def _training(config, num_devices: int) -> None:
   _in_range("momentum", config.momentum, 0, 1, low_open=False, high_open=True)
   if not config.weight_decay >= 0:
     raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}.")
-  _booleans(config, "", ("nesterov", "progress", "distributed"))
+  _booleans(config, "", ("nesterov",))
   cpu_budget.epoch_scales(config)  # raises on a malformed config.progressive_resizing
   train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
+  _booleans(config.augment, "augment.", ("enabled",))
   cpu_budget.augment_flip(config)
-  if int(config.augment_padding) < 0:
-    raise ValueError(f"config.augment_padding must be >= 0, got {config.augment_padding}.")
+  _at_least(config.augment, "augment.", ("padding",), 0)
+  _one_of("augment.crop", config.augment.crop, CROPS)
+  _at_least(config.runtime, "runtime.", ("checkpoint_every_steps", "data_workers"), 0)
   if int(config.batch_size):
     train.check_batch(config, num_devices=num_devices)
 
 
 def _data(d) -> None:
   _one_of("data.source", d.source, SOURCES)
-  _one_of("data.normalization", d.get("normalization", "auto"), NORMALIZATIONS)
-  _booleans(d, "data.", ("augment",))
-  _at_least(d, "data.", ("expected_train", "expected_test"), 0)
+  _one_of("data.normalization", d.normalization, NORMALIZATIONS)
+  _at_least(d, "data.", ("expected_train", "expected_test", "view_size", "view_resize"), 0)
+  _booleans(d, "data.", ("in_memory",))
+  if d.view_resize and d.view_resize < d.view_size:
+    raise ValueError(f"config.data.view_resize={d.view_resize} must be >= data.view_size="
+                     f"{d.view_size} (the shorter side is resized, then the view cropped).")
+  if not d.in_memory and d.source == "image_folder" and not d.path:
+    raise ValueError("config.data.in_memory=False streams an image folder or archive: set "
+                     "config.data.path (the shipped CIFAR-10 slice is always in memory).")
   # An empty path is the CIFAR-10 slice shipped in the package (data/cifar10_slice.py).
   if d.source == "image_folder" and d.path and not os.path.exists(d.path):
     raise ValueError(f"config.data.path={d.path!r} does not exist (config.data.source="
@@ -92,7 +103,8 @@ def _data(d) -> None:
   if d.source == "tfds" and d.data_dir and not os.path.isdir(d.data_dir):
     raise ValueError(f"config.data.data_dir={d.data_dir!r} is not a directory.")
   if d.source == "synthetic":
-    _at_least(d, "data.", [k for k in ("num_train", "num_test", "image_size") if k in d], 1)
+    _at_least(d, "data.", ("num_train", "num_test", "image_size"), 1)
+    _at_least(d, "data.", ("num_classes",), 2)
 
 
 def _stages(config) -> None:
@@ -134,6 +146,13 @@ def _stages(config) -> None:
   _at_least(config.report, "report.", ("num_figure_images",), 1)
 
 
+def _runtime(r) -> None:
+  _booleans(r, "runtime.", ("progress", "distributed"))
+  if int(r.host_devices) < 0:
+    raise ValueError(f"config.runtime.host_devices must be >= 0 (0 = JAX's default), got "
+                     f"{r.host_devices}.")
+
+
 def validate_config(config, num_devices: Optional[int] = None) -> None:
   """Fails before any work starts, naming the offending key. ``num_devices``: the
   devices a batch is split over (default: all of JAX's)."""
@@ -143,9 +162,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
   if not config.stages:
     raise ValueError(f"config.stages is empty; known stages: {list(runner.STAGES)}.")
   _subset_of("stages", config.stages, runner.STAGES)
-  if int(config.host_devices) < 0:
-    raise ValueError(f"config.host_devices must be >= 0 (0 = JAX's default), got "
-                     f"{config.host_devices}.")
+  _runtime(config.runtime)
   _training(config, num_devices)
   _data(config.data)
   _stages(config)

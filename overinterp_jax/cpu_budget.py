@@ -10,7 +10,7 @@ configured", so accelerator configs never see these techniques.
     batch (small images fill a CPU poorly at a small batch); the learning-rate
     schedule advances ``m`` base steps per step at ``m`` times the rate
     (``scale_schedule``), so the rate per image follows the base batch's.
-  * **Alternating flip** (``config.augment_flip = "alternating"``; Jordan 2024,
+  * **Alternating flip** (``config.augment.flip = "alternating"``; Jordan 2024,
     "94% on CIFAR-10 in 3.29 seconds"): each example is mirrored in every
     other epoch instead of at random (``mirrored``).
 """
@@ -95,11 +95,11 @@ def scale_schedule(base: optax.Schedule, config, steps_per_epoch: int) -> optax.
 
 
 def augment_flip(config) -> str:
-  """``config.augment_flip``: ``"random"`` (each image mirrored with probability 1/2 in each
+  """``config.augment.flip``: ``"random"`` (each image mirrored with probability 1/2 in each
   step, on the device: the paper's recipe) or ``"alternating"`` (``mirrored``)."""
-  flip = config.augment_flip
+  flip = config.augment.flip
   if flip not in FLIPS:
-    raise ValueError(f"config.augment_flip must be one of {FLIPS}, got {flip!r}.")
+    raise ValueError(f"config.augment.flip must be one of {FLIPS}, got {flip!r}.")
   return flip
 
 

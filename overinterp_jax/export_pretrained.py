@@ -18,11 +18,12 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from overinterp_jax import config_reads
 from overinterp_jax import data as data_lib
 from overinterp_jax import train
 from overinterp_jax.data import cifar10_slice
 from overinterp_jax.models import shipped
-from overinterp_jax.pipeline import artifacts, trained
+from overinterp_jax.pipeline import trained
 from overinterp_jax.pipeline.context import Context
 
 # Where this machine keeps things; not part of what the model is.
@@ -55,10 +56,10 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
   dataset = data_lib.load_for_config(config.data, workdir)
   ctx = Context(config, workdir, dataset)
   model_dir = ctx.path("base_model")
-  summary = artifacts.load_json(os.path.join(model_dir, "summary.json"), ctx.base_fp)
+  summary = trained.load_summary(config, model_dir, ctx.data_fp)
   if summary is None:
-    raise ValueError(f"{model_dir} holds no finished model of this config (fingerprint "
-                     f"{ctx.base_fp}); give the config, overrides and data it was trained with.")
+    raise ValueError(f"{model_dir} holds no finished model of this config; give the config, "
+                     "overrides and data it was trained with.")
   state = train.restore_trained(config, model_dir, dataset.image_shape,
                                 len(dataset.train_images), ctx.mesh)
   if state is None:
@@ -72,8 +73,9 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
       "class_names": list(dataset.class_names),
       "normalization": dataset.normalization.to_dict(),
       "config": config_path, "overrides": overrides,
-      "train_settings": trained.train_settings(config),
-      "fingerprint": ctx.base_fp, "num_epochs": int(config.num_epochs),
+      # The config values its training read (config_reads): what a user must match.
+      "train_settings": {p: config_reads.value_at(config, p) for p in summary["config_reads"]},
+      "fingerprint": summary["fingerprint"], "num_epochs": int(config.num_epochs),
       "train_seconds": round(float(summary["seconds"]), 1),
       "test_accuracy": float(summary["metrics"]["accuracy"]),
       "test_images": int(summary["metrics"]["count"]),

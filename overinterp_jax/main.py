@@ -42,7 +42,8 @@ def run(config, workdir: str) -> dict:
   Nothing is written before the config and the loaded data have passed their checks.
   """
   validate_config(config)
-  dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.progress))
+  dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
+                                     workers=int(config.runtime.data_workers))
   if int(config.batch_size) == 0:
     config.batch_size = train.memory_fitted_batch_size(
         config, dataset.image_shape, num_devices=jax.device_count(),
@@ -96,9 +97,9 @@ def main(argv):
   config = FLAGS.config
   # Before any JAX operation initialises the CPU backend; a negative value is left to
   # validate_config, which names it.
-  if int(config.host_devices) > 0:
-    jax.config.update("jax_num_cpu_devices", int(config.host_devices))
-  if config.distributed:
+  if int(config.runtime.host_devices) > 0:
+    jax.config.update("jax_num_cpu_devices", int(config.runtime.host_devices))
+  if config.runtime.distributed:
     jax.distributed.initialize()
   logging.info("Devices: %s", jax.devices())
   results = run(config, FLAGS.workdir)
@@ -119,8 +120,8 @@ python -m overinterp_jax.main --config=FILE[:VARIANT] --workdir=DIR [--config.KE
   --verbosity=N            log level: 0 = INFO (default), -1 = warnings only
   --helpfull               every flag, absl's and JAX's included
 
-Configs: configs/cifar10_cpu.py[:analyze], configs/cifar10.py, configs/smoke.py; each file
-lists its keys with their defaults. Docs: README.md and docs/."""
+Configs: configs/cifar10_cpu.py[:analyze], configs/cifar10.py, configs/smoke.py; every key
+with its default: overinterp_jax/config_schema.py. Docs: README.md and docs/."""
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 

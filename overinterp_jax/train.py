@@ -86,10 +86,10 @@ def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def config_augment_fn(config) -> Callable:
-  """The ``augment_fn`` of ``config``: random crop with ``config.augment_padding``
-  pixels of padding and a random flip, or the crop alone when ``config.augment_flip ==
+  """The ``augment_fn`` of ``config``: random crop with ``config.augment.padding``
+  pixels of padding and a random flip, or the crop alone when ``config.augment.flip ==
   "alternating"`` (the input pipeline mirrors: ``cpu_budget.mirrored``)."""
-  return functools.partial(augment.augment_images, padding=int(config.augment_padding),
+  return functools.partial(augment.augment_images, padding=int(config.augment.padding),
                            flip=cpu_budget.augment_flip(config) == "random")
 
 
@@ -282,7 +282,7 @@ def check_batch(config, *, num_devices: int | None = None, num_train: int | None
   epoch's batch (``epoch_batch_multipliers``) fits in ``num_train`` examples."""
   if num_devices is not None and config.batch_size % num_devices:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
-                     f"{num_devices} devices (config.host_devices on a CPU).")
+                     f"{num_devices} devices (config.runtime.host_devices on a CPU).")
   largest = max(cpu_budget.epoch_batch_multipliers(config))
   if num_train is not None and num_train < config.batch_size * largest:
     raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
@@ -333,9 +333,9 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
     config: ``model``, ``num_classes``, ``num_epochs``, ``batch_size``, ``lr``,
       ``schedule`` (+ its keys), ``momentum``, ``nesterov``, ``weight_decay``,
       ``seed``, ``eval_batch_size``, ``eval_every``, ``checkpoints_to_keep``,
-      ``checkpoint_every_steps``, and the ``cpu_budget`` keys.
+      ``runtime.checkpoint_every_steps``, and the ``cpu_budget`` keys.
     workdir: checkpoints go to ``workdir/checkpoints`` (one per epoch) and
-      ``workdir/checkpoints_mid`` (every ``checkpoint_every_steps`` steps, with the
+      ``workdir/checkpoints_mid`` (every ``runtime.checkpoint_every_steps`` steps, with the
       input pipeline's position), per-epoch metrics to ``workdir/metrics.jsonl``.
       The newest checkpoint that verifies is resumed, mid-epoch ones at the batch
       they stopped before.
@@ -368,7 +368,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
     state = jax.device_put(restored, sharding.replicated(mesh))
     logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
   start_batch, sums0 = 0, {"loss": 0.0, "accuracy": 0.0}
-  if int(config.checkpoint_every_steps) and mid_manager.all_steps():
+  if int(config.runtime.checkpoint_every_steps) and mid_manager.all_steps():
     _, mid = checkpoints.restore_latest(mid_manager, workdir, _mid_epoch_template(state),
                                         "checkpoints_mid")
     if mid is not None and int(mid["loader"]["epoch"]) == start_epoch:
@@ -387,7 +387,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   if max_epochs_this_run is not None:
     end_epoch = min(end_epoch, start_epoch + max_epochs_this_run)
   steps_left = max_steps_this_run
-  every = int(config.checkpoint_every_steps)
+  every = int(config.runtime.checkpoint_every_steps)
   augmenting = augment_fn is not None
   for epoch in range(start_epoch, end_epoch):
     epoch_key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
@@ -405,7 +405,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
     sums = dict(sums0) if first else {"loss": 0.0, "accuracy": 0.0}
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
     bar = tqdm(range(first, num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
-               unit="batch", leave=False, disable=not config.progress)
+               unit="batch", leave=False, disable=not config.runtime.progress)
     unchecked = []  # losses since the last host sync, checked to be finite there
     for i, (x, y) in zip(bar, batches):
       x, y = sharding.global_batch(mesh, x), sharding.global_batch(mesh, y)

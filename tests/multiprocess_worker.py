@@ -23,6 +23,7 @@ else:
   jax.config.update("jax_num_cpu_devices", 2)
 
 import jax.numpy as jnp  # noqa: E402
+from overinterp_jax.config_schema import base_config  # noqa: E402
 import numpy as np  # noqa: E402
 
 from overinterp_jax import sharding, sis, train  # noqa: E402
@@ -37,11 +38,8 @@ predict = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p[0]) @ p[1]
 exact = sis.batched_backselect(predict, images, params=(w1, w2), eval_batch_size=8)
 grad = sis.gradient_backselect(predict, images, params=(w1, w2), remove_per_step=3)
 
-from configs import cifar10  # noqa: E402
-
-config = cifar10.get_config()
-config.update(dict(lr=0.1, schedule="cosine", num_epochs=1, momentum=0.9, nesterov=True,
-                   weight_decay=5e-4))
+config = base_config()
+config.update(dict(lr=0.1, schedule="cosine", num_epochs=1))
 model = create_model("cnn3", num_classes=10)
 tx = train.make_optimizer(config, steps_per_epoch=4)
 mesh = sharding.data_mesh()
@@ -61,7 +59,7 @@ from configs import smoke  # noqa: E402
 from overinterp_jax import data as data_lib  # noqa: E402
 
 cfg = smoke.get_config()
-cfg.num_epochs, cfg.batch_size, cfg.checkpoint_every_steps = 2, 16, 5
+cfg.num_epochs, cfg.batch_size, cfg.runtime.checkpoint_every_steps = 2, 16, 5
 ds = data_lib.load_for_config(cfg.data, "/tmp/unused")
 workdir = os.path.join(os.path.dirname(out), "fit_2_processes" if pid >= 0 else "fit_1_process")
 fitted, fit_metrics = train.fit(cfg, workdir, ds.feed("train"), ds.feed("test"),

@@ -7,12 +7,12 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from overinterp_jax import cpu_budget, data as data_lib
+from overinterp_jax.config_schema import base_config
 from overinterp_jax.data import augment, image_folder, loader, normalize, synthetic, tfds_source
 
 REAL_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
@@ -489,10 +489,8 @@ def test_load_dataset_image_folder(tree, tmp_path):
 
 
 def test_load_for_config(tmp_path):
-  from configs import cifar10
-  cfg = cifar10.get_config().data
-  cfg.update({"source": "synthetic", "num_train": 16, "num_test": 8, "image_size": 4,
-              "expected_train": 0, "expected_test": 0})
+  cfg = base_config().data
+  cfg.update({"source": "synthetic", "num_train": 16, "num_test": 8, "image_size": 4})
   ds = data_lib.load_for_config(cfg, str(tmp_path))
   assert ds.train_images.shape == (16, 4, 4, 3)
 

@@ -1,6 +1,7 @@
 """The pipeline end to end on the smoke config: every stage, the report, kill -9 and resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -49,7 +50,7 @@ def test_smoke_run_prints_its_own_lines_only(finished_run):
   lines = (proc.stdout + proc.stderr).splitlines()
   assert len(lines) <= 60, "\n".join(lines)
   assert not [l for l in lines if "orbax" in l or "Unable to initialize backend" in l]
-  assert "exact SIS (" not in proc.stderr  # config.progress=False: no progress bars
+  assert "exact SIS (" not in proc.stderr  # config.runtime.progress=False: no progress bars
   assert proc.stdout.splitlines()[0] == f"Done: 7 stages. Results in {workdir}/report.md"
   assert proc.stdout.splitlines()[1].startswith("Test accuracy (%): full images (2 ep) ")
   assert len(proc.stdout.splitlines()) == 2  # a summary, not the whole results
@@ -117,8 +118,38 @@ def test_streamed_image_folder_gives_the_in_memory_report(tmp_path):
   runs = {}
   for name, extra in (("memory", ()), ("stream", ("--config.data.in_memory=False",
                                                    "--config.data.view_size=16",
-                                                   "--config.data.workers=0"))):
+                                                   "--config.runtime.data_workers=0"))):
     proc = run_main(tmp_path / name, *common, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs[name] = outputs(tmp_path / name)
   assert runs["stream"] == runs["memory"]
+
+
+def test_changing_frac_kept_recomputes_every_stage_that_reads_it(finished, tmp_path):
+  """subsets.frac_kept is read by subsets, retrain (through the masks), controls (the
+  masking-value control's BS subsets) and report (its headings): they rerun (and the stages
+  after subsets, a linear chain), the report names the configured fraction, and nothing
+  that does not depend on it is recomputed. (It once reported stale controls.)"""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  proc = run_main(workdir, "--config.subsets.frac_kept=0.1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("train", "backselect"):
+    assert f"Stage {stage}: already done." in proc.stderr, stage
+  for stage in ("subsets", "retrain", "sis", "controls", "report"):
+    assert f"Stage {stage}: running." in proc.stderr, stage
+  # Models and SIS records that do not depend on the subsets are reused, not recomputed.
+  for model in ("base_model", "retrain_full", "ensemble_member_1", "input_dropout_model"):
+    assert f"{model}: epoch" not in proc.stderr, model
+  for model in ("retrain_bs", "retrain_random", "retrain_mask_only"):
+    assert f"{model}: epoch 2/2" in proc.stderr, model
+  assert "Exact backward selection" not in proc.stderr
+  md = (workdir / "report.md").read_text()
+  assert "5%" not in md
+  assert "10% BS" in md and "base on own 10% BS test subsets" in md
+  report = json.loads((workdir / "report.json").read_text())
+  assert report["stages"]["subsets"]["pixels_kept"] == 26  # ceil(0.1 · 256)
+  before = json.loads((finished / "stages" / "controls.json").read_text())
+  after = json.loads((workdir / "stages" / "controls.json").read_text())
+  assert (after["masking_values"]["mean"]["base_on_bs_subsets"]
+          != before["masking_values"]["mean"]["base_on_bs_subsets"])

@@ -120,6 +120,9 @@ class _SisContext:
   def path(self, *parts):
     return os.path.join(self.workdir, *parts)
 
+  def fully_masked(self, split, kind, indices=None):
+    return None
+
 
 def test_exact_sis_records_resume_per_call_after_a_kill(tmp_path, monkeypatch):
   apply, w = _linear_model(9)
@@ -269,8 +272,9 @@ def test_sis_table_shows_one_dash_for_an_empty_iqr():
     ("controls.dilation", 2, "config.controls.dilation"),
     ("stages", ("train", "dance"), "config.stages"),
     ("sis.images_per_call", -1, "config.sis.images_per_call"),
-    ("augment_flip", "sometimes", "config.augment_flip"),
-    ("augment_padding", -1, "config.augment_padding"),
+    ("augment.flip", "sometimes", "config.augment.flip"),
+    ("augment.padding", -1, "config.augment.padding"),
+    ("runtime.host_devices", -1, "config.runtime.host_devices"),
     ("eval_every", 0, "config.eval_every"),
     ("sis.min_confidence", 1.5, "config.sis.min_confidence"),
     ("pretrained", "resnet99_mnist", "config.pretrained"),

@@ -108,11 +108,10 @@ def test_device_budget_reads_memory_stats():
 
 
 def test_training_batch_from_memory():
-  import ml_collections
-  config = ml_collections.ConfigDict(dict(
-      model="cnn3", num_classes=K, input_dropout_keep_prob=1.0, bn_momentum=0.9,
-      precision="float32", lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2,
-      momentum=0.9, nesterov=True, weight_decay=5e-4, progressive_resizing=()))
+  from overinterp_jax.config_schema import base_config
+  config = base_config()
+  config.update(dict(model="cnn3", num_classes=K, lr=0.1, schedule="onecycle", num_epochs=1,
+                     warmup_fraction=0.2))
   fit = lambda budget: train.memory_fitted_batch_size(
       config, (H, W, C), num_devices=2, num_train=4096, budget_bytes=budget)
   small, large = fit(2_000_000), fit(2_000_000_000)

@@ -33,7 +33,7 @@ def test_help_lists_each_flag_on_one_line():
 def test_analyze_runs_on_the_shipped_model_without_training(tmp_path):
   proc = _main("--config=configs/cifar10_cpu.py:analyze", f"--workdir={tmp_path}",
                "--config.sis.num_images=2", "--config.backselect.remove_per_step=512",
-               "--config.progress=False")
+               "--config.runtime.progress=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not (tmp_path / "base_model").exists()  # loaded, not trained
   report = json.loads((tmp_path / "report.json").read_text())

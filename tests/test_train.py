@@ -1,4 +1,5 @@
 """Training and the main CLI on the smoke config (synthetic data, tiny CNN)."""
+import json
 import os
 import subprocess
 import sys
@@ -7,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from config_perturb import perturbed_config
 from configs import smoke
 from overinterp_jax import data as data_lib
-from overinterp_jax import cpu_budget, sharding, train
+from overinterp_jax import config_reads, cpu_budget, sharding, train
 from overinterp_jax.pipeline import trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,14 +47,14 @@ def test_main_rejects_bad_values_before_work(tmp_path):
 
 
 def test_main_rejects_negative_host_devices(tmp_path):
-  proc = run_main("--config.host_devices=-1", workdir=tmp_path)
+  proc = run_main("--config.runtime.host_devices=-1", workdir=tmp_path)
   assert proc.returncode != 0
-  assert "config.host_devices" in proc.stderr
+  assert "config.runtime.host_devices" in proc.stderr
 
 
 def test_main_splits_the_host_into_host_devices(tmp_path):
   """The subprocess starts with JAX's single CPU device; the config asks for two."""
-  proc = run_main("--config.host_devices=2", "--config.stages=('train',)",
+  proc = run_main("--config.runtime.host_devices=2", "--config.stages=('train',)",
                   "--config.num_epochs=1", workdir=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   devices_line = next(l for l in proc.stderr.splitlines() if "Devices:" in l)
@@ -75,12 +77,12 @@ def _train(config, ds, workdir, **kw):
     {},
     # killed after the low-resolution epoch, which trains at twice the batch
     {"progressive_resizing": ((0.5, 0.34, 2),)},
-    {"augment_flip": "alternating", "augment_padding": 2, "eval_every": 2},
+    {"augment.flip": "alternating", "augment.padding": 2, "eval_every": 2},
 ], ids=["full_size", "progressive", "alternating_flip"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 3
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)
   kw = dict(augment_fn=train.config_augment_fn(config))
   full_state, full_metrics = _train(config, ds, tmp_path / "full", **kw)
   _train(config, ds, tmp_path / "resumed", max_epochs_this_run=1, **kw)
@@ -106,8 +108,8 @@ def test_run_killed_mid_epoch_resumes_at_its_batch_with_the_same_batches(tmp_pat
   epoch 2, not at the epoch's start, and ends bitwise equal to a run never stopped."""
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 2
-  config.checkpoint_every_steps = 3
-  config.augment_flip, config.augment_padding = "alternating", 2
+  config.runtime.checkpoint_every_steps = 3
+  config.augment.flip, config.augment.padding = "alternating", 2
   kw = dict(augment_fn=train.config_augment_fn(config))
   full_state, full_metrics = train.fit(config, str(tmp_path / "full"), ds.feed("train"),
                                        ds.feed("test"), **kw)
@@ -133,11 +135,11 @@ def test_alternating_flip_mirrors_training_images_on_the_host(tmp_path):
   """With a crop-only augmentation, only the host's mirroring tells the two runs apart."""
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 1
-  config.augment_flip = "alternating"
+  config.augment.flip = "alternating"
   crop_only = train.config_augment_fn(config)
   assert crop_only.keywords == {"padding": 4, "flip": False}
   alternating, _ = _train(config, ds, tmp_path / "alternating", augment_fn=crop_only)
-  config.augment_flip = "random"  # with a crop-only augment_fn: never mirrored
+  config.augment.flip = "random"  # with a crop-only augment_fn: never mirrored
   unflipped, _ = _train(config, ds, tmp_path / "unflipped", augment_fn=crop_only)
   assert not np.array_equal(np.asarray(jax.tree.leaves(alternating.params)[0]),
                             np.asarray(jax.tree.leaves(unflipped.params)[0]))
@@ -245,22 +247,35 @@ def test_main_rejects_bad_progressive_resizing_before_work(tmp_path):
   assert not (tmp_path / "base_model").exists()
 
 
-def test_later_training_keys_are_part_of_the_model_fingerprint_only_when_set():
-  config = smoke.get_config()
-  plain = trained.train_settings(config)
-  assert plain == {k: config.get(k) for k in trained.TRAIN_KEYS}
-  config.eval_every = 3  # not a training setting
-  assert trained.train_settings(config) == plain
-  config.progressive_resizing = ((0.5, 0.25),)
-  config.augment_flip = "alternating"
-  config.augment_padding = 2
-  assert trained.train_settings(config) == {
-      **plain, "progressive_resizing": ((0.5, 0.25),), "augment_flip": "alternating",
-      "augment_padding": 2}
-  config.augment_padding = 0
-  assert trained.train_settings(config)["augment_padding"] == 0
-  config.bn_momentum = 0.99
-  assert trained.train_settings(config)["bn_momentum"] == 0.99
+def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
+  """A trained model is reused only for a config with the same values at every path its
+  training read (summary.json); changing any of them, or the data, retrains."""
+  config, ds = _smoke_data(tmp_path)
+  config.num_epochs = 1
+  view = config_reads.recording_view(config)
+  with config_reads.recording() as reads:  # as Context.train_model: augmentation read inside
+    _ensure(view, ds, tmp_path / "m", augment_fn=train.config_augment_fn(view), reads=reads)
+  summary = trained.load_summary(config, str(tmp_path / "m"), "data")
+  paths = summary["config_reads"]
+  for path in ("model", "lr", "seed", "num_epochs", "batch_size", "augment.padding",
+               "augment.flip", "bn_momentum", "precision", "progressive_resizing"):
+    assert path in paths, path
+  assert not [p for p in paths if p.startswith(("runtime", "sis", "controls", "subsets"))]
+  for path in paths:
+    changed = perturbed_config(config, path)
+    assert trained.load_summary(changed, str(tmp_path / "m"), "data") is None, path
+  assert trained.load_summary(config, str(tmp_path / "m"), "other data") is None
+  unread = perturbed_config(config, "sis.threshold")
+  assert trained.load_summary(unread, str(tmp_path / "m"), "data") == summary
+  # A model from before augment.padding existed: reused at the key's default only.
+  old = {k: v for k, v in summary.items()}
+  old["config_reads"] = [p for p in paths if p != "augment.padding"]
+  old["config_known"] = [p for p in old["config_known"] if p != "augment.padding"]
+  old["fingerprint"] = trained.model_key(config, "data", old["config_reads"])
+  (tmp_path / "m" / "summary.json").write_text(json.dumps(old))
+  assert trained.load_summary(config, str(tmp_path / "m"), "data") is not None
+  config.augment.padding = 2
+  assert trained.load_summary(config, str(tmp_path / "m"), "data") is None
 
 
 def test_bn_momentum_errors_name_the_key(tmp_path):
@@ -309,8 +324,9 @@ def test_bad_input_dropout_value_is_named():
 
 
 def _ensure(config, ds, workdir, data_fp="data", **kw):
+  kw.setdefault("augment_fn", ds.augment_fn)
   return trained.ensure_trained(config, str(workdir), ds.feed("train"), ds.feed("test"),
-                                augment_fn=ds.augment_fn, data_fp=data_fp, **kw)
+                                data_fp=data_fp, **kw)
 
 
 def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):

@@ -203,7 +203,8 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
                  _normalization(normalization, train))
 
 
-def load_streaming(data_config, workdir: str, progress: bool = True) -> StreamingDataset:
+def load_streaming(data_config, workdir: str, progress: bool = True,
+                   workers: int = 0) -> StreamingDataset:
   """The splits of ``data_config`` as sources read on demand (``data.in_memory = False``).
 
   Image folders are listed (archives extracted once into ``cache_dir``), TFDS splits
@@ -242,30 +243,27 @@ def load_streaming(data_config, workdir: str, progress: bool = True) -> Streamin
                                          for i in range(0, len(pick), 256)]))
   else:
     norm = _normalization(kind, None)
-  return StreamingDataset(train_src, test_src, view, norm, int(data_config.workers))
+  return StreamingDataset(train_src, test_src, view, norm, int(workers))
 
 
-def load_for_config(data_config, workdir: str, progress: bool = True) -> Dataset:
-  """``load_dataset`` from a ``config.data`` ConfigDict (keys as in configs/cifar10.py).
+def load_for_config(data_config, workdir: str, progress: bool = True,
+                    workers: int = 0) -> Dataset:
+  """``load_dataset`` from a ``config.data`` ConfigDict (keys in config_schema.py).
 
-  Reads ``source``, ``path``, ``name``, ``data_dir``, ``cache_dir`` (empty =
-  ``<workdir>/data_cache``), ``expected_train``/``expected_test`` (image
-  counts to verify; 0 = unchecked) and, when present, ``num_train``, ``num_test``,
-  ``image_size``, ``num_classes``, ``seed``, ``normalization``. ``progress``: show
-  decoding progress bars (``config.progress``).
+  ``cache_dir`` empty = ``<workdir>/data_cache``; ``expected_train``/``expected_test``
+  0 = unchecked. ``progress``: show decoding progress bars (``config.runtime.progress``);
+  ``workers``: grain worker processes of streamed data (``config.runtime.data_workers``).
   """
   if not data_config.in_memory and data_config.source != "synthetic":
-    return load_streaming(data_config, workdir, progress)
-  get = data_config.get
-  cache_dir = get("cache_dir", "") or os.path.join(workdir, "data_cache")
-  expected = {split: int(get(f"expected_{split}", 0)) for split in ("train", "test")}
+    return load_streaming(data_config, workdir, progress, workers)
+  d = data_config
+  cache_dir = d.cache_dir or os.path.join(workdir, "data_cache")
+  expected = {split: int(d[f"expected_{split}"]) for split in ("train", "test")}
   expected = {split: n for split, n in expected.items() if n > 0} or None
-  return load_dataset(get("source"), path=get("path", None), name=get("name", "cifar10"),
-                      data_dir=get("data_dir", None) or None, cache_dir=cache_dir,
-                      expected_counts=expected,
-                      num_train=get("num_train", 256), num_test=get("num_test", 64),
-                      image_size=get("image_size", 32), num_classes=get("num_classes", 10),
-                      seed=get("seed", 0), normalization=get("normalization", "auto"),
+  return load_dataset(d.source, path=d.path, name=d.name, data_dir=d.data_dir or None,
+                      cache_dir=cache_dir, expected_counts=expected,
+                      num_train=d.num_train, num_test=d.num_test, image_size=d.image_size,
+                      num_classes=d.num_classes, seed=d.seed, normalization=d.normalization,
                       progress=progress)
 
 

@@ -68,6 +68,7 @@ class PackedMasks:
   ``masks[indices] -> [b, H, W]`` bool. Pickles as its path (grain workers reopen it)."""
 
   def __init__(self, packed, width: int):
+    self.digest = None  # sha256 of the packed file, when its owner knows it
     self.width = int(width)
     self.path = packed if isinstance(packed, str) else None
     self._packed = None if self.path else np.asarray(packed, np.uint8)

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Iterator, Mapping, Optional
 import numpy as np
 from absl import logging
 
-_META_KEYS = ("__fingerprint__", "__checksum__")
+_META_KEYS = ("__fingerprint__", "__checksum__", "__reads__")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -108,20 +108,30 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def save(path: str, arrays: Mapping[str, np.ndarray], fp: str) -> None:
-  """Writes ``arrays`` (name -> array) to ``path`` atomically, tagged with ``fp``."""
+def _stamp(fp) -> tuple[str, Any]:
+  """``(fingerprint, what to store for its check)`` of ``fp``: a string, or a
+  ``config_reads.Key`` (the config paths its producer read)."""
+  return (fp, None) if isinstance(fp, str) else fp.stamp()
+
+
+def save(path: str, arrays: Mapping[str, np.ndarray], fp) -> None:
+  """Writes ``arrays`` (name -> array) to ``path`` atomically, tagged with ``fp`` (a string,
+  or a ``config_reads.Key``: then also the config paths its producer read)."""
   bad = [k for k in arrays if k in _META_KEYS]
   if bad:
     raise ValueError(f"Array names {bad} are reserved.")
   if not is_writer():
     return
   arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  write_atomic(path, lambda fh: np.savez(fh, __fingerprint__=np.array(fp),
-                                         __checksum__=np.array(checksum(arrays)), **arrays),
+  fingerprint_, reads = _stamp(fp)
+  meta = {} if reads is None else {"__reads__": np.array(json.dumps(reads))}
+  write_atomic(path, lambda fh: np.savez(fh, __fingerprint__=np.array(fingerprint_),
+                                         __checksum__=np.array(checksum(arrays)), **meta,
+                                         **arrays),
                binary=True)
 
 
-def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = None
+def load(path: str, fp, check: Optional[Callable[[dict], Optional[str]]] = None
          ) -> Optional[dict]:
   """The arrays of ``path``, or None if it is missing or fails validation.
 
@@ -137,9 +147,11 @@ def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = 
     logging.warning("Ignoring unreadable %s (%s); it will be recomputed.", path, e)
     return None
   problem = None
-  if any(k not in arrays for k in _META_KEYS):
+  reads = json.loads(str(arrays.pop("__reads__"))) if "__reads__" in arrays else None
+  expected = fp if isinstance(fp, str) else None if reads is None else fp.expected(reads)
+  if any(k not in arrays for k in _META_KEYS[:2]):
     problem = "no fingerprint/checksum"
-  elif str(arrays.pop("__fingerprint__")) != fp:
+  elif str(arrays.pop("__fingerprint__")) != expected:
     problem = "written under a different config"
   elif str(arrays.pop("__checksum__")) != checksum(arrays):
     problem = "checksum mismatch"
@@ -148,6 +160,8 @@ def load(path: str, fp: str, check: Optional[Callable[[dict], Optional[str]]] = 
   if problem:
     logging.warning("Ignoring %s (%s); it will be recomputed.", path, problem)
     return None
+  if not isinstance(fp, str):
+    fp.used(reads)
   note(path)
   return arrays
 

@@ -6,6 +6,7 @@ and read back from the work directory on a re-run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -13,11 +14,12 @@ from typing import Optional
 
 import numpy as np
 
+from overinterp_jax import config_reads
 from overinterp_jax import data as data_lib
-from overinterp_jax.data import loader
 from overinterp_jax import sharding
 from overinterp_jax import sis
 from overinterp_jax import train
+from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (artifacts, backselect_stage, masked_data, record_shards,
                                      shipped_base, trained)
 
@@ -49,12 +51,20 @@ class Context:
 
   def __init__(self, config, workdir: str, dataset: data_lib.Dataset, mesh=None):
     self.config, self.workdir, self.data = config, workdir, dataset
+    self.stage: Optional[str] = None  # the stage running now (set by the runner)
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
-    self.progress = bool(config.get("progress", True))
+    self.progress = bool(config.runtime.progress)
     self.data_fp = artifacts.fingerprint(config.data, *dataset.fingerprint_parts())
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
+
+  def owned_by(self, stage: str):
+    """A context for loading ``stage``'s results: from another stage, the reads it makes
+    are not that stage's (``stage``'s fingerprint, upstream of it, covers them)."""
+    if self.stage is None or self.stage == stage:
+      return contextlib.nullcontext()
+    return config_reads.paused()
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -66,55 +76,51 @@ class Context:
   @property
   def augment_fn(self):
     """The device-side crop + flip (``train.config_augment_fn``), or None when
-    ``config.data.augment`` is off or the input pipeline crops on the host."""
-    if not self.config.data.augment or self.config.data.train_crop != "device":
+    ``config.augment.enabled`` is off or the input pipeline crops on the host."""
+    if not self.config.augment.enabled or self.config.augment.crop != "device":
       return None
     return train.config_augment_fn(self.config)
 
   def labels(self, split: str) -> np.ndarray:
     return self.data.labels(split)
 
-  def training_feed(self, feed: loader.Feed) -> loader.Feed:
-    """``feed`` with the host-side training crop when ``config.data.train_crop`` asks."""
-    host = self.config.data.augment and self.config.data.train_crop == "inception"
-    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.seed))
-
   def feed(self, split: str) -> loader.Feed:
     """The full images of ``split`` as model inputs (``data.loader.Feed``)."""
     return self.data.feed(split)
 
+  def training_feed(self, feed: loader.Feed) -> loader.Feed:
+    """``feed`` with the host-side training crop when ``config.augment.crop`` asks."""
+    host = self.config.augment.enabled and self.config.augment.crop == "inception"
+    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.seed))
+
   def train_model(self, name: str, config, train_feed=None, test_feed=None,
                   data_fp: Optional[str] = None) -> trained.Trained:
     """Trains (or loads) ``config`` in ``workdir/name`` on full images or the given feeds
-    (pixel-subsets)."""
+    (pixel-subsets); ``data_fp`` identifies the given images (e.g. a checksum of their
+    masks)."""
     full = train_feed is None
-    return trained.ensure_trained(
-        config, self.path(name), self.training_feed(self.feed("train") if full else train_feed),
-        self.feed("test") if full else test_feed, augment_fn=self.augment_fn,
-        data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
-        mesh=self.mesh, replace_stale=name != "base_model")
+    with config_reads.recording() as reads:  # the augmentation's reads key the model too
+      return trained.ensure_trained(
+          config, self.path(name),
+          self.training_feed(self.feed("train") if full else train_feed),
+          self.feed("test") if full else test_feed, augment_fn=self.augment_fn,
+          data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
+          mesh=self.mesh, replace_stale=name != "base_model", reads=reads)
 
   @functools.cached_property
   def base(self) -> trained.Trained:
     """The base model: trained in ``base_model/``, or the shipped ``config.pretrained``."""
-    if self.config.pretrained:
-      return shipped_base.load(self.config, self.data, self.mesh)
-    return self.train_model("base_model", self.config)
+    with self.owned_by("train"):
+      if self.config.pretrained:
+        base = shipped_base.load(self.config, self.data, self.mesh)
+        base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)
+        return base
+      return self.train_model("base_model", self.config)
 
   @property
   def base_fp(self) -> str:
-    if self.config.pretrained:
-      return shipped_base.fingerprint(self.config.pretrained, self.data_fp)
-    return artifacts.fingerprint(trained.train_settings(self.config), self.data_fp)
-
-  def backselect_fp(self, split: str, fully_masked_kind: str = "mean",
-                    indices: Optional[tuple] = None) -> str:
-    # precision joins only when not float32, so earlier fingerprints stay valid.
-    return artifacts.fingerprint(self.base_fp, self.config.backselect, split, fully_masked_kind,
-                                 sis.SELECTION_VERSION,
-                                 *([] if indices is None else [list(indices)]),
-                                 *([] if self.config.precision == "float32"
-                                   else [self.config.precision]))
+    """What identifies the base model: its ``trained.model_key`` (or the shipped weights)."""
+    return self.base.key
 
   @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, indices: Optional[tuple] = None,
@@ -123,18 +129,27 @@ class Context:
     base model, masked value ``masking`` (``masked_data.MASKING_VALUES``): the records in
     shards (``record_shards.RecordSet``), computed where missing."""
     directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
+    whole = masking == "mean" and indices is None  # stage backselect's, else the controls'
+    owner = "backselect" if whole else self.stage
     chosen = None if indices is None else np.asarray(indices, np.int64)
     fm = None
     if masking != "mean":
       where = np.arange(self.data.num_examples(split)) if chosen is None else chosen
       fm = lambda rows: self.fully_masked(split, masking, where[rows])
-    return backselect_stage.backselect_split(
-        directory, self.base.apply, self.base.variables, self.feed(split),
-        self.config.backselect, self.backselect_fp(split, masking, indices),
-        seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
-        indices=chosen, fully_masked=fm, progress=self.progress,
-        desc=f"backselect {split} ({masking})", mesh=self.mesh,
-        compute_dtype=self.config.precision)
+    with self.owned_by(owner), config_reads.recording() as reads:  # each shard is keyed by the reads made for it
+      key = config_reads.Key(artifacts.fingerprint(
+          self.base_fp, split, masking, sis.SELECTION_VERSION,
+          *([] if indices is None else [list(indices)])), self.config, reads)
+      records = backselect_stage.backselect_split(
+          directory, self.base.apply, self.base.variables, self.feed(split),
+          self.config.backselect, key,
+          seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
+          indices=chosen, fully_masked=fm, progress=self.progress,
+          desc=f"backselect {split} ({masking})", mesh=self.mesh,
+          compute_dtype=self.config.precision)
+    # Shards read later (by this or another stage) count as the owner's reads.
+    records.guard = lambda: self.owned_by(owner)
+    return records
 
   def fully_masked(self, split: str, kind: str, indices) -> Optional[np.ndarray]:
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` of ``split``; None
@@ -143,7 +158,7 @@ class Context:
     if kind == "mean":
       return None
     indices = np.asarray(indices, np.int64)
-    c = self.config.controls
+    c = self.config.controls  # read on every call: the caller's results depend on them
     seed = int(c.noise_seed) + (0 if split == "train" else 1)
     return masked_data.fully_masked_values(
         kind, self.feed(split).batch(indices)[0], seed=seed, blur_sigma=float(c.blur_sigma),

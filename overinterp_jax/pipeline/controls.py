@@ -22,7 +22,7 @@ import numpy as np
 from overinterp_jax import sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts, sis_stage, trained
-from overinterp_jax.pipeline.masked_data import MASKING_VALUES, dilate
+from overinterp_jax.pipeline.masked_data import dilate
 from overinterp_jax.selection import records
 
 CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
@@ -30,9 +30,10 @@ CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
 _VERSION = 2
 
 
-def fingerprint(ctx) -> str:
-  return artifacts.fingerprint(sis_stage.fingerprint(ctx), ctx.backselect_fp("test"),
-                               ctx.config.controls, _VERSION)
+def smoothed_key(summary: dict) -> str:
+  """The key of ``controls/smoothed.npz``: the smoothed control's summary (in the stage's
+  marker) it belongs to."""
+  return artifacts.fingerprint(summary, _VERSION)
 
 
 def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
@@ -128,12 +129,8 @@ def masking_values(ctx) -> dict:
       rec = sis_stage.records_for(ctx, "single")
       bs = ctx.backselect("test").rows(sample)
     else:
-      fm = ctx.fully_masked("test", kind, indices)
       rec = sis_stage.exact_records(ctx, f"single_mask_{kind}", ctx.base.apply,
-                                    ctx.base.variables, artifacts.fingerprint(
-                                        ctx.base_fp, kind, c.controls.blur_sigma,
-                                        c.controls.noise_scale, c.controls.noise_seed),
-                                    indices, fully_masked=fm)
+                                    ctx.base.variables, ctx.base_fp, indices, masking=kind)
       bs = ctx.backselect("test", tuple(sample.tolist()), kind).everything()
     batch = sis_stage.sis_of(rec, tau)
     keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
@@ -172,14 +169,10 @@ def confidence_rise(ctx) -> dict:
 
 def run(ctx) -> dict:
   c = ctx.config.controls
-  unknown = [k for k in c.masking_values if k not in MASKING_VALUES]
-  if unknown:
-    raise ValueError(f"config.controls.masking_values has unknown values {unknown}; "
-                     f"known: {list(MASKING_VALUES)}.")
-  out = {"fingerprint": fingerprint(ctx), "threshold": float(ctx.config.sis.threshold)}
+  out = {"threshold": float(ctx.config.sis.threshold)}
   if c.smoothed:
     out["smoothed"], arrays = smoothed(ctx)
-    artifacts.save(ctx.path("controls", "smoothed.npz"), arrays, out["fingerprint"])
+    artifacts.save(ctx.path("controls", "smoothed.npz"), arrays, smoothed_key(out["smoothed"]))
   if c.targeted:
     out["targeted"] = targeted(ctx)
   if c.masking_values:

@@ -22,6 +22,8 @@ split's records.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -110,18 +112,29 @@ class RecordSet:
     self._shards = list(shards)
     self.num_features, self.per_step = int(num_features), int(per_step)
     self._small: Optional[dict] = None
+    # Context for reading a shard (the pipeline attributes the reads a shard's key replays
+    # to the stage that made the records: ``Context.owned_by``).
+    self.guard = contextlib.nullcontext
 
   def __len__(self) -> int:
     return self._shards[-1][2].stop if self._shards else 0
 
   def _load(self, i: int) -> dict:
     path, fp, rows = self._shards[i]
-    shard = artifacts.load(path, fp, shard_check(rows.stop - rows.start, self.num_features,
-                                                 self.per_step))
+    with self.guard():
+      shard = artifacts.load(path, fp, shard_check(rows.stop - rows.start, self.num_features,
+                                                   self.per_step))
     if shard is None:
       raise FileNotFoundError(f"Backselect shard {path} is missing or invalid; run the "
                               "backselect stage again.")
     return shard
+
+  def checksum(self) -> str:
+    """sha256 over every shard's arrays (read one shard at a time)."""
+    h = hashlib.sha256()
+    for i in range(len(self._shards)):
+      h.update(artifacts.checksum(self._load(i)).encode())
+    return h.hexdigest()
 
   def shards(self) -> Iterator[tuple[slice, dict]]:
     """``(rows, decoded records)`` of each shard in order (``decode``)."""

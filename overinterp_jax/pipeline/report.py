@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from overinterp_jax import sis
-from overinterp_jax.pipeline import artifacts, figures, sis_stage
+from overinterp_jax.pipeline import artifacts, controls, figures, sis_stage
 
 FIGURES = {"sis_examples": "figures/sis_examples.png",
            "confidence_curves": "figures/confidence_vs_pixels_removed.png",
@@ -21,17 +21,18 @@ FIGURES = {"sis_examples": "figures/sis_examples.png",
 EARLIER = ("train", "backselect", "subsets", "retrain", "sis", "controls")
 
 
-def fingerprint(ctx) -> str:
-  from overinterp_jax.pipeline import runner
-  return artifacts.fingerprint([runner.RUNNERS[s][0](ctx) for s in EARLIER
-                                if s in ctx.config.stages], ctx.config.report)
-
-
 def _without_timings(x):
+  """``x`` less timings and what the runner adds to a stage's marker (not results)."""
+  from overinterp_jax.pipeline.runner import MARKER_KEYS
   if isinstance(x, dict):
     return {k: _without_timings(v) for k, v in x.items()
-            if "seconds" not in k and k not in ("fingerprint", "outputs")}
+            if "seconds" not in k and k not in MARKER_KEYS}
   return x
+
+
+def fraction(config) -> str:
+  """``config.subsets.frac_kept`` as a heading shows it: ``"5%"``."""
+  return f"{100 * float(config.subsets.frac_kept):g}%"
 
 
 def _pct(x) -> str:
@@ -68,7 +69,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
          "random_5pct": rnd, "mask_only_5pct": mask_only,
          "bs_minus_random": None if bs is None or rnd is None else bs - rnd,
          "reference_minus_bs": None if bs is None or reference is None else reference - bs}
-  frac = f"{100 * float(config.subsets.frac_kept):g}%"
+  frac = fraction(config)
   retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
   md = figures.markdown_table(
       ["model", "seed", f"full images ({config.num_epochs} ep)",
@@ -112,7 +113,8 @@ def sis_table(s: dict) -> str:
        "IQR (px)", "median size (% of image)"], rows)
 
 
-def controls_md(s: dict) -> str:
+def controls_md(s: dict, frac: str) -> str:
+  """The controls' section; ``frac``: the kept fraction as shown (``fraction``)."""
   tau = s["threshold"]
   out = []
   if "smoothed" in s:
@@ -147,7 +149,7 @@ def controls_md(s: dict) -> str:
     out += ["### Masking value", "",
             figures.markdown_table(
                 ["masked value", "median SIS (px)", "median SIS (%)", "images with SIS (%)",
-                 "base on own 5% BS test subsets: acc (%)", "mean confidence", "test images"],
+                 f"base on own {frac} BS test subsets: acc (%)", "mean confidence", "test images"],
                 [[k, _num(v["sis"].get("median_pixels")), _num(v["sis"].get("median_percent"), ".2f"),
                   _pct(v["sis"].get("fraction_with_sis")),
                   _pct(v["base_on_bs_subsets"]["accuracy"]),
@@ -203,7 +205,8 @@ def draw_figures(ctx, s: dict) -> dict:
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
   c = s.get("controls", {})
   if "smoothed" in c:
-    arrays = artifacts.load(ctx.path("controls", "smoothed.npz"), c["fingerprint"])
+    arrays = artifacts.load(ctx.path("controls", "smoothed.npz"),
+                            controls.smoothed_key(c["smoothed"]))
     if arrays is not None:
       before = {k: arrays[f"{k}/sis"] for k in c["smoothed"]}
       after = {k: arrays[f"{k}/dilated"] for k in c["smoothed"]}
@@ -248,7 +251,7 @@ def run(ctx) -> dict:
   else:
     md += ["## SIS size", "", "Stage `sis` not run.", ""]
   if "controls" in s:
-    md += ["## Controls", "", controls_md(s["controls"])]
+    md += ["## Controls", "", controls_md(s["controls"], fraction(c))]
   figs = draw_figures(ctx, s) if artifacts.is_writer() else {}
   md += ["## Figures", ""] + [f"- {k}: ![{k}]({v})" for k, v in figs.items()] + [""]
   if "sis_examples" in figs:
@@ -267,7 +270,7 @@ def run(ctx) -> dict:
 def headline(summaries: dict, config) -> list[str]:
   """A few lines for the end of a run: the base model's accuracy and Table 1's numbers."""
   _, row = table1(summaries, config)
-  frac = f"{100 * float(config.subsets.frac_kept):g}%"
+  frac = fraction(config)
   cells = [(f"full images ({config.num_epochs} ep)", row["full"]),
            ("full images, retrained", row["full_same_budget"]), (f"{frac} BS", row["bs_5pct"]),
            (f"{frac} random", row["random_5pct"]), ("BS − random", row["bs_minus_random"]),

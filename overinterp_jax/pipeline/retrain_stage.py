@@ -30,6 +30,15 @@ def masked_split(ctx, masks: dict, kind: str, split: str) -> loader.Feed:
   return ctx.feed(split).with_masks(masks[f"{source}_{split}"], mask_only=kind == "mask_only")
 
 
+def masks_checksum(masks: dict, kind: str) -> str:
+  """What identifies the masks of ``kind``'s train and test images ("full": none)."""
+  if kind == "full":
+    return "full"
+  source = "random" if kind == "random" else "bs"
+  return artifacts.fingerprint(*[masks[f"{source}_{split}"].digest
+                                  for split in ("train", "test")])
+
+
 def retrain_config(ctx):
   """The base model's training config, ``retrain.num_epochs`` long, at full resolution
   throughout: resizing would blend kept pixels with masked ones."""
@@ -39,14 +48,9 @@ def retrain_config(ctx):
   return trained.variant(c, num_epochs=epochs, **no_resizing)
 
 
-def fingerprint(ctx) -> str:
-  return artifacts.fingerprint(subsets_stage.subsets_fp(ctx), ctx.config.retrain,
-                               ctx.base_fp, trained.train_settings(ctx.config))
-
-
 def run(ctx) -> dict:
   masks = subsets_stage.load_or_compute(ctx)
-  out = {"fingerprint": fingerprint(ctx), "models": {}, "base_on_subsets": {}}
+  out = {"models": {}, "base_on_subsets": {}}
   labels = ctx.labels("test")
   targets = ctx.backselect("test").targets
   for kind in ("bs", "random"):
@@ -62,8 +66,7 @@ def run(ctx) -> dict:
     model = ctx.train_model(f"retrain_{kind}", config,
                             train_feed=masked_split(ctx, masks, kind, "train"),
                             test_feed=masked_split(ctx, masks, kind, "test"),
-                            # full images do not depend on the subsets
-                            data_fp="full" if kind == "full" else subsets_stage.subsets_fp(ctx))
+                            data_fp=masks_checksum(masks, kind))
     out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],
                            "test_loss": model.metrics["loss"],
                            "num_epochs": int(config.num_epochs), "train_seconds": model.seconds}

@@ -1,15 +1,21 @@
 """Runs the configured stages in order, skipping those already done.
 
-A stage is done when ``stages/<stage>.json`` exists with the fingerprint of
-the config parts it depends on and every file it produced is still as it was
-(the marker lists their sizes and sha256, ``artifacts.describe_files``); a
-missing, truncated or changed file makes the stage run again. A file belongs
-to the first stage that wrote or read it, so re-running a stage never
-invalidates later ones. Everything expensive inside a stage (trained models,
-backselect shards, SIS records) is cached on its own and validated when read,
-so a stage killed half-way, or re-run for one bad file, redoes only what is
-missing. Wall time per stage goes to ``timings.json`` (kept out of the report,
-which must not depend on it).
+A stage's dependencies are derived, not listed: it runs with a recording
+config (``config_reads``), and its marker ``stages/<stage>.json`` stores the
+config paths it read (``config_reads``) and its fingerprint: a hash of the
+fingerprints of the stages before it (every earlier stage of ``config.stages``:
+a linear chain), the data's identity and the values at those paths. The stage is
+done when the current config gives the same fingerprint and every file it
+produced is still as it was (the marker lists their sizes and sha256,
+``artifacts.describe_files``); a missing, truncated or changed file makes the
+stage run again. So changing any value a stage read reruns it and every later
+stage; a value it never read does not. A file belongs to the first stage that
+wrote or read it, so re-running a stage never invalidates later ones' files.
+Everything expensive inside a stage (trained models, backselect shards, SIS
+records) is cached on its own, keyed the same way by what its producer read, and
+validated when read, so a stage killed half-way, or re-run for one bad file,
+redoes only what is missing. Wall time per stage goes to ``timings.json`` (kept
+out of the report, which must not depend on it).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Optional
 
 from absl import logging
 
+from overinterp_jax import config_reads
 from overinterp_jax.pipeline import (artifacts, controls, report, retrain_stage, sis_stage,
                                      subsets_stage)
 from overinterp_jax.pipeline.context import Context
@@ -27,17 +34,13 @@ STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "repor
 
 
 def _train(ctx) -> dict:
-  return {"fingerprint": ctx.base_fp, "model": ctx.config.model,
+  return {"model": ctx.config.model,
           "test_accuracy": ctx.base.metrics["accuracy"], "test_loss": ctx.base.metrics["loss"],
           "num_epochs": int(ctx.config.num_epochs)}
 
 
-def _backselect_fp(ctx) -> str:
-  return artifacts.fingerprint(*[ctx.backselect_fp(s) for s in ("train", "test")])
-
-
 def _backselect(ctx) -> dict:
-  out = {"fingerprint": _backselect_fp(ctx), "method": ctx.config.backselect.method}
+  out = {"method": ctx.config.backselect.method}
   for split in ("train", "test"):
     r = ctx.backselect(split)
     n = len(r)
@@ -46,25 +49,35 @@ def _backselect(ctx) -> dict:
   return out
 
 
-RUNNERS = {
-    "train": (lambda ctx: ctx.base_fp, _train),
-    "backselect": (_backselect_fp, _backselect),
-    "subsets": (subsets_stage.subsets_fp, subsets_stage.run),
-    "retrain": (retrain_stage.fingerprint, retrain_stage.run),
-    "sis": (sis_stage.fingerprint, sis_stage.run),
-    "controls": (controls.fingerprint, controls.run),
-    "report": (report.fingerprint, report.run),
-}
+RUNNERS = {"train": _train, "backselect": _backselect, "subsets": subsets_stage.run,
+           "retrain": retrain_stage.run, "sis": sis_stage.run, "controls": controls.run,
+           "report": report.run}
+# Written by the runner into each stage's marker, beside what the stage returns.
+MARKER_KEYS = ("fingerprint", "config_reads", "config_known", "upstream", "outputs")
 
 
-def _finished(ctx, stage: str, fp: str) -> Optional[dict]:
+def stage_fingerprint(config, upstream: dict, data_fp: str, paths) -> str:
+  """The fingerprint of a stage that read ``paths`` of ``config``, after stages ``upstream``
+  (``{stage: fingerprint}``) on the data ``data_fp``."""
+  return artifacts.fingerprint(upstream, data_fp, config_reads.values_fingerprint(config, paths))
+
+
+def _finished(ctx, stage: str, upstream: dict) -> Optional[dict]:
   """The marker of ``stage`` if it is of this config and its files are intact, else None."""
-  summary = artifacts.load_json(ctx.stage_summary_path(stage), fp)
+  summary = artifacts.load_json(ctx.stage_summary_path(stage))
   if summary is None:
     return None
-  if "outputs" not in summary:
-    logging.warning("Stage %s: its marker lists no files (written by an older version); "
-                    "running it again (its cached results are reused).", stage)
+  if any(k not in summary for k in ("outputs", "config_reads", "config_known")):
+    logging.warning("Stage %s: its marker lists no files or config reads (written by an older "
+                    "version); running it again (its cached results are reused).", stage)
+    return None
+  if summary["fingerprint"] != stage_fingerprint(ctx.config, upstream, ctx.data_fp,
+                                                 summary["config_reads"]):
+    logging.info("Stage %s: its config values or earlier stages changed.", stage)
+    return None
+  newer = config_reads.changed_new_keys(ctx.config, summary["config_known"])
+  if newer:
+    logging.info("Stage %s: keys newer than its run are set (%s).", stage, ", ".join(newer))
     return None
   problems = artifacts.changed_files(ctx.workdir, summary["outputs"])
   if problems:
@@ -77,26 +90,31 @@ def _finished(ctx, stage: str, fp: str) -> Optional[dict]:
 
 def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
   """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}`` (each with the
-  ``outputs`` it owns)."""
-  ctx = Context(config, workdir, dataset, mesh)
+  ``outputs`` it owns and the ``config_reads`` its fingerprint covers)."""
+  ctx = Context(config_reads.recording_view(config), workdir, dataset, mesh)
   timings = artifacts.load_json(ctx.path("timings.json")) or {}
   summaries = {}
   for stage in STAGES:
     if stage not in config.stages:
       continue
-    fp_fn, run_fn = RUNNERS[stage]
-    fp = fp_fn(ctx)
-    summary = _finished(ctx, stage, fp)
+    upstream = {s: summary["fingerprint"] for s, summary in summaries.items()}
+    summary = _finished(ctx, stage, upstream)
     if summary is not None:
       logging.info("Stage %s: already done.", stage)
     else:
       logging.info("Stage %s: running.", stage)
       t0 = time.perf_counter()
-      with artifacts.recording() as touched:
-        summary = run_fn(ctx)
+      ctx.stage = stage
+      with artifacts.recording() as touched, config_reads.recording() as reads:
+        summary = RUNNERS[stage](ctx)
+      ctx.stage = None
       owned = {os.path.abspath(ctx.path(rel)) for s in summaries.values()
                for rel in s["outputs"]}
-      summary["fingerprint"] = fp
+      paths = sorted(reads.paths)
+      summary["fingerprint"] = stage_fingerprint(ctx.config, upstream, ctx.data_fp, paths)
+      summary["config_reads"] = paths
+      summary["config_known"] = config_reads.leaf_paths(ctx.config)
+      summary["upstream"] = upstream
       summary["outputs"] = artifacts.describe_files(ctx.workdir, touched - owned)
       artifacts.save_json(ctx.stage_summary_path(stage), summary)
       timings[stage] = round(time.perf_counter() - t0, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
+from overinterp_jax import config_reads
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import artifacts, trained
 
@@ -33,8 +34,8 @@ def check_compatible(config, dataset) -> None:
   if list(dataset.image_shape) != list(record["image_shape"]):
     raise ValueError(f"{where} takes images {record['image_shape']}; the data's are "
                      f"{list(dataset.image_shape)}.")
-  differ = sorted(k for k, v in trained.train_settings(config).items()
-                  if k in record["train_settings"] and record["train_settings"][k] != _plain(v))
+  differ = sorted(path for path, v in record["train_settings"].items()
+                  if _plain(config_reads.value_at(config, path)) != v)
   if differ:
     logging.warning("%s was trained with other %s than this config's; the report labels it "
                     "with the config's.", where, ", ".join(differ))
@@ -47,6 +48,8 @@ def check_compatible(config, dataset) -> None:
 
 def _plain(value):
   """A config value as it reads back from JSON (tuples become lists)."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
   return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 

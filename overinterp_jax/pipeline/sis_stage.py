@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 from absl import logging
 
-from overinterp_jax import sis
+from overinterp_jax import config_reads, sis
 from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards, trained
 
 MODELS = ("single", "ensemble", "input_dropout")
@@ -91,21 +91,30 @@ def pixels_per_feature(ctx) -> int:
 
 
 def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: np.ndarray, *,
-                  fully_masked=None, target_classes=None) -> dict:
-  """Exact backward selection of test images ``indices`` -> cached ``sis/<name>.npz``."""
-  fmap = feature_map(ctx)
-  d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
-  path = ctx.path("sis", f"{name}.npz")
-  fp = artifacts.fingerprint(fp, ctx.config.sis.patch_size, indices.tolist(),
-                             None if target_classes is None else np.asarray(target_classes).tolist(),
-                             sis.SELECTION_VERSION)
-  rec = artifacts.load(path, fp, dense_check(len(indices), d))
-  if rec is None:
-    logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices), d)
-    rec = _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d,
-                          fully_masked, target_classes)
-    artifacts.save(path, rec, fp)
-    shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
+                  masking: str = "mean", target_classes=None) -> dict:
+  """Exact backward selection of test images ``indices`` -> cached ``sis/<name>.npz``.
+
+  ``fp`` identifies ``apply`` and ``variables`` (the model's key); ``masking``: the
+  masked value (``masked_data.MASKING_VALUES``). The record is keyed by these, the
+  images, the targets and the config values read while making it (``config_reads``).
+  """
+  with config_reads.recording() as reads:
+    key = config_reads.Key(artifacts.fingerprint(
+        fp, masking, indices.tolist(),
+        None if target_classes is None else np.asarray(target_classes).tolist(),
+        sis.SELECTION_VERSION), ctx.config, reads)
+    fmap = feature_map(ctx)
+    d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
+    path = ctx.path("sis", f"{name}.npz")
+    rec = artifacts.load(path, key, dense_check(len(indices), d))
+    if rec is None:
+      logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices),
+                   d)
+      fully_masked = ctx.fully_masked("test", masking, indices)
+      rec = _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d,
+                            fully_masked, target_classes)
+      artifacts.save(path, rec, key)
+      shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
   return rec
 
 
@@ -113,7 +122,7 @@ def _parts_dir(ctx, name: str) -> str:
   return ctx.path("sis", f"{name}.parts")
 
 
-def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_masked,
+def _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d, fully_masked,
                     target_classes) -> dict:
   """Exact backselect, ``config.sis.images_per_call`` images per compiled call; each call's
   record is saved in ``sis/<name>.parts/`` so a killed run loses at most one call."""
@@ -122,7 +131,7 @@ def _exact_in_parts(ctx, name, apply, variables, fp, indices, fmap, d, fully_mas
   per_image_fm = fm is not None and fm.ndim == 4
   targets = None if target_classes is None else np.asarray(target_classes)
   shards = [(os.path.join(_parts_dir(ctx, name), f"part_{start:05d}.npz"),
-             artifacts.fingerprint(fp, per_call, start),
+             key.child(per_call, start),
              slice(start, min(start + per_call, len(indices))))
             for start in range(0, len(indices), per_call)]
 
@@ -212,7 +221,7 @@ def _build_predictor(ctx, name: str):
     key = ("ensemble", ctx.base.apply)
     apply = _APPLY_CACHE.setdefault(key, trained.ensemble_apply(ctx.base.apply))
     stacked = trained.stack_variables(members)
-    fp = artifacts.fingerprint(ctx.base_fp, c.ensemble_size, c.ensemble_epochs)
+    fp = artifacts.fingerprint("ensemble", [m.key for m in members])
     logits = trained.predict_logits(apply, stacked, ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
     acc = float((logits.argmax(-1) == ctx.labels("test")).mean())
@@ -224,8 +233,9 @@ def _build_predictor(ctx, name: str):
       _APPLY_CACHE[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
                                                       int(c.input_dropout_key))
     apply = _APPLY_CACHE[key]
-    fp = artifacts.fingerprint(ctx.base_fp, c.input_dropout_keep_prob, c.input_dropout_epochs,
-                               c.input_dropout_samples, c.input_dropout_key)
+    # the model's key and the arguments of its apply function
+    fp = artifacts.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
+                               int(c.input_dropout_key))
     logits = trained.predict_logits(apply, model.variables,
                                     ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
@@ -235,12 +245,10 @@ def _build_predictor(ctx, name: str):
 
 
 def records_for(ctx, name: str) -> dict:
-  apply, variables, fp, _ = predictor(ctx, name)
-  return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
-
-
-def fingerprint(ctx) -> str:
-  return artifacts.fingerprint(ctx.base_fp, ctx.config.sis, sis.SELECTION_VERSION)
+  """The stored exact record of SIS model ``name`` (stage ``sis``'s result)."""
+  with ctx.owned_by("sis"):
+    apply, variables, fp, _ = predictor(ctx, name)
+    return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
 
 
 def run(ctx) -> dict:
@@ -248,7 +256,7 @@ def run(ctx) -> dict:
   tau = float(c.threshold)
   indices = sample_indices(ctx)
   num_pixels = int(np.prod(ctx.height_width))
-  out = {"fingerprint": fingerprint(ctx), "threshold": tau, "num_images": int(len(indices)),
+  out = {"threshold": tau, "num_images": int(len(indices)),
          "patch_size": int(c.patch_size), "models": {}}
   for name in c.models:
     apply, variables, fp, acc = predictor(ctx, name)

@@ -18,7 +18,7 @@ import os
 import numpy as np
 from absl import logging
 
-from overinterp_jax import sis
+from overinterp_jax import config_reads, sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts
 from overinterp_jax.selection import records
@@ -26,26 +26,26 @@ from overinterp_jax.selection import records
 KINDS = ("bs", "random")
 
 
-def subsets_fp(ctx) -> str:
-  return artifacts.fingerprint(ctx.backselect_fp("train"), ctx.backselect_fp("test"),
-                               ctx.config.subsets)
-
-
 def mask_path(ctx, kind: str, split: str) -> str:
   return ctx.path("subsets", f"{kind}_{split}.npy")
 
 
-def _valid(path: str, fp: str, shape: tuple) -> bool:
-  meta = artifacts.load_json(path[:-4] + ".json", fp)
-  if meta is None or not os.path.exists(path) or tuple(meta.get("shape", ())) != shape:
+def _valid(path: str, key: config_reads.Key, shape: tuple) -> bool:
+  """Whether ``path`` holds masks of this key (config values read, rankings) and shape whose
+  bytes still have their stored sha256."""
+  meta = artifacts.load_json(path[:-4] + ".json")
+  if (meta is None or not os.path.exists(path) or "stored" not in meta
+      or meta.get("fingerprint") != key.expected(meta["stored"])
+      or tuple(meta.get("shape", ())) != shape):
     return False
   if artifacts.file_sha256(path) != meta["sha256"]:
     logging.warning("Subset masks %s differ from their stored checksum: rebuilt.", path)
     return False
+  key.used(meta["stored"])
   return True
 
 
-def _write_masks(ctx, split: str, fp: str) -> None:
+def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
   """Both kinds' packed masks of ``split``, shard by shard from the backselect records."""
   c = ctx.config.subsets
   h, w = ctx.height_width
@@ -70,12 +70,13 @@ def _write_masks(ctx, split: str, fp: str) -> None:
     np.put_along_axis(rand, chosen, True, axis=1)
     out["bs"][rows] = np.packbits(bs, axis=-1)
     out["random"][rows] = np.packbits(rand.reshape(-1, h, w), axis=-1)
+  fp, stored = key.stamp()
   for kind in KINDS:
     out[kind].flush()
     del out[kind]
     os.replace(tmp[kind], paths[kind])
     artifacts.save_json(paths[kind][:-4] + ".json",
-                        {"fingerprint": fp, "shape": list(shape),
+                        {"fingerprint": fp, "stored": stored, "shape": list(shape),
                          "sha256": artifacts.file_sha256(paths[kind])})
 
 
@@ -83,17 +84,21 @@ def load_or_compute(ctx) -> dict:
   """``{"bs_train", "bs_test", "random_train", "random_test"}`` -> ``loader.PackedMasks``
   (memory-mapped), computed where missing or invalid."""
   h, w = ctx.height_width
-  fp = subsets_fp(ctx)
   masks = {}
-  for split in ("train", "test"):
-    shape = (ctx.data.num_examples(split), h, -(-w // 8))
-    if not all(_valid(mask_path(ctx, kind, split), fp, shape) for kind in KINDS):
-      _write_masks(ctx, split, fp)
-    for kind in KINDS:
-      path = mask_path(ctx, kind, split)
-      artifacts.note(path)
-      artifacts.note(path[:-4] + ".json")
-      masks[f"{kind}_{split}"] = loader.PackedMasks(path, w)
+  # Keyed by the rankings (a checksum of the backselect records) and what it reads.
+  with ctx.owned_by("subsets"), config_reads.recording() as reads:
+    key = config_reads.Key(artifacts.fingerprint(
+        *[ctx.backselect(split).checksum() for split in ("train", "test")]), ctx.config, reads)
+    for split in ("train", "test"):
+      shape = (ctx.data.num_examples(split), h, -(-w // 8))
+      if not all(_valid(mask_path(ctx, kind, split), key, shape) for kind in KINDS):
+        _write_masks(ctx, split, key)
+      for kind in KINDS:
+        path = mask_path(ctx, kind, split)
+        artifacts.note(path)
+        artifacts.note(path[:-4] + ".json")
+        masks[f"{kind}_{split}"] = loader.PackedMasks(path, w)
+        masks[f"{kind}_{split}"].digest = artifacts.load_json(path[:-4] + ".json")["sha256"]
   return masks
 
 
@@ -112,6 +117,6 @@ def run(ctx) -> dict:
       raise AssertionError(f"Subsets {name} keep {per_image.min()}..{per_image.max()} pixels, "
                            f"expected {kept} each.")
     digests[name] = artifacts.file_sha256(m.path)
-  return {"fingerprint": subsets_fp(ctx), "pixels_kept": kept, "num_pixels": d,
+  return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
           "mask_sha256": digests}

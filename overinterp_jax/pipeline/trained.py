@@ -19,32 +19,30 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from overinterp_jax import checkpoints, sharding, train
+from overinterp_jax import checkpoints, config_reads, sharding, train
 from overinterp_jax.data import loader
 from overinterp_jax.models import InputDropout, ensemble
-from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
 
-# Config keys that decide a trained model (a change retrains it).
-TRAIN_KEYS = ("model", "num_classes", "input_dropout_keep_prob", "num_epochs", "batch_size",
-              "schedule", "lr", "lr_milestones", "lr_decay", "warmup_fraction", "momentum",
-              "nesterov", "weight_decay", "seed")
+def model_key(config, data_fp: str, paths) -> str:
+  """The key of a model trained on data ``data_fp`` by code that read ``paths`` of
+  ``config``: equal keys, equal models."""
+  return artifacts.fingerprint(data_fp, config_reads.values_fingerprint(config, paths))
 
 
-# Keys added later, part of the fingerprint only when not at their default (so the
-# fingerprints of models trained before they existed stay what they were).
-LATER_TRAIN_KEYS = {"progressive_resizing": (), "augment_padding": 4, "augment_flip": "random",
-                    "bn_momentum": DEFAULT_MOMENTUM, "precision": "float32"}
+def _matches(record: Optional[dict], config, data_fp: str) -> bool:
+  """True when ``record`` (a model's ``summary.json`` or ``fingerprint.json``) is of a
+  model of ``config``: same data, same values at every config path its training read,
+  and no key newer than the model set away from its default."""
+  return (record is not None and "config_reads" in record and "config_known" in record
+          and record.get("fingerprint") == model_key(config, data_fp, record["config_reads"])
+          and not config_reads.changed_new_keys(config, record["config_known"]))
 
 
-def train_settings(config) -> dict:
-  """The ``TRAIN_KEYS`` of ``config``, plus each of ``LATER_TRAIN_KEYS`` not at its default."""
-  settings = {k: config.get(k) for k in TRAIN_KEYS}
-  for k, default in LATER_TRAIN_KEYS.items():
-    value = config.get(k)
-    if value is not None and value != default and not (default == () and not value):
-      settings[k] = value
-  return settings
+def load_summary(config, workdir: str, data_fp: str) -> Optional[dict]:
+  """``workdir/summary.json`` if it is of a finished model of ``config`` on ``data_fp``."""
+  summary = artifacts.load_json(os.path.join(workdir, "summary.json"))
+  return summary if _matches(summary, config, data_fp) else None
 
 
 def variant(config, **overrides):
@@ -59,10 +57,12 @@ def variant(config, **overrides):
 
 
 class Trained:
-  """A trained model: ``module``, ``variables`` and its ``metrics`` on the test data it was given."""
+  """A trained model: ``module``, ``variables``, its ``metrics`` on the test data it was given,
+  and ``key``, what identifies it (``model_key``; results computed with it include it)."""
 
-  def __init__(self, module, variables, metrics: dict, seconds: float):
+  def __init__(self, module, variables, metrics: dict, seconds: float, key: str = ""):
     self.module, self.variables, self.metrics, self.seconds = module, variables, metrics, seconds
+    self.key = key
 
   def apply(self, variables, images):
     """``(variables, images [B, H, W, C]) -> logits [B, K]``, eval mode, deterministic."""
@@ -74,23 +74,32 @@ class Trained:
 
 
 def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, data_fp: str,
-                   mesh=None, replace_stale: bool = False) -> Trained:
+                   mesh=None, replace_stale: bool = False,
+                   reads: Optional[config_reads.Reads] = None) -> Trained:
   """Trains ``config`` into ``workdir`` on ``train_feed`` (a ``data.loader.Feed``), tested on
   ``test_feed``, unless a finished model of the same config is there.
 
-  ``workdir/fingerprint.json`` names the config a (possibly unfinished) run there is
-  training, so a killed run resumes only its own checkpoints. A directory of another
-  config (or of unknown origin) raises, or with ``replace_stale`` is deleted and retrained
-  (models derived from other stages' results, e.g. retraining on changed subsets).
+  A model is keyed by the config paths its training read and their values
+  (``model_key``, in ``summary.json``), so a key that training reads can never be
+  changed under a finished model. While training, ``workdir/fingerprint.json`` holds
+  the paths read so far: a killed run resumes only checkpoints that the same values
+  produced. A directory of another config (or of unknown origin) raises, or with
+  ``replace_stale`` is deleted and retrained (models derived from other stages' results,
+  e.g. retraining on changed subsets). ``reads``: a recording already open (holding
+  reads made for this model before the call, e.g. of its augmentation).
   """
-  fp = artifacts.fingerprint(train_settings(config), data_fp)
+  view = config_reads.recording_view(config)
   summary_path = os.path.join(workdir, "summary.json")
   marker_path = os.path.join(workdir, "fingerprint.json")
-  summary = artifacts.load_json(summary_path, fp)
-  if summary is None:
-    stale = os.path.exists(summary_path) or (
+  summary = load_summary(config, workdir, data_fp)
+  state = None
+  if summary is not None:
+    config_reads.replay(summary["config_reads"])  # as if trained now
+    state = train.restore_trained(view, workdir, train_feed.image_shape, len(train_feed), mesh)
+  if state is None:
+    stale = summary is None and (os.path.exists(summary_path) or (
         os.path.isdir(workdir) and os.listdir(workdir)
-        and artifacts.load_json(marker_path, fp) is None)
+        and not _matches(artifacts.load_json(marker_path), config, data_fp)))
     if stale and not replace_stale:
       raise ValueError(f"{workdir} holds a model trained under another config; use a new "
                        "--workdir or delete that directory.")
@@ -98,21 +107,29 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
       logging.warning("Retraining %s: it holds a model of another config.", workdir)
       if artifacts.is_writer():
         shutil.rmtree(workdir)
-    artifacts.save_json(marker_path, {"fingerprint": fp})
-  state = None
-  if summary is not None:
-    state = train.restore_trained(config, workdir, train_feed.image_shape, len(train_feed),
-                                  mesh)
-  if state is None:
+
+    def mark(paths):
+      artifacts.save_json(marker_path, {"fingerprint": model_key(config, data_fp, paths),
+                                        "config_reads": sorted(paths), "config_known": known})
+
+    known = config_reads.leaf_paths(config)
+    reads = config_reads.Reads() if reads is None else reads
+    reads.on_new = mark
+    mark(reads.paths)
     t0 = time.perf_counter()
-    state, metrics = train.fit(config, workdir, train_feed, test_feed, augment_fn=augment_fn,
-                               mesh=mesh)
-    summary = {"fingerprint": fp, "metrics": metrics, "seconds": time.perf_counter() - t0}
+    with config_reads.recording(reads):
+      state, metrics = train.fit(view, workdir, train_feed, test_feed, augment_fn=augment_fn,
+                                 mesh=mesh)
+    reads.on_new = None
+    paths = sorted(reads.paths)
+    summary = {"fingerprint": model_key(config, data_fp, paths), "config_reads": paths,
+               "config_known": known, "metrics": metrics, "seconds": time.perf_counter() - t0}
     artifacts.save_json(summary_path, summary)
   for path in [summary_path] + checkpoints.files(workdir, int(config.num_epochs)):
     artifacts.note(path)  # what a finished stage checks before it is trusted
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return Trained(train.build_model(config), variables, summary["metrics"], summary["seconds"])
+  return Trained(train.build_model(view), variables, summary["metrics"], summary["seconds"],
+                 summary["fingerprint"])
 
 
 def input_dropout_apply(trained: Trained, num_samples: int, key: int) -> Callable:

@@ -1,0 +1,148 @@
+"""Every config key, declared once with its default: ``base_config()``.
+
+An experiment (``configs/*.py``) is ``base_config()`` with a few keys changed;
+the library reads ``config.<key>`` and never restates a default. The defaults
+are the paper's recipe (Carter et al. 2021) wherever it has one. Keys under
+``runtime`` say how a run executes (progress bars, devices, hosts), never what
+it computes: they never enter a fingerprint (``config_reads``). Values are
+checked in ``config_checks``.
+"""
+import ml_collections
+
+# Keys that change how a run executes, not its results (kept out of every fingerprint).
+RUNTIME = "runtime"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The schema: every key with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Pipeline stages, run in this order; a finished stage is skipped on re-run.
+  c.stages = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "image_folder"    # "tfds" | "image_folder" | "synthetic"
+  c.data.name = "cifar10"           # TFDS name (cifar10, imagenet2012)
+  c.data.data_dir = ""              # TFDS data_dir holding the prepared dataset
+  # Image folder or .tar.gz of <split>/<class>/<image> (source=image_folder); "" = the
+  # 1,000 CIFAR-10 test images shipped in the package (no train images: analysis only).
+  c.data.path = ""
+  c.data.cache_dir = ""             # decoded-array cache; "" = <workdir>/data_cache
+  c.data.expected_train = 0         # image counts verified on load (0 = unchecked)
+  c.data.expected_test = 0
+  # "auto" (CIFAR-10 constants for CIFAR-10, else the train images' statistics) |
+  # "cifar10" | "imagenet" (torchvision's constants) | "train".
+  c.data.normalization = "auto"
+  # Both splits decoded in memory (small data: CIFAR); False streams the images from
+  # disk batch by batch (ImageNet; docs/data.md).
+  c.data.in_memory = True
+  c.data.view_size = 0              # side of the square analysis view; 0 = images as stored
+  c.data.view_resize = 0            # shorter side before the view's centre crop; 0 = view_size
+  c.data.num_train = 256            # source=synthetic only: train images
+  c.data.num_test = 64              # source=synthetic only: test images
+  c.data.image_size = 32            # source=synthetic only: image side (pixels)
+  c.data.num_classes = 10           # source=synthetic only: classes
+  c.data.seed = 0                   # source=synthetic only: seed of the images
+
+  # Training augmentation: random crop (zero padding) + horizontal flip.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.padding = 4             # pixels of padding before the crop
+  c.augment.flip = "random"         # "random" | "alternating" (cpu_budget.augment_flip)
+  # "device": pad + random crop (+ flip) on the accelerator (CIFAR); "inception":
+  # random-resized crop + flip of the view on the host (ImageNet).
+  c.augment.crop = "device"
+
+  c.model = "resnet20"
+  # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
+  # base model: stage train loads it instead of training. "" = train it.
+  c.pretrained = ""
+  c.num_classes = 10
+  c.bn_momentum = 0.9               # of batch norm's running statistics (PyTorch's 0.1)
+  c.input_dropout_keep_prob = 1.0   # < 1 wraps the model in input dropout (paper: 0.8)
+  # Compute dtype of model evaluations in training and backselect (overinterp_jax/
+  # precision.py): "float32" | "bfloat16" (float32 parameters, float32 ranking).
+  c.precision = "float32"
+  c.num_epochs = 200
+  c.batch_size = 128                # 0 = the most per device that fits its memory (lr as given)
+  c.eval_batch_size = 500
+  c.eval_every = 1                  # test metrics every this many epochs (and after the last)
+  c.schedule = "multistep"          # "multistep" | "onecycle" | "cosine"
+  c.lr = 0.1
+  c.lr_milestones = (60, 120, 160)  # multistep only: epochs
+  c.lr_decay = 0.2                  # multistep only: lr factor at each milestone
+  c.warmup_fraction = 0.15          # onecycle only
+  # ((scale of the image side, fraction of the epochs[, batch multiplier]), ...) trained
+  # at lower resolution before the full-size epochs (cpu_budget.epoch_scales); () = none.
+  c.progressive_resizing = ()
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4
+  c.checkpoints_to_keep = 2
+
+  # Stage backselect: rank every pixel of every train and test image.
+  c.backselect = ml_collections.ConfigDict()
+  c.backselect.method = "exact"     # "exact" | "gradient" (Batched Gradient SIS)
+  c.backselect.remove_per_step = 1  # gradient only: pixels removed per step
+  c.backselect.noise_std = 0.0      # gradient only: tie-breaking noise
+  c.backselect.batch_size = 0       # gradient only: images per pass per device; 0 = fit memory
+  c.backselect.shard_size = 1000    # images per result file
+  c.backselect.seed = 0
+
+  # Stage subsets: keep the last-removed ceil(frac_kept·d) pixels; random baseline.
+  c.subsets = ml_collections.ConfigDict()
+  c.subsets.frac_kept = 0.05        # 52 of 1,024 CIFAR pixels
+  c.subsets.random_seed_train = 1234  # the public code's seeds
+  c.subsets.random_seed_test = 5678
+
+  # Stage retrain: fresh models on subsets; "mask_only" is the leakage control.
+  c.retrain = ml_collections.ConfigDict()
+  c.retrain.kinds = ("bs", "random", "mask_only")
+  c.retrain.num_epochs = 0          # 0 = num_epochs
+
+  # Stage sis: exact SISes of a sample of test images per model.
+  c.sis = ml_collections.ConfigDict()
+  c.sis.threshold = 0.99
+  c.sis.num_images = 100
+  c.sis.sample_seed = 0
+  c.sis.min_confidence = 0.0        # sample only images the base model gives >= this (0 = any)
+  c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
+  c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
+  c.sis.models = ("single", "ensemble", "input_dropout")
+  c.sis.ensemble_size = 3           # base model + 2 replicates (seeds seed+1, seed+2)
+  c.sis.ensemble_epochs = 0         # 0 = num_epochs
+  c.sis.input_dropout_keep_prob = 0.8
+  c.sis.input_dropout_epochs = 0    # 0 = num_epochs
+  c.sis.input_dropout_samples = 4   # fixed dropout masks averaged at SIS time
+  c.sis.input_dropout_key = 0
+
+  # Stage controls (see overinterp_jax/pipeline/controls.py).
+  c.controls = ml_collections.ConfigDict()
+  c.controls.smoothed = True
+  c.controls.dilation = 3           # k×k neighbourhood
+  c.controls.smoothed_images = 0    # backselect (test) SISes checked (seeded sample); 0 = all
+  c.controls.targeted = True
+  c.controls.target_seed = 0
+  c.controls.masking_values = ("mean", "blur", "noise")
+  c.controls.masking_test_images = 0  # test images (seeded sample) per masked value; 0 = all
+  c.controls.blur_sigma = 2.0       # pixels
+  c.controls.noise_scale = 1.0      # uniform in [-s, s] (normalised units)
+  c.controls.noise_seed = 0
+  c.controls.confidence_rise = True
+
+  c.report = ml_collections.ConfigDict()
+  c.report.num_figure_images = 8
+
+  # How the run executes; never part of a fingerprint.
+  c.runtime = ml_collections.ConfigDict()
+  c.runtime.progress = True         # progress bars
+  c.runtime.distributed = False     # True on multi-host runs: jax.distributed.initialize()
+  # CPU only: split the host into this many JAX devices (0 = JAX's default, one).
+  # Each device runs its share of every batch concurrently; on a 2-core CPU,
+  # 2 devices train ResNet-20 1.2-1.4x faster than one (benchmarks/train.py).
+  c.runtime.host_devices = 0
+  # Also checkpoint every this many training steps within an epoch, with the input
+  # pipeline's position (a killed run resumes at that batch); 0 = at epoch ends only.
+  c.runtime.checkpoint_every_steps = 0
+  c.runtime.data_workers = 0        # grain worker processes decoding batches (streamed data)
+  return c
