@@ -50,14 +50,26 @@ def _is_image_name(name: str) -> bool:
   return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+  """A PIL image of any mode (L, LA, P, CMYK, RGBA, I;16...) as ``[H, W, 3]`` uint8 RGB."""
+  if img.mode == "RGB":
+    return np.asarray(img, np.uint8)
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+    a = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+    return np.repeat((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
+  return np.asarray(img.convert("RGB"), np.uint8)
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
-  """Decodes one JPEG/PNG to ``[H, W, 3]`` uint8; ValueError naming ``where`` if it fails."""
+  """Decodes one JPEG/PNG (any mode) to ``[H, W, 3]`` uint8 RGB; ValueError naming
+  ``where`` if it fails."""
   if not data:
     raise ValueError(f"Cannot decode image {where}: the file is empty (0 bytes).")
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
-      return np.asarray(img.convert("RGB"), dtype=np.uint8)
+      return to_rgb(img)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"Cannot decode image {where}: {e}") from e
 

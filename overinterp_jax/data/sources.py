@@ -21,7 +21,6 @@ Sources are picklable, so grain's worker processes can read them.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import tarfile
@@ -29,7 +28,6 @@ import zlib
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from overinterp_jax.data import image_folder, tfds_source
@@ -37,27 +35,8 @@ from overinterp_jax.data import image_folder, tfds_source
 IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
 
 
-def to_rgb(img: Image.Image) -> np.ndarray:
-  """A PIL image of any mode (L, LA, P, CMYK, RGBA, I;16...) as ``[H, W, 3]`` uint8 RGB."""
-  if img.mode == "RGB":
-    return np.asarray(img, np.uint8)
-  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
-    a = np.asarray(img, np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-    return np.repeat((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
-  return np.asarray(img.convert("RGB"), np.uint8)
-
-
-def decode(data: bytes, where: str) -> np.ndarray:
-  """JPEG/PNG bytes -> ``[H, W, 3]`` uint8 RGB; ValueError naming ``where`` if it fails."""
-  if not data:
-    raise ValueError(f"Cannot decode image {where}: the file is empty (0 bytes).")
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.load()
-      return to_rgb(img)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"Cannot decode image {where}: {e}") from e
+to_rgb = image_folder.to_rgb
+decode = image_folder.decode_image
 
 
 class ArraySource:
