@@ -132,7 +132,7 @@ class Feed:
   def image_shape(self) -> tuple[int, int, int]:
     shape = self.view.shape(getattr(self.source, "image_shape", None))
     if shape is None:
-      raise ValueError("The images vary in size: set the view size (config.data.image_size).")
+      raise ValueError("The images vary in size: set config.data.view_size.")
     return tuple(shape)
 
   def with_masks(self, masks: Optional[PackedMasks], mask_only: bool = False,
@@ -203,8 +203,8 @@ class Feed:
       labels.append(label)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-      raise ValueError(f"Images of one batch differ in size {sorted(shapes)}: set the view size "
-                       "(config.data.image_size) for data whose images vary in size.")
+      raise ValueError(f"Images of one batch differ in size {sorted(shapes)}: set "
+                       "config.data.view_size for data whose images vary in size.")
     return (np.stack(images), None if self.masks is None else np.stack(masks),
             np.asarray(labels))
 
