@@ -106,17 +106,16 @@ def run(ctx) -> dict:
   masks = load_or_compute(ctx)
   d = int(np.prod(ctx.height_width))
   kept = records.pixels_to_keep(d, float(ctx.config.subsets.frac_kept))
-  counts, digests = {}, {}
+  digests = {}
   for name, m in masks.items():
     if not len(m):
       continue
     per_image = np.concatenate([m[np.arange(i, min(i + 4096, len(m)))].reshape(
         min(4096, len(m) - i), -1).sum(1) for i in range(0, len(m), 4096)])
-    counts[name] = int(per_image.max())
-    if per_image.min() != kept:
+    if per_image.min() != kept or per_image.max() != kept:
       raise AssertionError(f"Subsets {name} keep {per_image.min()}..{per_image.max()} pixels, "
                            f"expected {kept} each.")
-    digests[name] = artifacts.file_sha256(m.path)
+    digests[name] = m.digest  # hashed once, when verified or written (load_or_compute)
   return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
           "mask_sha256": digests}
