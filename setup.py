@@ -8,7 +8,7 @@ setup(
                  "pipeline, accelerator-native in JAX/Flax."),
     packages=find_packages(include=["overinterp_jax", "overinterp_jax.*"]),
     # The shipped CIFAR-10 test slice and trained weights (MANIFEST.in adds them to sdists).
-    package_data={"overinterp_jax.data": ["slices/*.tar.gz"],
+    package_data={"overinterp_jax.data": ["slices/*.tar.gz", "imagenet_classes.tsv"],
                   "overinterp_jax.models": ["weights/*.msgpack", "weights/*.json"]},
     python_requires=">=3.10",
     install_requires=[
@@ -25,6 +25,7 @@ setup(
         "grain>=0.2.18",  # input pipeline: worker processes decoding and cropping batches.
         "tqdm>=4.66",  # progress bars on long loops.
         "matplotlib>=3.8",  # report figures.
+        "safetensors>=0.4",  # pretrained weights in torchvision/timm layout, read with numpy.
     ],
     extras_require={
         # nbclient/nbformat/ipykernel: tests/test_notebook.py runs notebooks/quickstart.ipynb.

@@ -18,7 +18,7 @@ def get_config():
   c.data.image_size = 16
   c.data.expected_train = 0
   c.data.expected_test = 0
-  c.model = "cnn3"
+  c.model.name = "cnn3"
   c.num_epochs = 2
   c.batch_size = 32
   c.eval_batch_size = 64

@@ -2,7 +2,12 @@
 # Run a config on every worker of a Cloud TPU VM (single host or pod slice).
 #
 #   launch/tpu_vm.sh TPU_NAME ZONE configs/cifar10.py /mnt/gcs/workdirs/cifar10 [--config.key=value ...]
+#   launch/tpu_vm.sh TPU_NAME ZONE configs/imagenet.py /mnt/gcs/workdirs/imagenet \
+#       --config.data.data_dir=/mnt/gcs/tfds --config.model.weights=/mnt/gcs/inception_v3.safetensors
 #
+# ImageNet (docs/imagenet.md): every worker streams its own rows of every batch from the
+# shared TFDS ArrayRecord files (--config.runtime.data_workers decoding processes each);
+# backselect shards are computed by all workers together and written by worker 0.
 # Each worker runs the same command; `--config.runtime.distributed=True` makes main call
 # jax.distributed.initialize(), which finds the other workers by itself on TPU VMs.
 # The work directory must be a POSIX path on storage every host sees (Filestore/NFS,

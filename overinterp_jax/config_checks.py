@@ -76,6 +76,10 @@ def _training(config, num_devices: int) -> None:
   _booleans(config, "", ("nesterov",))
   cpu_budget.epoch_scales(config)  # raises on a malformed config.progressive_resizing
   train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
+  weights = config.model.weights
+  if weights and not os.path.exists(weights):
+    raise ValueError(f"config.model.weights={weights!r} does not exist (a .safetensors file "
+                     "or an orbax checkpoint directory).")
   _booleans(config.augment, "augment.", ("enabled",))
   cpu_budget.augment_flip(config)
   _at_least(config.augment, "augment.", ("padding",), 0)
@@ -90,6 +94,10 @@ def _data(d) -> None:
   _one_of("data.normalization", d.normalization, NORMALIZATIONS)
   _at_least(d, "data.", ("expected_train", "expected_test", "view_size", "view_resize"), 0)
   _booleans(d, "data.", ("in_memory",))
+  if (len(d.folder_splits) != 2
+      or not all(isinstance(f, str) and f and "/" not in f for f in d.folder_splits)):
+    raise ValueError(f"config.data.folder_splits must name two sub-folders (train, test), "
+                     f"got {tuple(d.folder_splits)}.")
   if d.view_resize and d.view_resize < d.view_size:
     raise ValueError(f"config.data.view_resize={d.view_resize} must be >= data.view_size="
                      f"{d.view_size} (the shorter side is resized, then the view cropped).")
@@ -121,6 +129,14 @@ def _stages(config) -> None:
   s = config.sis
   _in_range("sis.threshold", s.threshold, 0, 1)
   _in_range("sis.min_confidence", s.min_confidence, 0, 1, low_open=False)
+  _one_of("sis.selection", s.selection, sis_stage.SELECTIONS)
+  _booleans(s, "sis.", ("only_correct",))
+  if s.selection == "backselect" and int(s.patch_size) != 1:
+    raise ValueError(f"config.sis.patch_size={s.patch_size}: sis.selection='backselect' "
+                     "reuses stage backselect's pixel records (patch_size must be 1).")
+  if config.pretrained and config.model.weights:
+    raise ValueError(f"config.pretrained={config.pretrained!r} and config.model.weights="
+                     f"{config.model.weights!r} both give the base model; set one.")
   if config.pretrained and config.pretrained not in shipped.available():
     raise ValueError(f"config.pretrained={config.pretrained!r} is not a shipped model; "
                      f"shipped: {shipped.available()}.")
@@ -129,8 +145,8 @@ def _stages(config) -> None:
     raise ValueError("config.sis.models is empty, but stages sis, controls and report "
                      "need at least one model.")
   _in_range("sis.input_dropout_keep_prob", s.input_dropout_keep_prob, 0, 1)
-  _at_least(s, "sis.", ("num_images", "patch_size", "ensemble_size", "input_dropout_samples"),
-            1)
+  _at_least(s, "sis.", ("patch_size", "ensemble_size", "input_dropout_samples"), 1)
+  _at_least(s, "sis.", ("num_images",), 0)
   _at_least(s, "sis.", ("images_per_call", "ensemble_epochs", "input_dropout_epochs"), 0)
   c = config.controls
   _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
@@ -178,7 +194,7 @@ def validate_with_data(config, dataset) -> None:
   sis_stage.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
   # Some model is trained: the base (unless a shipped one is loaded), retrained
   # models, or the ensemble's members and the input-dropout model.
-  if (not config.pretrained or config.retrain.kinds
+  if ((not config.pretrained and not config.model.weights) or config.retrain.kinds
       or set(config.sis.models) - {"single"}):
     train.check_batch(config, num_train=dataset.num_examples("train"))
 

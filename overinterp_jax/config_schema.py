@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Image folder or .tar.gz of <split>/<class>/<image> (source=image_folder); "" = the
   # 1,000 CIFAR-10 test images shipped in the package (no train images: analysis only).
   c.data.path = ""
+  # Sub-folders of data.path read as the train and test splits (source=image_folder):
+  # ("train", "val") for the ILSVRC layout; the same name twice reads one folder as both.
+  c.data.folder_splits = ("train", "test")
   c.data.cache_dir = ""             # decoded-array cache; "" = <workdir>/data_cache
   c.data.expected_train = 0         # image counts verified on load (0 = unchecked)
   c.data.expected_test = 0
@@ -53,7 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
   # random-resized crop + flip of the view on the host (ImageNet).
   c.augment.crop = "device"
 
-  c.model = "resnet20"
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet20"         # models.registry: resnet20, resnet50, inception_v3, ...
+  # Weights of the base model: a .safetensors file in torchvision/timm key layout
+  # (models/torch_weights.py) or an orbax checkpoint directory of ours; stage train
+  # loads them instead of training. "" = train it.
+  c.model.weights = ""
   # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
   # base model: stage train loads it instead of training. "" = train it.
   c.pretrained = ""
@@ -100,12 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrain.kinds = ("bs", "random", "mask_only")
   c.retrain.num_epochs = 0          # 0 = num_epochs
 
-  # Stage sis: exact SISes of a sample of test images per model.
+  # Stage sis: SISes of a sample of test images per model.
   c.sis = ml_collections.ConfigDict()
+  # "exact" backward selection | "backselect": stage backselect's selection (config.
+  # backselect, e.g. Batched Gradient SIS at ImageNet size), reusing its test records.
+  c.sis.selection = "exact"
   c.sis.threshold = 0.99
-  c.sis.num_images = 100
+  c.sis.num_images = 100            # 0 = every qualifying test image
   c.sis.sample_seed = 0
   c.sis.min_confidence = 0.0        # sample only images the base model gives >= this (0 = any)
+  c.sis.only_correct = False        # ... and classifies correctly
   c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
   c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
   c.sis.models = ("single", "ensemble", "input_dropout")

@@ -68,7 +68,7 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
                          {"params": state.params, "batch_stats": state.batch_stats}, {}, 0.0)
   piece = cifar10_slice.load()["test"]
   record = {
-      "model": config.model, "num_classes": int(config.num_classes),
+      "model": config.model.name, "num_classes": int(config.num_classes),
       "bn_momentum": float(config.bn_momentum), "image_shape": list(dataset.image_shape),
       "class_names": list(dataset.class_names),
       "normalization": dataset.normalization.to_dict(),

@@ -102,7 +102,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 
 def build_model(config) -> nn.Module:
-  """``config.model`` from the registry, wrapped in input dropout when
+  """``config.model.name`` from the registry, wrapped in input dropout when
   ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
   evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm."""
   bn_momentum = float(config.bn_momentum)
@@ -110,11 +110,11 @@ def build_model(config) -> nn.Module:
     raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
   kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
   try:
-    model = create_model(config.model, num_classes=config.num_classes, **kwargs)
+    model = create_model(config.model.name, num_classes=config.num_classes, **kwargs)
   except TypeError as e:
     if "bn_momentum" not in str(e):
       raise
-    raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model!r} has no "
+    raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model.name!r} has no "
                      "batch norm.") from e
   keep_prob = float(config.input_dropout_keep_prob)
   if not 0 < keep_prob <= 1:
@@ -326,7 +326,7 @@ def _loader_position(epoch: int, batch: int, loss_sum: float, accuracy_sum: floa
 def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *,
         augment_fn=None, mesh=None, max_epochs_this_run: int | None = None,
         max_steps_this_run: int | None = None) -> tuple[TrainState, dict]:
-  """Trains ``config.model`` on the batches of ``train_feed``; returns the final state and
+  """Trains ``config.model.name`` on the batches of ``train_feed``; returns the final state and
   the test metrics on ``test_feed``.
 
   Args:

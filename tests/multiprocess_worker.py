@@ -65,8 +65,21 @@ workdir = os.path.join(os.path.dirname(out), "fit_2_processes" if pid >= 0 else 
 fitted, fit_metrics = train.fit(cfg, workdir, ds.feed("train"), ds.feed("test"),
                                 augment_fn=train.config_augment_fn(cfg))
 fit_params = [sharding.to_host(p) for p in jax.tree.leaves(fitted.params)]
+# Stage backselect's Batched Gradient SIS (config.backselect: k = 16 pixels per step) of
+# the 64 test images with that model, 3 shards (the last one partial); process 0 writes.
+from overinterp_jax.pipeline import backselect_stage, trained  # noqa: E402
+
+module = train.build_model(cfg)
+variables = {"params": fitted.params}
+cfg.backselect.shard_size = 24
+records = backselect_stage.backselect_split(
+    os.path.join(os.path.dirname(out), "bgsis_2_processes" if pid >= 0 else "bgsis_1_process"),
+    trained.Trained(module, variables, {}, 0.0).apply, variables, ds.feed("test"),
+    cfg.backselect, "key", seed=0, progress=False)
+stage = records.everything() if pid <= 0 else {}
 np.savez(out, exact_order=exact.order, exact_values=exact.values, grad_order=grad.order,
          grad_values=grad.values, loss=loss, kernel=kernel,
          fit_accuracy=fit_metrics["accuracy"],
-         **{f"fit_param_{i}": p for i, p in enumerate(fit_params)})
+         **{f"fit_param_{i}": p for i, p in enumerate(fit_params)},
+         **{f"stage_{k}": v for k, v in stage.items()})
 print("done", pid)

@@ -32,3 +32,19 @@ def test_accelerator_benchmark_small_on_cpu(tmp_path):
     assert r["value"] > 0 and r["flops_per_item"] > 0 and 0 < r["mfu"] < 10, r
   saved = json.loads(out.read_text())
   assert saved["small"] and saved["precision"] == "float32" and len(saved["rows"]) == 6
+
+
+def test_imagenet_bgsis_benchmark_small_on_cpu(tmp_path):
+  """``benchmarks/imagenet_bgsis.py --small``: every column filled, both models (~35 s)."""
+  bench = _load("imagenet_bgsis")
+  out = tmp_path / "bgsis.json"
+  rows = bench.main(["--small", "--out", str(out)])
+  assert [(r["model"], r["image_size"], r["steps_per_image"]) for r in rows] == [
+      ("inception_v3", 75, 57), ("resnet50", 32, 11)]
+  for r in rows:
+    for key in ("plain_fwd_bwd_img_per_s", "bgsis_passes_per_s", "ratio", "seconds_per_image",
+                "peak_memory_bytes", "plain_fwd_bwd_flops_per_image", "step_flops_per_image",
+                "val_hours_this_device", "val_hours_H100/H200", "val_hours_TPU v5e"):
+      assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+  saved = json.loads(out.read_text())
+  assert saved["precision"] == "float32" and saved["rows"][0]["small"] and len(saved["rows"]) == 2

@@ -1,6 +1,6 @@
 """Two processes joined by jax.distributed give the single-process results, bit for bit
-(SIS records, and training through the input pipeline, each process feeding its own
-share of every global batch)."""
+(SIS records, training through the input pipeline, each process feeding its own
+share of every global batch, and stage backselect's Batched Gradient SIS shards)."""
 import os
 import socket
 import subprocess
@@ -47,3 +47,13 @@ def test_two_processes_match_one(tmp_path):
     for key in params:
       np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
     assert got["fit_accuracy"] == ref["fit_accuracy"]
+  # Stage backselect (Batched Gradient SIS) over 2 processes: process 0 wrote the same
+  # records (3 shard files) as the single process.
+  got, ref = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "single.npz")
+  stage = sorted(k for k in ref.files if k.startswith("stage_"))
+  assert {"stage_order", "stage_values", "stage_targets", "stage_ids"} <= set(stage)
+  assert ref["stage_order"].shape == (64, 256)
+  for key in stage:
+    np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+  for name in ("bgsis_2_processes", "bgsis_1_process"):
+    assert sorted(os.listdir(tmp_path / name)) == [f"shard_0000{i}.npz" for i in range(3)]

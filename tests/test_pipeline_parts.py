@@ -120,6 +120,9 @@ class _SisContext:
   def path(self, *parts):
     return os.path.join(self.workdir, *parts)
 
+  def labels(self, split):
+    return np.zeros(len(self.images), np.int32)
+
   def fully_masked(self, split, kind, indices=None):
     return None
 
@@ -318,11 +321,18 @@ def test_shipped_configs_validate():
 def test_sis_sample_can_be_restricted_to_confident_images(tmp_path, monkeypatch):
   ctx = _SisContext(tmp_path, np.zeros((100, 2, 2, 3), np.uint8), images_per_call=1)
   confidence = np.linspace(0, 1, 100)
-  monkeypatch.setattr(sis_stage, "base_confidence", lambda ctx: confidence)
+  predicted = np.arange(100) % 2  # right on the even images only (labels are 0)
+  monkeypatch.setattr(sis_stage, "base_predictions", lambda ctx: (predicted, confidence))
   ctx.config.sis.num_images, ctx.config.sis.min_confidence = 6, 0.9
   picked = sis_stage.sample_indices(ctx)
   assert len(picked) == 6 and np.all(np.diff(picked) > 0) and np.all(confidence[picked] >= 0.9)
   order = sis_stage.test_sample_order(ctx)  # the first 6 eligible of the seeded permutation
   np.testing.assert_array_equal(picked, np.sort(order[confidence[order] >= 0.9][:6]))
+  ctx.config.sis.only_correct = True  # and right: the even ones of the 10 images >= 0.9
+  picked = sis_stage.sample_indices(ctx)
+  np.testing.assert_array_equal(picked, [90, 92, 94, 96, 98])
+  ctx.config.sis.num_images = 0  # 0: every qualifying image
+  np.testing.assert_array_equal(sis_stage.sample_indices(ctx), [90, 92, 94, 96, 98])
+  ctx.config.sis.num_images, ctx.config.sis.only_correct = 6, False
   ctx.config.sis.min_confidence = 0.0  # 0: any image, as before
   np.testing.assert_array_equal(sis_stage.sample_indices(ctx), sis_stage.test_sample(ctx, 6))

@@ -44,7 +44,7 @@ def test_analyze_runs_on_the_shipped_model_without_training(tmp_path):
   assert stages["backselect"]["train"] == {"count": 0, "num_features": 1024,
                                            "mean_original_score": None}
   base = stages["retrain"]["base_on_subsets"]
-  assert set(base) == {"bs", "random"} and base["bs"]["count"] == 1000
+  assert set(base) == {"bs", "random", "border"} and base["bs"]["count"] == 1000
   assert stages["retrain"]["models"] == {}
   single = stages["sis"]["models"]["single"]
   # Sampled among images classified with confidence >= τ: every one has a SIS.
@@ -73,6 +73,6 @@ def test_a_shipped_model_must_match_the_config():
   dataset = data_lib.load_dataset("image_folder", path="")
   config = cifar10_cpu.get_config("analyze")
   shipped_base.check_compatible(config, dataset)
-  config.model = "vgg16"
+  config.model.name = "vgg16"
   with pytest.raises(ValueError, match=r"config\.pretrained='resnet20_cifar10'.*config\.model"):
     shipped_base.check_compatible(config, dataset)

@@ -283,7 +283,7 @@ def test_bn_momentum_errors_name_the_key(tmp_path):
   config.bn_momentum = 0.99
   with pytest.raises(ValueError, match=r"config.bn_momentum=0.99: model 'cnn3' has no batch"):
     train.build_model(config)
-  config.model = "resnet20"
+  config.model.name = "resnet20"
   assert train.build_model(config).bn_momentum == 0.99
   config.bn_momentum = 1.0
   with pytest.raises(ValueError, match=r"config.bn_momentum must be in \[0, 1\)"):

@@ -171,7 +171,8 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
                  data_dir: Optional[str] = None, cache_dir: Optional[str] = None,
                  expected_counts=None, num_train: int = 256, num_test: int = 64,
                  image_size: int = 32, num_classes: int = 10, seed: int = 0,
-                 normalization: str = "auto", progress: bool = True) -> Dataset:
+                 normalization: str = "auto", progress: bool = True,
+                 folder_splits: tuple[str, str] = ("train", "test")) -> Dataset:
   """Loads train and test splits from ``source`` (see the module docstring).
 
   Args:
@@ -183,12 +184,16 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
     expected_counts: per-split counts to verify (image_folder).
     num_train, num_test, image_size, num_classes, seed: synthetic data.
     normalization: ``'auto'``, ``'cifar10'`` or ``'train'`` (see ``_normalization``).
+    folder_splits: the sub-folders of ``path`` read as the train and test splits.
   """
   if source == "image_folder" and not path:
     splits = cifar10_slice.load(expected_counts)
   elif source == "image_folder":
-    splits = load_image_folder_splits(path, ("train", "test"), cache_dir=cache_dir,
-                                      expected_counts=expected_counts, progress=progress)
+    train_dir, test_dir = folder_splits
+    loaded = load_image_folder_splits(path, tuple(dict.fromkeys(folder_splits)),
+                                      cache_dir=cache_dir, progress=progress,
+                                      expected_counts=_by_folder(expected_counts, folder_splits))
+    splits = {"train": loaded[train_dir], "test": loaded[test_dir]}
   elif source == "tfds":
     loaded = load_tfds_arrays(name, data_dir, ("train", tfds_source.EVAL_SPLIT.get(name, "test")),
                               progress=progress)
@@ -201,6 +206,14 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
   train, test = splits["train"], splits["test"]
   return Dataset(train.images, train.labels, test.images, test.labels, train.class_names,
                  _normalization(normalization, train))
+
+
+def _by_folder(expected_counts, folder_splits):
+  """Expected counts keyed by split (``train``/``test``) -> keyed by folder name."""
+  if not expected_counts:
+    return expected_counts
+  return {folder: expected_counts[split] for split, folder in zip(("train", "test"), folder_splits)
+          if split in expected_counts}
 
 
 def load_streaming(data_config, workdir: str, progress: bool = True,
@@ -218,8 +231,8 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
     if not data_config.path:
       raise ValueError("config.data.in_memory=False streams an image folder or archive: set "
                        "config.data.path (the shipped CIFAR-10 slice is loaded in memory).")
-    train_src, test_src = (sources.folder_source(data_config.path, split, cache_dir, progress)
-                           for split in ("train", "test"))
+    train_src, test_src = (sources.folder_source(data_config.path, folder, cache_dir, progress)
+                           for folder in data_config.folder_splits)
   elif data_config.source == "tfds":
     name = data_config.name
     train_src, test_src = (sources.TfdsSource(name, split, data_config.data_dir)
@@ -264,7 +277,7 @@ def load_for_config(data_config, workdir: str, progress: bool = True,
                       cache_dir=cache_dir, expected_counts=expected,
                       num_train=d.num_train, num_test=d.num_test, image_size=d.image_size,
                       num_classes=d.num_classes, seed=d.seed, normalization=d.normalization,
-                      progress=progress)
+                      progress=progress, folder_splits=tuple(d.folder_splits))
 
 
 __all__ = [

@@ -24,6 +24,7 @@ Two paths, same batches:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -92,6 +93,28 @@ class PackedMasks:
   def __getitem__(self, indices) -> np.ndarray:
     return np.unpackbits(np.asarray(self.packed[indices]), axis=-1, count=self.width
                          ).astype(bool)
+
+
+class ConstantMask:
+  """The same pixel mask ``[H, W]`` bool for each of ``count`` examples (e.g. a border
+  frame): the interface of ``PackedMasks`` without a per-example copy."""
+
+  def __init__(self, mask: np.ndarray, count: int):
+    self.mask = np.asarray(mask, bool)
+    if self.mask.ndim != 2:
+      raise ValueError(f"ConstantMask takes one [H, W] mask, got shape {self.mask.shape}.")
+    self.count = int(count)
+    self.width = self.mask.shape[1]
+    self.digest = hashlib.sha256(np.packbits(self.mask).tobytes()
+                                 + str(self.mask.shape).encode()).hexdigest()
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, indices) -> np.ndarray:
+    if np.ndim(indices) == 0:
+      return self.mask
+    return np.broadcast_to(self.mask, (len(np.asarray(indices)),) + self.mask.shape)
 
 
 @dataclasses.dataclass(eq=False)

@@ -5,7 +5,8 @@ Every entry builds a Flax Linen module called as
 with ``variables = {'params', 'batch_stats'}`` (``batch_stats`` absent for the
 small models). Parameter counts for 10 classes: resnet20 269,722;
 resnet56 853,018; resnet18 11,173,962; vgg16 14,728,266; wrn28_10 36,479,194;
-resnet50 25,557,032 for 1,000 classes.
+resnet50 25,557,032 and inception_v3 23,834,568 (no auxiliary head) for 1,000
+classes.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import functools
 
 import flax.linen as nn
 
-from overinterp_jax.models import resnet, resnet_cifar, resnet_imagenet, small, vgg, wide_resnet
+from overinterp_jax.models import (inception_v3, resnet, resnet_cifar, resnet_imagenet, small,
+                                   vgg, wide_resnet)
 
 MODELS = {
     "resnet20": functools.partial(resnet_cifar.CifarResNet, blocks_per_stage=3),
     "resnet56": functools.partial(resnet_cifar.CifarResNet, blocks_per_stage=9),
     "resnet18": resnet.ResNet18,
     "resnet50": resnet_imagenet.ResNet50,  # ImageNet, 224×224
+    "inception_v3": inception_v3.InceptionV3,  # ImageNet, 299×299
     "vgg16": vgg.VGG16,
     "wrn28_10": functools.partial(wide_resnet.WideResNet, depth=28, widen_factor=10,
                                   dropout_rate=0.3),

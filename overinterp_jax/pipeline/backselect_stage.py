@@ -106,13 +106,16 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
 
 def backselect_split(directory: str, apply: Callable, variables, feed: loader.Feed, bs_config,
                      fp: str, *, seed: int, indices: Optional[np.ndarray] = None,
-                     fully_masked: Optional[Callable] = None, progress: bool = True,
+                     fully_masked: Optional[Callable] = None,
+                     target_classes: Optional[np.ndarray] = None, progress: bool = True,
                      desc: str = "backselect", mesh=None,
                      compute_dtype: str = "float32") -> record_shards.RecordSet:
   """Backward selection of images ``indices`` (default all) of ``feed`` into
   ``directory/shard_XXXXX.npz``, ``bs_config.shard_size`` images per shard.
 
-  ``fully_masked(rows of indices)``: optional masked values ``[n, H, W, C]``.
+  ``fully_masked(rows of indices)``: optional masked values ``[n, H, W, C]``;
+  ``target_classes``: optional ``[len(indices)]`` classes to select for (default: each
+  image's predicted class).
   Images are read through the feed shard by shard. Every process computes (the mesh
   spans them); process 0 writes the files.
   """
@@ -130,7 +133,9 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
     x = np.concatenate([feed.batch(idx[i:i + read])[0] for i in range(0, len(idx), read)])
     fm = None if fully_masked is None else fully_masked(rows)
     r = run_backselect(apply, variables, x, bs_config, seed=seed + rows.start,
-                       fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype)
+                       fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype,
+                       target_classes=None if target_classes is None else
+                       np.asarray(target_classes)[rows])
     return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
                                 [feed.source.example_id(int(i)) for i in idx], step)
 

@@ -31,8 +31,8 @@ def check_train_split(config, dataset: data_lib.Dataset) -> None:
     return
   stages = config.stages
   needs = []
-  if "train" in stages and not config.pretrained:
-    needs.append("stage train without config.pretrained")
+  if "train" in stages and not config.pretrained and not config.model.weights:
+    needs.append("stage train without config.pretrained or config.model.weights")
   if "retrain" in stages and config.retrain.kinds:
     needs.append(f"config.retrain.kinds={tuple(config.retrain.kinds)}")
   trained_sis = [m for m in config.sis.models if m != "single"]
@@ -109,8 +109,13 @@ class Context:
 
   @functools.cached_property
   def base(self) -> trained.Trained:
-    """The base model: trained in ``base_model/``, or the shipped ``config.pretrained``."""
+    """The base model: trained in ``base_model/``, the shipped ``config.pretrained``, or
+    ``config.model.name`` with the weights at ``config.model.weights``."""
     with self.owned_by("train"):
+      if self.config.model.weights:
+        base = shipped_base.load_weights(self.config, self.data, self.mesh)
+        base.key = shipped_base.weights_fingerprint(self.config.model.weights, self.data_fp)
+        return base
       if self.config.pretrained:
         base = shipped_base.load(self.config, self.data, self.mesh)
         base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)

@@ -68,6 +68,13 @@ def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
   return summary, conf_sis, conf_dil
 
 
+def backselect_row(ctx) -> str:
+  """The label of a control's row on stage backselect's own test records (beside the rows
+  of the SIS sample, labelled ``<selection>/<model>``)."""
+  name = f"{ctx.config.backselect.method}/single"
+  return f"{name} (test sample)" if sis_stage.reuses_backselect(ctx) else name
+
+
 def smoothed(ctx) -> tuple[dict, dict]:
   c = ctx.config
   tau, k = float(c.sis.threshold), int(c.controls.dilation)
@@ -78,11 +85,12 @@ def smoothed(ctx) -> tuple[dict, dict]:
     rec = sis_stage.records_for(ctx, name)
     s, a, b = _smoothed_source(ctx, apply, variables, indices, rec, sis_stage.feature_map(ctx),
                                tau, k)
-    out[f"exact/{name}"], arrays[f"exact/{name}/sis"], arrays[f"exact/{name}/dilated"] = s, a, b
+    row = f"{sis_stage.selection_name(ctx)}/{name}"
+    out[row], arrays[f"{row}/sis"], arrays[f"{row}/dilated"] = s, a, b
   sample = sis_stage.test_sample(ctx, int(c.controls.smoothed_images))
   rec = ctx.backselect("test").rows(sample)
   s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, sample, rec, None, tau, k)
-  name = f"{c.backselect.method}/single"
+  name = backselect_row(ctx)
   out[name], arrays[f"{name}/sis"], arrays[f"{name}/dilated"] = s, a, b
   return out, arrays
 
@@ -99,8 +107,9 @@ def targeted(ctx) -> dict:
   indices = sis_stage.sample_indices(ctx)
   own = sis_stage.records_for(ctx, "single")
   wrong = wrong_targets(own["targets"], int(c.num_classes), int(c.controls.target_seed))
-  rec = sis_stage.exact_records(ctx, "targeted_single", ctx.base.apply, ctx.base.variables,
-                                ctx.base_fp, indices, target_classes=wrong)
+  rec = sis_stage.selection_records(ctx, "targeted_single", ctx.base.apply,
+                                    ctx.base.variables, ctx.base_fp, indices,
+                                    target_classes=wrong)
   ppf = sis_stage.pixels_per_feature(ctx)
   num_pixels = int(np.prod(ctx.height_width))
   reached = rec["values"].max(axis=1) >= tau
@@ -129,8 +138,8 @@ def masking_values(ctx) -> dict:
       rec = sis_stage.records_for(ctx, "single")
       bs = ctx.backselect("test").rows(sample)
     else:
-      rec = sis_stage.exact_records(ctx, f"single_mask_{kind}", ctx.base.apply,
-                                    ctx.base.variables, ctx.base_fp, indices, masking=kind)
+      rec = sis_stage.selection_records(ctx, f"single_mask_{kind}", ctx.base.apply,
+                                        ctx.base.variables, ctx.base_fp, indices, masking=kind)
       bs = ctx.backselect("test", tuple(sample.tolist()), kind).everything()
     batch = sis_stage.sis_of(rec, tau)
     keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
@@ -160,10 +169,11 @@ def confidence_rise(ctx) -> dict:
   out = {}
   for name in ctx.config.sis.models:
     rec = sis_stage.records_for(ctx, name)
-    out[f"exact/{name}"] = rise_fraction(rec["values"].max(axis=1), rec["original_scores"])
+    out[f"{sis_stage.selection_name(ctx)}/{name}"] = rise_fraction(rec["values"].max(axis=1),
+                                                                   rec["original_scores"])
   small = ctx.backselect("test").small()
-  out[f"{ctx.config.backselect.method}/single"] = rise_fraction(small["max_values"],
-                                                               small["original_scores"])
+  out[backselect_row(ctx).replace("test sample", "all test images")] = rise_fraction(
+      small["max_values"], small["original_scores"])
   return out
 
 

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from numpy.typing import ArrayLike
 
 from overinterp_jax.pipeline import artifacts
@@ -159,7 +160,8 @@ def sis_grid(path: str | os.PathLike, images: ArrayLike,
       the text "no SIS". Models not listed have an SIS for every image.
     max_images: rows drawn: the first ``min(N, max_images)`` images.
 
-  One row per image: column 0 the original, then one column per model.
+  One row per image: column 0 the original, then one column per model. Each panel
+  is at least as many figure pixels as the image has (full resolution at ``DPI``).
   """
   images = _array("images", images, ndim=4, kind="uint8")
   n_total, height, width, channels = images.shape
@@ -206,7 +208,8 @@ def sis_grid(path: str | os.PathLike, images: ArrayLike,
 
   n = min(n_total, max_images)
   ncols = 1 + len(masks)
-  fig = _new_figure(PANEL_INCHES * ncols + (1.0 if titles else 0.0), PANEL_INCHES * n + 0.3)
+  panel = max(PANEL_INCHES, 1.1 * max(height, width) / DPI)
+  fig = _new_figure(panel * ncols + (1.0 if titles else 0.0), panel * n + 0.3)
   axes = fig.subplots(n, ncols, squeeze=False)
   blank = np.broadcast_to(background, (height, width, channels))
   for i in range(n):
@@ -224,6 +227,38 @@ def sis_grid(path: str | os.PathLike, images: ArrayLike,
   axes[0, 0].set_title("image", fontsize=8)
   for col, model in enumerate(masks, start=1):
     axes[0, col].set_title(str(model), fontsize=8)
+  return _save(fig, path)
+
+
+def position_heatmaps(path: str | os.PathLike, frequencies: Mapping[str, ArrayLike], *,
+                      band: int = 0) -> str:
+  """How often each pixel position is kept, one panel per label.
+
+  Args:
+    path: output PNG.
+    frequencies: label -> float ``[H, W]`` fraction of images keeping each position
+      (in [0, 1]).
+    band: width (pixels) of the outer band outlined on each panel; 0 = none.
+  """
+  maps = {}
+  for label, value in _nonempty_dict("frequencies", frequencies).items():
+    arr = _array(f"frequencies[{label!r}]", value, ndim=2, kind="float")
+    _check_unit_interval(f"frequencies[{label!r}]", arr)
+    maps[label] = arr
+  height, width = next(iter(maps.values())).shape
+  panel = max(2.5, 1.1 * max(height, width) / DPI)
+  fig = _new_figure(panel * len(maps) + 0.8, panel + 0.5)
+  axes = fig.subplots(1, len(maps), squeeze=False)[0]
+  top = max(float(m.max()) for m in maps.values()) or 1.0
+  for ax, (label, m) in zip(axes, maps.items()):
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+    if band:
+      ax.add_patch(Rectangle((band - 0.5, band - 0.5), width - 2 * band, height - 2 * band,
+                             fill=False, edgecolor="white", linestyle="--", linewidth=0.8))
+    ax.set_title(str(label), fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.colorbar(im, ax=list(axes), shrink=0.8, label="fraction of images keeping the pixel")
   return _save(fig, path)
 
 

@@ -11,13 +11,15 @@ import os
 import numpy as np
 
 from overinterp_jax import sis
-from overinterp_jax.pipeline import artifacts, controls, figures, sis_stage
+from overinterp_jax.data import class_names
+from overinterp_jax.pipeline import artifacts, controls, figures, sis_stage, subsets_stage
 
 FIGURES = {"sis_examples": "figures/sis_examples.png",
            "confidence_curves": "figures/confidence_vs_pixels_removed.png",
            "sis_sizes": "figures/sis_size_histograms.png",
            "smoothed_sis": "figures/smoothed_sis_confidence.png",
-           "confidence_rise": "figures/confidence_rise.png"}
+           "confidence_rise": "figures/confidence_rise.png",
+           "kept_positions": "figures/kept_positions.png"}
 EARLIER = ("train", "backselect", "subsets", "retrain", "sis", "controls")
 
 
@@ -62,21 +64,25 @@ def table1(s: dict, config) -> tuple[str, dict]:
   bs = models.get("bs", {}).get("test_accuracy")
   rnd = models.get("random", {}).get("test_accuracy")
   mask_only = models.get("mask_only", {}).get("test_accuracy")
+  border = models.get("border", {}).get("test_accuracy")
   full_retrained = models.get("full", {}).get("test_accuracy")
   reference = full_retrained if full_retrained is not None else full
-  row = {"model": config.model, "seed": int(config.seed), "full": full,
+  row = {"model": config.model.name, "seed": int(config.seed), "full": full,
          "full_same_budget": full_retrained, "bs_5pct": bs,
-         "random_5pct": rnd, "mask_only_5pct": mask_only,
+         "random_5pct": rnd, "mask_only_5pct": mask_only, "border": border,
          "bs_minus_random": None if bs is None or rnd is None else bs - rnd,
          "reference_minus_bs": None if bs is None or reference is None else reference - bs}
   frac = fraction(config)
   retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
-  md = figures.markdown_table(
-      ["model", "seed", f"full images ({config.num_epochs} ep)",
-       f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
-       "BS − random", f"{frac} BS mask only"],
-      [[config.model, str(config.seed), _pct(full), _pct(full_retrained), _pct(bs), _pct(rnd),
-        _pct(row["bs_minus_random"]), _pct(mask_only)]])
+  headers = [f"model", "seed", f"full images ({config.num_epochs} ep)",
+             f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
+             "BS − random", f"{frac} BS mask only"]
+  cells = [config.model.name, str(config.seed), _pct(full), _pct(full_retrained), _pct(bs),
+           _pct(rnd), _pct(row["bs_minus_random"]), _pct(mask_only)]
+  if border is not None:
+    headers.append(f"{frac} border frame")
+    cells.append(_pct(border))
+  md = figures.markdown_table(headers, [cells])
   lines = [md, "", "Test accuracy (%); each model trained and tested on the same kind of input. "
            f"Subset models (and the second full-image column) train for {retrain_epochs} epochs."]
   for ref, which in ((full, f"the full-image model ({config.num_epochs} ep)"),
@@ -86,19 +92,24 @@ def table1(s: dict, config) -> tuple[str, dict]:
       lines.append(_gap_line(f"{frac} BS", bs, ref, which, "within a few points"))
   if bs is not None and rnd is not None:
     lines.append(_gap_line(f"{frac} BS", bs, rnd, f"{frac} random", "far above"))
+  if border is not None and bs is not None:
+    lines.append(_gap_line(f"{frac} border frame", border, bs, f"{frac} BS",
+                           "ImageNet border pixels alone suffice for training and testing"))
   if mask_only is not None:
     chance = 1.0 / int(config.num_classes)
     verdict = ("the subset **positions alone predict the class** well above chance"
                if mask_only > chance + 0.1 else "positions alone predict little")
     lines.append(f"- Mask only: {_pct(mask_only)}% from positions alone (chance "
-                 f"{100 * chance:.0f}%): {verdict}.")
+                 f"{100 * chance:.3g}%): {verdict}.")
   base = (retrain or {}).get("base_on_subsets")
   if base:
     lines += ["", f"Base model on its own {frac} test subsets (no retraining):", "",
               figures.markdown_table(
-                  ["subsets", "accuracy (%)", "mean confidence", "≥ 0.99 confident (%)"],
+                  ["subsets", "accuracy (%)", "mean confidence", "≥ 0.99 confident (%)",
+                   f"≥ τ = {float(config.sis.threshold):g} confident (%)"],
                   [[k, _pct(v["accuracy"]), f"{v['mean_confidence']:.4f}",
-                    _pct(v["fraction_confident_99"])] for k, v in base.items()])]
+                    _pct(v["fraction_confident_99"]), _pct(v.get("fraction_confident_tau"))]
+                   for k, v in base.items()])]
   return "\n".join(lines), row
 
 
@@ -111,6 +122,38 @@ def sis_table(s: dict) -> str:
   return figures.markdown_table(
       ["model", "test acc (%)", "SISes", "images with SIS (%)", "median size (px)",
        "IQR (px)", "median size (% of image)"], rows)
+
+
+def border_md(s: dict, frac: str) -> list[str]:
+  """Where the BS subsets' pixels lie: the outer band against its share of the image."""
+  band = s["border_width"]
+  rows = [[split, str(v["num_images"]), _pct(v["band_share_of_image"]),
+           _pct(v["fraction_kept_in_band"]), _num(v["ratio_to_uniform"], ".2f"),
+           _pct(v["max_position_frequency"])] for split, v in s["border_analysis"].items()]
+  return [f"## Border analysis ({frac} BS subsets)", "",
+          figures.markdown_table(
+              ["split", "images", f"outer {band}-px band: share of image (%)",
+               "kept pixels in band (%)", "ratio to uniform", "most-kept position (% of images)"],
+              rows), "",
+          f"The band is as wide as the {frac} border frame ({s['pixels_kept']} pixels at the "
+          "edge); uniformly placed pixels would put the band's share of the image in it. "
+          "`kept_positions` shows how often each position is kept.", ""]
+
+
+def sis_md(s: dict, config) -> list[str]:
+  """The SIS section: heading, which images, the table."""
+  selection = s.get("selection", "exact")
+  how = ("exact backward selection" if selection == "exact" else
+         f"{selection} backward selection ({int(config.backselect.remove_per_step)} pixels "
+         "per step, stage backselect's records)")
+  p = s["patch_size"]
+  out = [f"## SIS size at τ = {s['threshold']} ({s['num_images']} test images, {how}, "
+         f"{p}×{p}-pixel features)", ""]
+  if "qualifying" in s:
+    which = " and classifies correctly" if s["only_correct"] else ""
+    out += [f"Sampled from the {s['qualifying']} test images the base model gives confidence "
+            f"≥ {s['min_confidence']:g}{which}.", ""]
+  return out + [sis_table(s), ""]
 
 
 def controls_md(s: dict, frac: str) -> str:
@@ -186,11 +229,11 @@ def draw_figures(ctx, s: dict) -> dict:
       masks[name] = sis.feature_mask_to_pixels(b.mask, fmap, (h, w))[:n_fig]
       exists[name] = b.exists[:n_fig]
       sizes[name] = (b.size * sis_stage.pixels_per_feature(ctx))[b.exists]
-      curves[f"exact/{name}"] = rec["values"]
+      curves[f"{sis_stage.selection_name(ctx)}/{name}"] = rec["values"]
     single = next(iter(recs.values()))
-    names = ctx.data.class_names
+    names = class_names.display_names(ctx.data.class_names)
     labels = ctx.labels("test")
-    titles = [f"{names[labels[i]]} → {names[t]} {p:.3f}"
+    titles = [f"{names[labels[i]]}\n→ {names[t]} {p:.3f}"
               for i, t, p in zip(idx[:n_fig], single["targets"], single["original_scores"])]
     made["sis_examples"] = figures.sis_grid(ctx.path(FIGURES["sis_examples"]),
                                             ctx.feed("test").images(idx[:n_fig]), masks,
@@ -203,6 +246,16 @@ def draw_figures(ctx, s: dict) -> dict:
           sis_stage.test_sample(ctx, FIGURE_SAMPLE))["values"]
     made["confidence_curves"] = figures.confidence_curves(
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
+  border = (s.get("subsets") or {}).get("border_analysis")
+  if border:
+    freq = artifacts.load(ctx.path("subsets", "kept_frequency.npz"),
+                          artifacts.fingerprint(s["subsets"]["mask_sha256"]))
+    if freq is not None:
+      maps = {f"{fraction(ctx.config)} BS, {split} ({v['num_images']} images)":
+              freq[f"bs_{split}/frequency"] / max(v["num_images"], 1)
+              for split, v in border.items()}
+      made["kept_positions"] = figures.position_heatmaps(
+          ctx.path(FIGURES["kept_positions"]), maps, band=int(s["subsets"]["border_width"]))
   c = s.get("controls", {})
   if "smoothed" in c:
     arrays = artifacts.load(ctx.path("controls", "smoothed.npz"),
@@ -218,9 +271,10 @@ def draw_figures(ctx, s: dict) -> dict:
     values, original = {}, {}
     for name in s["sis"]["models"]:
       rec = sis_stage.records_for(ctx, name)
-      values[f"exact/{name}"], original[f"exact/{name}"] = rec["values"], rec["original_scores"]
+      row = f"{sis_stage.selection_name(ctx)}/{name}"
+      values[row], original[row] = rec["values"], rec["original_scores"]
     rec = ctx.backselect("test").rows(sis_stage.test_sample(ctx, FIGURE_SAMPLE))
-    key = f"{ctx.config.backselect.method}/single"
+    key = controls.backselect_row(ctx)
     values[key], original[key] = rec["values"], rec["original_scores"]
     made["confidence_rise"] = figures.rise_curves(ctx.path(FIGURES["confidence_rise"]), values,
                                                   original)
@@ -231,7 +285,7 @@ def run(ctx) -> dict:
   c = ctx.config
   s = {stage: ctx.load_summary(stage) for stage in EARLIER if stage in c.stages}
   s = {k: v for k, v in s.items() if v is not None}
-  md = [f"# Overinterpretation report: {c.model} (seed {c.seed})", "",
+  md = [f"# Overinterpretation report: {c.model.name} (seed {c.seed})", "",
         f"Data: {c.data.source} ({ctx.data.num_examples('train')} train / "
         f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}). "
         f"Stages run: {', '.join(k for k in EARLIER if k in s)}.", ""]
@@ -244,10 +298,10 @@ def run(ctx) -> dict:
            f"{b['test']['count']} test images"
            + (f", {c.backselect.remove_per_step} pixels per step." if b["method"] == "gradient"
               else "."), ""]
+  if (s.get("subsets") or {}).get("border_analysis"):
+    md += border_md(s["subsets"], fraction(c))
   if "sis" in s:
-    md += [f"## SIS size at τ = {s['sis']['threshold']} ({s['sis']['num_images']} test images, "
-           f"exact backward selection, {s['sis']['patch_size']}×{s['sis']['patch_size']}-pixel "
-           "features)", "", sis_table(s["sis"]), ""]
+    md += sis_md(s["sis"], c)
   else:
     md += ["## SIS size", "", "Stage `sis` not run.", ""]
   if "controls" in s:

@@ -3,6 +3,8 @@
 Kinds (``config.retrain.kinds``):
   * ``bs``: 5% backward-selection subsets (pixel values kept, rest masked);
   * ``random``: 5% random subsets;
+  * ``border``: a frame of the same pixel count at the image edge, the same
+    positions in every image (``subsets_stage.border_mask``);
   * ``mask_only``: the BS subsets' *positions* only (kept pixels set to a
     constant) — if positions alone predict the class, the BS accuracy
     says little about the pixels' content;
@@ -10,7 +12,7 @@ Kinds (``config.retrain.kinds``):
     the fair reference when ``retrain.num_epochs`` is below ``num_epochs``.
 Each model trains on the train subsets (image and mask cropped/flipped
 together every epoch) and is tested on the matching test subsets. The
-stage also measures the base model on its own BS and random test subsets.
+stage also measures the base model on its own BS, random and border test subsets.
 """
 from __future__ import annotations
 
@@ -19,23 +21,27 @@ import numpy as np
 from overinterp_jax.pipeline import artifacts, subsets_stage, trained
 from overinterp_jax.data import loader
 
-KINDS = ("bs", "random", "mask_only", "full")
+KINDS = ("bs", "random", "border", "mask_only", "full")
+
+
+def _mask_source(kind: str) -> str:
+  """The subset masks a kind of input uses (mask-only: the BS masks' positions)."""
+  return "bs" if kind == "mask_only" else kind
 
 
 def masked_split(ctx, masks: dict, kind: str, split: str) -> loader.Feed:
   """``split``'s images as inputs of kind ``kind``, its pixel masks applied on the fly."""
   if kind == "full":
     return ctx.feed(split)
-  source = "random" if kind == "random" else "bs"
-  return ctx.feed(split).with_masks(masks[f"{source}_{split}"], mask_only=kind == "mask_only")
+  return ctx.feed(split).with_masks(masks[f"{_mask_source(kind)}_{split}"],
+                                    mask_only=kind == "mask_only")
 
 
 def masks_checksum(masks: dict, kind: str) -> str:
   """What identifies the masks of ``kind``'s train and test images ("full": none)."""
   if kind == "full":
     return "full"
-  source = "random" if kind == "random" else "bs"
-  return artifacts.fingerprint(*[masks[f"{source}_{split}"].digest
+  return artifacts.fingerprint(*[masks[f"{_mask_source(kind)}_{split}"].digest
                                   for split in ("train", "test")])
 
 
@@ -53,13 +59,15 @@ def run(ctx) -> dict:
   out = {"models": {}, "base_on_subsets": {}}
   labels = ctx.labels("test")
   targets = ctx.backselect("test").targets
-  for kind in ("bs", "random"):
+  tau = float(ctx.config.sis.threshold)
+  for kind in subsets_stage.ALL_KINDS:
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
                                      masked_split(ctx, masks, kind, "test"),
                                      batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
     m = trained.accuracy_and_confidence(logits, labels, targets)
     p = trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
     m["fraction_confident_99"] = float((p >= 0.99).mean())
+    m["fraction_confident_tau"] = float((p >= tau).mean())
     out["base_on_subsets"][kind] = m
   config = retrain_config(ctx)
   for kind in ctx.config.retrain.kinds:

@@ -34,7 +34,7 @@ STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "repor
 
 
 def _train(ctx) -> dict:
-  return {"model": ctx.config.model,
+  return {"model": ctx.config.model.name,
           "test_accuracy": ctx.base.metrics["accuracy"], "test_loss": ctx.base.metrics["loss"],
           "num_epochs": int(ctx.config.num_epochs)}
 

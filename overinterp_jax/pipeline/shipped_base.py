@@ -1,4 +1,6 @@
-"""A shipped model as the pipeline's base model: ``config.pretrained = "<name>"``.
+"""A given model as the pipeline's base model: a shipped one (``config.pretrained =
+"<name>"``) or weights from a path (``config.model.weights``: a ``.safetensors`` file in
+torchvision/timm layout, or a training work directory of ours with orbax checkpoints).
 
 With it, stage ``train`` loads ``models.pretrained(name)`` instead of training, and
 measures it on the run's test images; every later stage works on it as on a model
@@ -10,8 +12,12 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads
-from overinterp_jax.models import shipped
+import os
+
+import jax
+
+from overinterp_jax import checkpoints, config_reads, train
+from overinterp_jax.models import shipped, torch_weights
 from overinterp_jax.pipeline import artifacts, trained
 
 
@@ -25,8 +31,8 @@ def check_compatible(config, dataset) -> None:
   name = config.pretrained
   record = shipped.info(name)
   where = f"config.pretrained={name!r} (a {record['model']} for {record['num_classes']} classes)"
-  if (config.model, int(config.num_classes)) != (record["model"], int(record["num_classes"])):
-    raise ValueError(f"{where} does not match config.model={config.model!r}, "
+  if (config.model.name, int(config.num_classes)) != (record["model"], int(record["num_classes"])):
+    raise ValueError(f"{where} does not match config.model.name={config.model.name!r}, "
                      f"config.num_classes={config.num_classes}.")
   if tuple(dataset.class_names) != tuple(record["class_names"]):
     raise ValueError(f"{where} was trained on classes {record['class_names']}; the data has "
@@ -58,7 +64,57 @@ def load(config, dataset, mesh=None) -> trained.Trained:
   ``dataset``'s test images."""
   check_compatible(config, dataset)
   module, variables = shipped.pretrained(config.pretrained)
-  base = trained.Trained(module, variables, {}, 0.0)
+  return measured(trained.Trained(module, variables, {}, 0.0), config, dataset, mesh)
+
+
+def weights_fingerprint(path: str, data_fp: str) -> str:
+  """What identifies ``config.model.weights``: the sha256 of the file (or of the
+  checkpoint directory's stored checksums), with the data's."""
+  if os.path.isdir(path):
+    step, digests = _checkpoint_files(path)
+    return artifacts.fingerprint("weights", step, artifacts.file_sha256(digests), data_fp)
+  return artifacts.fingerprint("weights", artifacts.file_sha256(path), data_fp)
+
+
+def _checkpoint_files(workdir: str) -> tuple[int, str]:
+  """``(step, checksum file)`` of the newest checkpoint in training work directory
+  ``workdir``; ValueError naming ``config.model.weights`` when there is none."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise ValueError(f"config.model.weights={workdir!r}: a directory must be a training work "
+                     "directory holding checkpoints/<step> (or give a .safetensors file).")
+  return steps[-1], checkpoints.files(workdir, steps[-1])[1]
+
+
+def load_weights(config, dataset, mesh=None) -> trained.Trained:
+  """The base model ``config.model.name`` with the weights at ``config.model.weights``,
+  with its loss and accuracy on ``dataset``'s test images."""
+  path = config.model.weights
+  module = train.build_model(config)
+  if os.path.isdir(path):
+    tx = train.make_optimizer(config, 1)
+    template = train.create_train_state(module, tx, dataset.image_shape, jax.random.key(0))
+    manager = checkpoints.manager(os.path.join(path, "checkpoints"), config.checkpoints_to_keep)
+    try:
+      step, state = checkpoints.restore_latest(manager, path, template)
+    finally:
+      manager.close()
+    if state is None:
+      raise ValueError(f"config.model.weights={path!r}: no checkpoint passes its checksums.")
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logging.info("Base model: %s, checkpoint %d of %s.", config.model.name, step, path)
+  else:
+    variables = torch_weights.load_safetensors(path, config.model.name,
+                                               int(config.num_classes))
+    logging.info("Base model: %s with the weights of %s.", config.model.name, path)
+  return measured(trained.Trained(module, variables, {}, 0.0), config, dataset, mesh)
+
+
+def measured(base: trained.Trained, config, dataset, mesh=None) -> trained.Trained:
+  """``base`` with its loss, accuracy and count on ``dataset``'s test images."""
+  variables = base.variables
   logits = trained.predict_logits(base.apply, variables, dataset.feed("test"),
                                   batch_size=int(config.eval_batch_size), mesh=mesh)
   labels = dataset.labels("test")

@@ -1,4 +1,11 @@
-"""Stage ``sis``: exact SISes at τ for a sample of test images, per model (paper §5).
+"""Stage ``sis``: SISes at τ for a sample of test images, per model (paper §5).
+
+Selection (``config.sis.selection``): ``"exact"`` backward selection of every
+feature (CIFAR), or ``"backselect"``: the selection of stage backselect
+(``config.backselect``, e.g. Batched Gradient SIS at ImageNet size), whose test
+records are reused for the base model. The sample (``sample_indices``) can be
+restricted to images the base model classifies correctly (``sis.only_correct``)
+with at least ``sis.min_confidence``.
 
 Models (``config.sis.models``):
   * ``single``: the base model;
@@ -27,6 +34,18 @@ from overinterp_jax import config_reads, sis
 from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards, trained
 
 MODELS = ("single", "ensemble", "input_dropout")
+SELECTIONS = ("exact", "backselect")
+
+
+def selection_name(ctx) -> str:
+  """How the SIS records were selected, as figures and tables label them."""
+  return "exact" if ctx.config.sis.selection == "exact" else ctx.config.backselect.method
+
+
+def reuses_backselect(ctx) -> bool:
+  """True when the base model's SIS records are stage backselect's own test records (then a
+  control's separate backselect row would repeat them)."""
+  return ctx.config.sis.selection == "backselect"
 
 
 def test_sample(ctx, count: int) -> np.ndarray:
@@ -44,28 +63,43 @@ def test_sample_order(ctx) -> np.ndarray:
       ctx.data.num_examples("test"))
 
 
-def sample_indices(ctx) -> np.ndarray:
-  """The test images of the exact-SIS sample: ``sis.num_images`` of them, or, with
-  ``sis.min_confidence > 0``, the first ``sis.num_images`` of the same seeded permutation
-  that the base model classifies with at least that confidence (sorted)."""
+def qualifying(ctx) -> np.ndarray:
+  """``[N]`` bool: test images the SIS sample may draw from (base model's confidence
+  ``>= sis.min_confidence``, and right when ``sis.only_correct``)."""
   c = ctx.config.sis
-  if float(c.min_confidence) <= 0:
+  predicted, confidence = base_predictions(ctx)
+  ok = confidence >= float(c.min_confidence)
+  if c.only_correct:
+    ok &= predicted == ctx.labels("test")
+  return ok
+
+
+def sample_indices(ctx) -> np.ndarray:
+  """The test images of the SIS sample (sorted): the first ``sis.num_images`` (0 = all) of
+  one seeded permutation among those ``qualifying``."""
+  c = ctx.config.sis
+  if float(c.min_confidence) <= 0 and not c.only_correct:
     return test_sample(ctx, int(c.num_images))
-  confidence = base_confidence(ctx)
   order = test_sample_order(ctx)
-  return np.sort(order[confidence[order] >= float(c.min_confidence)][:int(c.num_images)])
+  chosen = order[qualifying(ctx)[order]]
+  return np.sort(chosen[:int(c.num_images)] if int(c.num_images) > 0 else chosen)
 
 
-def base_confidence(ctx) -> np.ndarray:
-  """``[N]`` the base model's softmax confidence in its prediction on each full test image
-  (computed once per run)."""
+def base_predictions(ctx) -> tuple[np.ndarray, np.ndarray]:
+  """``([N] predicted class, [N] softmax confidence in it)`` of the base model on each full
+  test image: from stage backselect's records (their targets are the predictions) when
+  ``sis.selection == "backselect"``, else by inference (computed once per run)."""
+  if reuses_backselect(ctx):
+    small = ctx.backselect("test").small()
+    return small["targets"], small["original_scores"]
   cache = ctx.__dict__.setdefault("_sis_predictors", {})
-  if "base_confidence" not in cache:
+  if "base_predictions" not in cache:
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
                                     ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
-    cache["base_confidence"] = trained.softmax(logits.astype(np.float64)).max(axis=-1)
-  return cache["base_confidence"]
+    p = trained.softmax(logits.astype(np.float64))
+    cache["base_predictions"] = (p.argmax(-1), p.max(axis=-1))
+  return cache["base_predictions"]
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:
@@ -116,6 +150,35 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
       artifacts.save(path, rec, key)
       shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
   return rec
+
+
+def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
+                      indices: np.ndarray, *, masking: str = "mean",
+                      target_classes=None) -> dict:
+  """Backward selection records (dense: ``order``, ``values [n, d]``, ``targets``,
+  ``original_scores``) of test images ``indices`` per ``sis.selection``: ``exact_records``,
+  or stage backselect's selection (``config.backselect``), whose own test records serve
+  the base model toward its predictions with the mean as masked value."""
+  if ctx.config.sis.selection == "exact":
+    return exact_records(ctx, name, apply, variables, fp, indices, masking=masking,
+                         target_classes=target_classes)
+  if name == "single" and masking == "mean" and target_classes is None:
+    rec = ctx.backselect("test").rows(indices)
+    return {k: v for k, v in rec.items() if k != "ids"}
+  with config_reads.recording() as reads:
+    key = config_reads.Key(artifacts.fingerprint(
+        fp, masking, indices.tolist(),
+        None if target_classes is None else np.asarray(target_classes).tolist(),
+        sis.SELECTION_VERSION), ctx.config, reads)
+    fm = None
+    if masking != "mean":
+      fm = lambda rows: ctx.fully_masked("test", masking, indices[rows])
+    recs = backselect_stage.backselect_split(
+        ctx.path("sis", name), apply, variables, ctx.feed("test"), ctx.config.backselect, key,
+        seed=int(ctx.config.backselect.seed) + 2 * 10**7, indices=indices, fully_masked=fm,
+        target_classes=target_classes, progress=ctx.progress, desc=f"SIS selection ({name})",
+        mesh=ctx.mesh, compute_dtype=ctx.config.precision)
+  return {k: v for k, v in recs.everything().items() if k != "ids"}
 
 
 def _parts_dir(ctx, name: str) -> str:
@@ -248,7 +311,7 @@ def records_for(ctx, name: str) -> dict:
   """The stored exact record of SIS model ``name`` (stage ``sis``'s result)."""
   with ctx.owned_by("sis"):
     apply, variables, fp, _ = predictor(ctx, name)
-    return exact_records(ctx, name, apply, variables, fp, sample_indices(ctx))
+    return selection_records(ctx, name, apply, variables, fp, sample_indices(ctx))
 
 
 def run(ctx) -> dict:
@@ -256,11 +319,14 @@ def run(ctx) -> dict:
   tau = float(c.threshold)
   indices = sample_indices(ctx)
   num_pixels = int(np.prod(ctx.height_width))
-  out = {"threshold": tau, "num_images": int(len(indices)),
+  out = {"threshold": tau, "num_images": int(len(indices)), "selection": selection_name(ctx),
          "patch_size": int(c.patch_size), "models": {}}
+  if float(c.min_confidence) > 0 or c.only_correct:
+    out["qualifying"] = int(qualifying(ctx).sum())
+    out["only_correct"], out["min_confidence"] = bool(c.only_correct), float(c.min_confidence)
   for name in c.models:
     apply, variables, fp, acc = predictor(ctx, name)
-    rec = exact_records(ctx, name, apply, variables, fp, indices)
+    rec = selection_records(ctx, name, apply, variables, fp, indices)
     batch = sis_of(rec, tau)
     sizes_px = batch.size * pixels_per_feature(ctx)
     out["models"][name] = {"test_accuracy": acc, **size_stats(sizes_px, batch.exists, num_pixels)}

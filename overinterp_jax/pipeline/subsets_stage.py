@@ -10,6 +10,13 @@ and each mask file is written as it goes: ``subsets/<kind>_<split>.npy``,
 input pipeline memory-maps (``data.loader.PackedMasks``) and applies on the
 fly; ``subsets/<kind>_<split>.json`` holds its fingerprint and sha256, checked
 before a file is reused.
+
+Border subsets keep a frame of the same pixel count at the image's edge (the
+same positions in every image, ``border_mask``): the paper's evidence that
+ImageNet border pixels alone suffice. The stage also measures where the BS
+subsets' pixels lie (``border_analysis``): how often each position is kept, and
+the fraction of kept pixels inside the outer band as wide as that frame against
+the band's share of the image (what uniformly placed pixels would give).
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts
 from overinterp_jax.selection import records
 
-KINDS = ("bs", "random")
+KINDS = ("bs", "random")  # per-image mask files; "border" is one mask for every image
+ALL_KINDS = KINDS + ("border",)
 
 
 def mask_path(ctx, kind: str, split: str) -> str:
@@ -80,9 +88,63 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
                          "sha256": artifacts.file_sha256(paths[kind])})
 
 
+def edge_distance(height: int, width: int) -> np.ndarray:
+  """``[H, W]`` int: each pixel's distance to the nearest image edge (0 on the edge)."""
+  i, j = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return np.minimum(np.minimum(i, height - 1 - i), np.minimum(j, width - 1 - j))
+
+
+def border_mask(height: int, width: int, kept: int) -> np.ndarray:
+  """``[H, W]`` bool: a frame of exactly ``kept`` pixels at the image edge.
+
+  Whole rings are taken from the outside in; the innermost, partial ring keeps
+  ``m`` of its ``P`` pixels evenly spaced along its perimeter (pixel ``p`` of the ring,
+  in clockwise order from its top-left corner, is kept when ``⌊(p+1)m/P⌋ > ⌊pm/P⌋``).
+  At 299×299 with 10% (8,941 pixels) that is 7 full rings and part of the 8th.
+  """
+  if not 0 <= kept <= height * width:
+    raise ValueError(f"border_mask: {kept} pixels do not fit a {height}x{width} image.")
+  ring = edge_distance(height, width)
+  mask = np.zeros((height, width), bool)
+  left = kept
+  for r in range(int(ring.max()) + 1):
+    if left == 0:
+      break
+    pixels = _ring_clockwise(height, width, r)
+    if len(pixels) <= left:
+      mask[pixels[:, 0], pixels[:, 1]] = True
+      left -= len(pixels)
+      continue
+    p = np.arange(len(pixels))
+    take = (p + 1) * left // len(pixels) > p * left // len(pixels)
+    mask[pixels[take, 0], pixels[take, 1]] = True
+    left = 0
+  return mask
+
+
+def _ring_clockwise(height: int, width: int, r: int) -> np.ndarray:
+  """``[P, 2]`` (row, col) of the pixels at edge distance ``r``, clockwise from the
+  ring's top-left corner."""
+  top, bottom, left, right = r, height - 1 - r, r, width - 1 - r
+  if top == bottom or left == right:  # a single row or column
+    return np.array([(i, j) for i in range(top, bottom + 1) for j in range(left, right + 1)])
+  path = ([(top, j) for j in range(left, right + 1)]
+          + [(i, right) for i in range(top + 1, bottom + 1)]
+          + [(bottom, j) for j in range(right - 1, left - 1, -1)]
+          + [(i, left) for i in range(bottom - 1, top, -1)])
+  return np.array(path)
+
+
+def border_width(height: int, width: int, kept: int) -> int:
+  """Rings (pixels from the edge) the border frame of ``kept`` pixels reaches into."""
+  ring = edge_distance(height, width)
+  return int(ring[border_mask(height, width, kept)].max()) + 1 if kept else 0
+
+
 def load_or_compute(ctx) -> dict:
   """``{"bs_train", "bs_test", "random_train", "random_test"}`` -> ``loader.PackedMasks``
-  (memory-mapped), computed where missing or invalid."""
+  (memory-mapped), computed where missing or invalid, and ``"border_train"``,
+  ``"border_test"`` -> ``loader.ConstantMask`` (the same frame for every image)."""
   h, w = ctx.height_width
   masks = {}
   # Keyed by the rankings (a checksum of the backselect records) and what it reads.
@@ -99,23 +161,68 @@ def load_or_compute(ctx) -> dict:
         artifacts.note(path[:-4] + ".json")
         masks[f"{kind}_{split}"] = loader.PackedMasks(path, w)
         masks[f"{kind}_{split}"].digest = artifacts.load_json(path[:-4] + ".json")["sha256"]
+    frame = border_mask(h, w, records.pixels_to_keep(h * w, float(ctx.config.subsets.frac_kept)))
+    for split in ("train", "test"):
+      masks[f"border_{split}"] = loader.ConstantMask(frame, ctx.data.num_examples(split))
   return masks
+
+
+def kept_counts(masks, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """``(per_image [N] int, per_position [H, W] int)``: kept pixels of each image and how
+  many images keep each position, read ``chunk`` images at a time."""
+  per_image, per_position = [], 0
+  for i in range(0, len(masks), chunk):
+    m = masks[np.arange(i, min(i + chunk, len(masks)))]
+    per_image.append(m.reshape(len(m), -1).sum(1))
+    per_position = per_position + m.sum(0, dtype=np.int64)
+  return np.concatenate(per_image), np.asarray(per_position)
+
+
+def border_analysis(frequency: np.ndarray, num_images: int, band: int) -> dict:
+  """Where kept pixels lie: ``frequency [H, W]`` (images keeping each position) of
+  ``num_images`` images against the outer ``band`` pixels of the image."""
+  h, w = frequency.shape
+  inside = edge_distance(h, w) < band
+  total = int(frequency.sum())
+  in_band = int(frequency[inside].sum())
+  uniform = float(inside.mean())
+  frac = in_band / total if total else float("nan")
+  return {"num_images": int(num_images), "band_pixels": int(band),
+          "band_share_of_image": uniform, "fraction_kept_in_band": frac,
+          "ratio_to_uniform": frac / uniform if total else float("nan"),
+          "max_position_frequency": float(frequency.max() / num_images) if num_images else 0.0}
+
+
+def analysis_path(ctx) -> str:
+  return ctx.path("subsets", "kept_frequency.npz")
 
 
 def run(ctx) -> dict:
   masks = load_or_compute(ctx)
-  d = int(np.prod(ctx.height_width))
+  h, w = ctx.height_width
+  d = h * w
   kept = records.pixels_to_keep(d, float(ctx.config.subsets.frac_kept))
-  digests = {}
+  band = border_width(h, w, kept)
+  digests, frequency, analysis = {}, {}, {}
   for name, m in masks.items():
     if not len(m):
       continue
-    per_image = np.concatenate([m[np.arange(i, min(i + 4096, len(m)))].reshape(
-        min(4096, len(m) - i), -1).sum(1) for i in range(0, len(m), 4096)])
+    if isinstance(m, loader.ConstantMask):
+      per_image = np.array([m.mask.sum()])
+    else:
+      per_image, frequency[name] = kept_counts(m)
     if per_image.min() != kept or per_image.max() != kept:
       raise AssertionError(f"Subsets {name} keep {per_image.min()}..{per_image.max()} pixels, "
                            f"expected {kept} each.")
     digests[name] = m.digest  # hashed once, when verified or written (load_or_compute)
+  for split in ("train", "test"):
+    if f"bs_{split}" in frequency:
+      analysis[split] = border_analysis(frequency[f"bs_{split}"], len(masks[f"bs_{split}"]), band)
+  path = analysis_path(ctx)
+  artifacts.save(path, {f"{k}/frequency": v for k, v in frequency.items() if k.startswith("bs_")},
+                 artifacts.fingerprint(digests))
+  artifacts.note(path)
   return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
+          "border_width": band, "border_analysis": analysis,
           "mask_sha256": digests}
