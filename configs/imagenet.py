@@ -34,12 +34,13 @@ Stages (the paper's public code, with docs/method.md's decisions):
   * sis: SISes at τ = 0.9 from the backselect records of 1,000 val images the model
     classifies correctly with confidence ≥ 0.9 (seeded sample); controls on them.
 
-Cost (from benchmarks/imagenet_bgsis.py, docs/benchmarks.md#imagenet): Batched Gradient
-SIS costs 894 forward+backward passes per 299×299 image with Inception v3 (~30 TFLOP);
-on this project's 2-core CPU that is tens of minutes per image, so the default variant
-is for accelerators: ~1.33M images × 30 TFLOP ≈ 4e22 FLOP for train + val, about 1.2
-days on 1,000 TFLOP/s of accelerators at 40% utilisation; retraining is 4 × 90 epochs of
-Inception v3. Measured results: docs/results/imagenet_smoke.md (the smoke variant only).
+Cost (benchmarks/imagenet_bgsis.py, docs/benchmarks.md#imagenet-batched-gradient-sis):
+Batched Gradient SIS costs 895 forward+backward passes per 299×299 image with Inception
+v3, 22.1 GFLOP each (XLA's count; no weight gradients): ~20 TFLOP per image. Measured on
+this project's 2-core CPU: 226 s per image (3,142 h for the 50,000 val images), so the
+default variant is for accelerators: train + val (1.33M images, 2.6e19 FLOP) is ~18 h
+on one H100/H200 at 40% of its bf16 peak, plus retraining (4 × 90 epochs of Inception
+v3). Measured results: docs/results/imagenet_smoke.md (the smoke variant, ~4 min).
 """
 import os
 

@@ -26,9 +26,6 @@ def test_accelerator_benchmark_small_on_cpu(tmp_path):
   assert names == ["resnet20 inference", "exact backselect resnet20", "gradient SIS resnet20",
                    "gradient SIS inception_v3 299", "train resnet20", "train resnet50"]
   for r in rows:
-    if "inception" in r["name"]:
-      assert math.isnan(r["value"]) and "not measured" in r["note"]
-      continue
     assert r["value"] > 0 and r["flops_per_item"] > 0 and 0 < r["mfu"] < 10, r
   saved = json.loads(out.read_text())
   assert saved["small"] and saved["precision"] == "float32" and len(saved["rows"]) == 6

@@ -194,7 +194,11 @@ def test_base_model_from_safetensors_weights(tmp_path):
   c.model.name = "resnet50"
   c.stages = ("train",)
   module = train.build_model(c)
-  variables = module.init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32))
+  rng = np.random.default_rng(3)  # random values in the template's shapes (no init compile)
+  variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32) + (
+      1.0 if s.shape and len(s.shape) == 1 else 0.0),
+      torch_weights.variables_template("resnet50", 4))
+  variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # var > 0
   path = str(tmp_path / "resnet50.safetensors")
   save_file(torch_weights.to_torch_state(variables, "resnet50"), path)
   c.model.weights = path
