@@ -210,3 +210,24 @@ def test_base_model_from_safetensors_weights(tmp_path):
   x, y = ds.feed("test").batch(np.arange(4))
   logits = module.apply(torch_weights.load_safetensors(path, "resnet50", 4), x, train=False)
   assert summary["test_accuracy"] == pytest.approx(float((np.argmax(logits, -1) == y).mean()))
+
+
+def test_base_model_from_a_training_work_directory(tmp_path):
+  """config.model.weights = a training work directory of ours: its newest verified
+  checkpoint is the base model, measured, not retrained."""
+  from configs import smoke
+  c = smoke.get_config()
+  c.stages = ("train",)
+  first = str(tmp_path / "first")
+  main.run(c, first)
+  trained_summary = artifacts.load_json(os.path.join(first, "stages", "train.json"))
+  c.model.weights = os.path.join(first, "base_model")
+  second = str(tmp_path / "second")
+  main.run(c, second)
+  loaded = artifacts.load_json(os.path.join(second, "stages", "train.json"))
+  assert not os.path.exists(os.path.join(second, "base_model"))
+  assert loaded["test_accuracy"] == trained_summary["test_accuracy"]
+  assert loaded["test_loss"] == pytest.approx(trained_summary["test_loss"], rel=1e-5)
+  c.model.weights = str(tmp_path)  # a directory without checkpoints
+  with pytest.raises(ValueError, match="config.model.weights=.*checkpoints"):
+    main.run(c, str(tmp_path / "third"))

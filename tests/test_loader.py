@@ -210,3 +210,24 @@ def test_tfds_source_decodes_jpeg_bytes_and_keys_by_file_name(tmp_path, monkeypa
   clone = pickle.loads(pickle.dumps(src))  # grain workers reopen the source
   assert clone._source is None
   np.testing.assert_array_equal(clone[0][0], images[0])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_folder_splits_name_the_sub_folders_read_as_train_and_test(tmp_path, in_memory):
+  from overinterp_jax import data as data_lib
+  from overinterp_jax.config_schema import base_config
+  root = tmp_path / "ilsvrc"
+  _write_folder(root, sizes=((12, 12),) * 3, modes=("RGB", "L", "RGB"))
+  os.rename(root / "test", root / "val")  # the ILSVRC layout: train/ and val/
+  c = base_config().data
+  c.path, c.in_memory, c.normalization = str(root), in_memory, "imagenet"
+  with pytest.raises(ValueError, match="test"):  # the default ("train", "test") is missing
+    data_lib.load_for_config(c, str(tmp_path / "w0"), progress=False)
+  c.folder_splits = ("train", "val")
+  c.expected_train, c.expected_test = 6, 6
+  ds = data_lib.load_for_config(c, str(tmp_path / "w1"), progress=False)
+  assert ds.num_examples("train") == ds.num_examples("test") == 6
+  c.folder_splits = ("val", "val")  # one folder as both splits (the ImageNet sample)
+  ds = data_lib.load_for_config(c, str(tmp_path / "w2"), progress=False)
+  np.testing.assert_array_equal(ds.feed("train").images(np.arange(6)),
+                                ds.feed("test").images(np.arange(6)))

@@ -94,6 +94,7 @@ def load_weights(config, dataset, mesh=None) -> trained.Trained:
   path = config.model.weights
   module = train.build_model(config)
   if os.path.isdir(path):
+    _checkpoint_files(path)  # a clear error for a directory without checkpoints
     tx = train.make_optimizer(config, 1)
     template = train.create_train_state(module, tx, dataset.image_shape, jax.random.key(0))
     manager = checkpoints.manager(os.path.join(path, "checkpoints"), config.checkpoints_to_keep)
