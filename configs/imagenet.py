@@ -25,7 +25,7 @@ Stages (the paper's public code, with docs/method.md's decisions):
     (all 3 channels) removed per step, no noise, target = the class predicted on the
     full image, removed pixels = the mean colour (0 after normalisation); records of
     ~179 KB per 299×299 image (removal step as uint16, one float16 confidence per step);
-  * subsets: 10% (8,941 of 89,401 pixels at 299) BS, random (same count), border frame
+  * subsets: 10% (9,001 of 89,401 pixels at 299: whole removal steps) BS, random (same count), border frame
     (same count, 8 px deep) and BS mask-only; where BS pixels lie (border analysis);
   * retrain: Inception v3 from scratch (no aux head) on each kind of 10% subset: SGD
     lr 0.1, momentum 0.9, weight decay 1e-4, batch 256, 90 epochs, lr × 0.1 every 30

@@ -130,7 +130,8 @@ def _stages(config) -> None:
   _in_range("sis.threshold", s.threshold, 0, 1)
   _in_range("sis.min_confidence", s.min_confidence, 0, 1, low_open=False)
   _one_of("sis.selection", s.selection, sis_stage.SELECTIONS)
-  _booleans(s, "sis.", ("only_correct",))
+  _booleans(s, "sis.", ("only_correct", "sample_all_models"))
+  _at_least(s, "sis.", ("bootstrap_samples",), 100)
   if s.selection == "backselect" and int(s.patch_size) != 1:
     raise ValueError(f"config.sis.patch_size={s.patch_size}: sis.selection='backselect' "
                      "reuses stage backselect's pixel records (patch_size must be 1).")

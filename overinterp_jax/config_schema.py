@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sis.sample_seed = 0
   c.sis.min_confidence = 0.0        # sample only images the base model gives >= this (0 = any)
   c.sis.only_correct = False        # ... and classifies correctly
+  c.sis.sample_all_models = False   # ... every model of sis.models does (the same images)
+  c.sis.bootstrap_samples = 2000    # bootstrap resamples of the median SIS size's interval
+  c.sis.bootstrap_seed = 0
   c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
   c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
   c.sis.models = ("single", "ensemble", "input_dropout")

@@ -73,7 +73,7 @@ def test_border_mask_is_a_frame_of_exactly_the_kept_count(h, w, kept):
 
 
 def test_border_frame_at_299_is_8_pixels_deep():
-  assert subsets_stage.border_width(299, 299, 8941) == 8
+  assert subsets_stage.border_width(299, 299, 9001) == 8
 
 
 def test_border_mask_rejects_more_pixels_than_the_image():
@@ -231,3 +231,16 @@ def test_base_model_from_a_training_work_directory(tmp_path):
   c.model.weights = str(tmp_path)  # a directory without checkpoints
   with pytest.raises(ValueError, match="config.model.weights=.*checkpoints"):
     main.run(c, str(tmp_path / "third"))
+
+
+def test_step_records_keep_whole_removal_steps():
+  """Records above 65,536 pixels store each pixel's removal step only: subsets keep whole
+  steps from the last one back (9,001 of 89,401 pixels at 299×299, k = 100)."""
+  from overinterp_jax.selection import records
+  assert records.whole_steps_to_keep(299 * 299, 8941, 100) == 9001
+  assert records.whole_steps_to_keep(299 * 299, 1, 100) == 1      # the last step: 1 pixel
+  assert records.whole_steps_to_keep(299 * 299, 2, 100) == 101
+  assert records.whole_steps_to_keep(1024, 52, 1) == 52           # exact ranks: as asked
+  assert records.whole_steps_to_keep(300, 300, 100) == 300
+  d = 299 * 299
+  assert record_shards.rank_unit(d, 100) == 100 and record_shards.rank_unit(256 * 256, 100) == 1

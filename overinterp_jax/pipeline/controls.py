@@ -21,7 +21,7 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import artifacts, sis_stage, trained
+from overinterp_jax.pipeline import artifacts, sis_stage, subsets_stage, trained
 from overinterp_jax.pipeline.masked_data import dilate
 from overinterp_jax.selection import records
 
@@ -142,8 +142,9 @@ def masking_values(ctx) -> dict:
                                         ctx.base.variables, ctx.base_fp, indices, masking=kind)
       bs = ctx.backselect("test", tuple(sample.tolist()), kind).everything()
     batch = sis_stage.sis_of(rec, tau)
-    keep = sis.keep_mask(bs["order"], float(c.subsets.frac_kept)).reshape(
-        -1, *ctx.height_width)
+    keep = records.keep_last_removed(bs["order"], subsets_stage.kept_count(ctx),
+                                     int(np.prod(ctx.height_width))).reshape(
+                                         -1, *ctx.height_width)
     fill = (None if kind == "mean" else
             lambda local, kind=kind: ctx.fully_masked("test", kind, sample[local]))
     images = ctx.feed("test").subset(sample).with_masks(loader.PackedMasks.from_masks(keep),
@@ -160,6 +161,9 @@ def rise_fraction(max_values: np.ndarray, original: np.ndarray) -> dict:
   """How often the highest confidence over a selection (``max_values [N]``) exceeds the
   full image's (``original [N]``)."""
   rise = max_values - original
+  if not len(rise):
+    return {"count": 0, "fraction_rising": None, "fraction_rising_by_0.01": None,
+            "median_max_rise": None}
   return {"count": int(len(original)), "fraction_rising": float((rise > 0).mean()),
           "fraction_rising_by_0.01": float((rise > 0.01).mean()),
           "median_max_rise": float(np.median(rise))}

@@ -7,6 +7,7 @@ the same config and seed. Sections for stages that did not run say so.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -113,15 +114,61 @@ def table1(s: dict, config) -> tuple[str, dict]:
   return "\n".join(lines), row
 
 
+def _interval(m: Optional[dict]) -> str:
+  """``median [low, high]`` of a ``sis_stats`` result, or ``—``."""
+  if not m or m.get("median", m.get("difference")) is None:
+    return "—"
+  mid = m.get("median", m.get("difference"))
+  return f"{mid:g} [{m['low']:g}, {m['high']:g}]"
+
+
 def sis_table(s: dict) -> str:
   rows = []
   for name, m in s["models"].items():
-    rows.append([name, _pct(m["test_accuracy"]), str(m["count"]), _pct(m["fraction_with_sis"]),
-                 _num(m.get("median_pixels")), _iqr(m.get("q1_pixels"), m.get("q3_pixels")),
+    rows.append([name, _pct(m["test_accuracy"]),
+                 str(m["epochs"]) if m.get("epochs") else "—",
+                 _pct(m.get("fraction_full_image_reaches_threshold")),
+                 str(m["count"]), _pct(m["fraction_with_sis"]),
+                 _num(m.get("median_pixels")), _interval(m.get("median_interval")),
+                 _iqr(m.get("q1_pixels"), m.get("q3_pixels")),
                  _num(m.get("median_percent"), ".2f")])
   return figures.markdown_table(
-      ["model", "test acc (%)", "SISes", "images with SIS (%)", "median size (px)",
-       "IQR (px)", "median size (% of image)"], rows)
+      ["model", "test acc (%)", "trained (ep)", f"full image ≥ τ (% of test)", "SISes",
+       "images with SIS (%)", "median size (px)", "median, 95% CI (px)", "IQR (px)",
+       "median size (% of image)"], rows)
+
+
+def differences_md(s: dict) -> list[str]:
+  """Paired differences of median SIS size against the single model, and one sentence
+  per paper claim (mitigations make SISes larger) saying whether the run supports it."""
+  diffs = s.get("differences") or {}
+  if not diffs:
+    return []
+  rows = [[f"{name} − single", str(d["count"]), _interval(d),
+           _num(d.get("median_paired_difference"), "g"), _pct(d.get("fraction_larger"))]
+          for name, d in diffs.items()]
+  out = ["Paired differences on the same images (bootstrap over images):", "",
+         figures.markdown_table(["difference of median SIS size", "images",
+                                 "difference, 95% CI (px)", "median per-image difference (px)",
+                                 "images where larger (%)"], rows), ""]
+  claims = {"ensemble": "Ensembles reduce overinterpretation (larger SISes)",
+            "input_dropout": "Input dropout reduces overinterpretation (larger SISes)"}
+  for name, d in diffs.items():
+    if name not in claims:
+      continue
+    if d["difference"] is None:
+      verdict = "cannot be judged: no image has a SIS for both models"
+    elif d["low"] > 0:
+      verdict = "**supported**: the interval lies above 0"
+    elif d["high"] < 0:
+      verdict = "**contradicted**: the interval lies below 0 (smaller SISes)"
+    else:
+      verdict = "**not shown**: the interval contains 0"
+    numbers = "" if d["difference"] is None else (
+        f" (difference of median SIS sizes {_interval(d)} px over the {d['count']} images "
+        "with a SIS for both models)")
+    out.append(f"- {claims[name]}: {verdict}{numbers}.")
+  return out + [""]
 
 
 def border_md(s: dict, frac: str) -> list[str]:
@@ -151,9 +198,12 @@ def sis_md(s: dict, config) -> list[str]:
          f"{p}×{p}-pixel features)", ""]
   if "qualifying" in s:
     which = " and classifies correctly" if s["only_correct"] else ""
-    out += [f"Sampled from the {s['qualifying']} test images the base model gives confidence "
+    who = "every model" if s.get("all_models") else "the base model"
+    out += [f"Sampled from the {s['qualifying']} test images {who} gives confidence "
             f"≥ {s['min_confidence']:g}{which}.", ""]
-  return out + [sis_table(s), ""]
+  if not s["num_images"]:
+    return out + ["No test image qualifies: no SIS to report.", ""]
+  return out + [sis_table(s), ""] + differences_md(s)
 
 
 def controls_md(s: dict, frac: str) -> str:
@@ -205,7 +255,7 @@ def controls_md(s: dict, frac: str) -> str:
                 ["record", "images", "confidence rises above full image (%)",
                  "rises by > 0.01 (%)", "median max rise"],
                 [[k, str(v["count"]), _pct(v["fraction_rising"]), _pct(v["fraction_rising_by_0.01"]),
-                  f"{v['median_max_rise']:.4f}"] for k, v in s["confidence_rise"].items()]), ""]
+                  _num(v['median_max_rise'], '.4f')] for k, v in s["confidence_rise"].items()]), ""]
   return "\n".join(out)
 
 
@@ -219,7 +269,7 @@ def draw_figures(ctx, s: dict) -> dict:
   tau = float(ctx.config.sis.threshold)
   h, w = ctx.height_width
   n_fig = int(ctx.config.report.num_figure_images)
-  if "sis" in s:
+  if "sis" in s and s["sis"]["num_images"]:
     idx = sis_stage.sample_indices(ctx)
     fmap = sis_stage.feature_map(ctx)
     recs = {name: sis_stage.records_for(ctx, name) for name in s["sis"]["models"]}
@@ -269,7 +319,7 @@ def draw_figures(ctx, s: dict) -> dict:
                          f"{int(ctx.config.controls.dilation)})"))
   if "confidence_rise" in c:
     values, original = {}, {}
-    for name in s["sis"]["models"]:
+    for name in s["sis"]["models"] if s["sis"]["num_images"] else ():
       rec = sis_stage.records_for(ctx, name)
       row = f"{sis_stage.selection_name(ctx)}/{name}"
       values[row], original[row] = rec["values"], rec["original_scores"]

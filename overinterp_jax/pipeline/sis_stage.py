@@ -31,7 +31,8 @@ import numpy as np
 from absl import logging
 
 from overinterp_jax import config_reads, sis
-from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards, trained
+from overinterp_jax.pipeline import (artifacts, backselect_stage, record_shards, sis_stats,
+                                     trained)
 
 MODELS = ("single", "ensemble", "input_dropout")
 SELECTIONS = ("exact", "backselect")
@@ -64,21 +65,29 @@ def test_sample_order(ctx) -> np.ndarray:
 
 
 def qualifying(ctx) -> np.ndarray:
-  """``[N]`` bool: test images the SIS sample may draw from (base model's confidence
-  ``>= sis.min_confidence``, and right when ``sis.only_correct``)."""
+  """``[N]`` bool: test images the SIS sample may draw from: the base model's confidence
+  ``>= sis.min_confidence`` (and right when ``sis.only_correct``); with
+  ``sis.sample_all_models``, every model of ``sis.models``'s."""
   c = ctx.config.sis
-  predicted, confidence = base_predictions(ctx)
-  ok = confidence >= float(c.min_confidence)
-  if c.only_correct:
-    ok &= predicted == ctx.labels("test")
+  names = tuple(c.models) if c.sample_all_models else ("single",)
+  ok = np.ones(ctx.data.num_examples("test"), bool)
+  for name in names:
+    predicted, confidence = model_predictions(ctx, name)
+    ok &= confidence >= float(c.min_confidence)
+    if c.only_correct:
+      ok &= predicted == ctx.labels("test")
   return ok
+
+
+def _restricted(c) -> bool:
+  return float(c.min_confidence) > 0 or c.only_correct or c.sample_all_models
 
 
 def sample_indices(ctx) -> np.ndarray:
   """The test images of the SIS sample (sorted): the first ``sis.num_images`` (0 = all) of
   one seeded permutation among those ``qualifying``."""
   c = ctx.config.sis
-  if float(c.min_confidence) <= 0 and not c.only_correct:
+  if not _restricted(c):
     return test_sample(ctx, int(c.num_images))
   order = test_sample_order(ctx)
   chosen = order[qualifying(ctx)[order]]
@@ -100,6 +109,15 @@ def base_predictions(ctx) -> tuple[np.ndarray, np.ndarray]:
     p = trained.softmax(logits.astype(np.float64))
     cache["base_predictions"] = (p.argmax(-1), p.max(axis=-1))
   return cache["base_predictions"]
+
+
+def model_predictions(ctx, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """``([N] predicted class, [N] confidence)`` of SIS model ``name`` on the full test
+  images."""
+  if name == "single":
+    return base_predictions(ctx)
+  predictor(ctx, name)  # computes them with the model's test accuracy
+  return ctx.__dict__["_sis_predictors"][f"{name}/predictions"]
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:
@@ -287,7 +305,7 @@ def _build_predictor(ctx, name: str):
     fp = artifacts.fingerprint("ensemble", [m.key for m in members])
     logits = trained.predict_logits(apply, stacked, ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
-    acc = float((logits.argmax(-1) == ctx.labels("test")).mean())
+    acc = _keep_predictions(ctx, name, logits)
     return apply, stacked, fp, acc
   if name == "input_dropout":
     model = input_dropout_model(ctx)
@@ -302,9 +320,28 @@ def _build_predictor(ctx, name: str):
     logits = trained.predict_logits(apply, model.variables,
                                     ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
-    acc = float((logits.argmax(-1) == ctx.labels("test")).mean())
+    acc = _keep_predictions(ctx, name, logits)
     return apply, model.variables, fp, acc
   raise ValueError(f"config.sis.models: unknown model {name!r}; known: {list(MODELS)}.")
+
+
+def _keep_predictions(ctx, name: str, logits: np.ndarray) -> float:
+  """Caches model ``name``'s predictions and confidences on the test images from its
+  ``logits [N, K]``; returns its test accuracy."""
+  p = trained.softmax(logits.astype(np.float64))
+  ctx.__dict__.setdefault("_sis_predictors", {})[f"{name}/predictions"] = (
+      p.argmax(-1), p.max(axis=-1))
+  return float((p.argmax(-1) == ctx.labels("test")).mean())
+
+
+def training_epochs(ctx, name: str) -> int:
+  """Epochs model ``name`` trained for (each ensemble member's; 0 for a given model)."""
+  c = ctx.config
+  if name == "single":
+    return 0 if c.pretrained or c.model.weights else int(c.num_epochs)
+  if name == "ensemble":
+    return int(c.sis.ensemble_epochs) or int(c.num_epochs)
+  return int(c.sis.input_dropout_epochs) or int(c.num_epochs)
 
 
 def records_for(ctx, name: str) -> dict:
@@ -321,13 +358,27 @@ def run(ctx) -> dict:
   num_pixels = int(np.prod(ctx.height_width))
   out = {"threshold": tau, "num_images": int(len(indices)), "selection": selection_name(ctx),
          "patch_size": int(c.patch_size), "models": {}}
-  if float(c.min_confidence) > 0 or c.only_correct:
+  if _restricted(c):
     out["qualifying"] = int(qualifying(ctx).sum())
     out["only_correct"], out["min_confidence"] = bool(c.only_correct), float(c.min_confidence)
+    out["all_models"] = bool(c.sample_all_models)
+  boot = dict(num=int(c.bootstrap_samples), seed=int(c.bootstrap_seed))
+  sizes, exists = {}, {}
   for name in c.models:
     apply, variables, fp, acc = predictor(ctx, name)
     rec = selection_records(ctx, name, apply, variables, fp, indices)
     batch = sis_of(rec, tau)
-    sizes_px = batch.size * pixels_per_feature(ctx)
-    out["models"][name] = {"test_accuracy": acc, **size_stats(sizes_px, batch.exists, num_pixels)}
+    sizes[name], exists[name] = batch.size * pixels_per_feature(ctx), batch.exists
+    _, confidence = model_predictions(ctx, name)
+    out["models"][name] = {
+        "test_accuracy": acc, "epochs": training_epochs(ctx, name),
+        "fraction_full_image_reaches_threshold": float((confidence >= tau).mean()),
+        **size_stats(sizes[name], exists[name], num_pixels),
+        "median_interval": sis_stats.median_interval(sizes[name][exists[name]], **boot)}
+  if "single" in sizes:
+    out["differences"] = {}
+    for name in (n for n in c.models if n != "single"):
+      both = exists[name] & exists["single"]
+      out["differences"][name] = sis_stats.paired_difference(
+          sizes[name][both], sizes["single"][both], **boot)
   return out

@@ -1,7 +1,8 @@
 """Stage ``subsets``: backward-selection and random pixel-subsets of train and test images.
 
 BS subsets keep the last-removed ``ceil(frac_kept · d)`` pixels of each
-image's backward selection; random subsets keep as many uniformly random
+image's backward selection (whole steps where records store only the step,
+``kept_count``); random subsets keep as many uniformly random
 pixels, drawn per split from fixed seeds (the public code: 1234 train, 5678
 test; one generator per split, drawn shard after shard, so the masks do not
 depend on the shard size). The backselect records are read shard by shard
@@ -25,13 +26,23 @@ import os
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads, sis
+from overinterp_jax import config_reads
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards
 from overinterp_jax.selection import records
 
 KINDS = ("bs", "random")  # per-image mask files; "border" is one mask for every image
 ALL_KINDS = KINDS + ("border",)
+
+
+def kept_count(ctx) -> int:
+  """Pixels every subset keeps: ``ceil(frac_kept · d)``, rounded up to whole removal steps
+  where the backselect records store only each pixel's step (``record_shards.rank_unit``:
+  Batched Gradient SIS above 65,536 pixels; 9,001 of 89,401 at 299×299, k = 100)."""
+  h, w = ctx.height_width
+  unit = record_shards.rank_unit(h * w, backselect_stage.per_step(ctx.config.backselect))
+  return records.whole_steps_to_keep(
+      h * w, records.pixels_to_keep(h * w, float(ctx.config.subsets.frac_kept)), unit)
 
 
 def mask_path(ctx, kind: str, split: str) -> str:
@@ -67,11 +78,11 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
   tmp = {kind: f"{p}.{os.getpid()}.tmp" for kind, p in paths.items()}
   out = {kind: np.lib.format.open_memmap(tmp[kind], mode="w+", dtype=np.uint8, shape=shape)
          for kind in KINDS}
-  kept = records.pixels_to_keep(h * w, float(c.frac_kept))
+  kept = kept_count(ctx)
   rng = np.random.default_rng(int(c.random_seed_train if split == "train" else
                                   c.random_seed_test))
   for rows, shard in recs.shards():
-    bs = sis.keep_mask(shard["order"], float(c.frac_kept)).reshape(-1, h, w)
+    bs = records.keep_last_removed(shard["order"], kept, h * w).reshape(-1, h, w)
     scores = rng.random((len(bs), h * w))
     chosen = np.argpartition(scores, h * w - kept, axis=1)[:, h * w - kept:]
     rand = np.zeros((len(bs), h * w), bool)
@@ -100,7 +111,7 @@ def border_mask(height: int, width: int, kept: int) -> np.ndarray:
   Whole rings are taken from the outside in; the innermost, partial ring keeps
   ``m`` of its ``P`` pixels evenly spaced along its perimeter (pixel ``p`` of the ring,
   in clockwise order from its top-left corner, is kept when ``⌊(p+1)m/P⌋ > ⌊pm/P⌋``).
-  At 299×299 with 10% (8,941 pixels) that is 7 full rings and part of the 8th.
+  At 299×299 with 10% (9,001 pixels) that is 7 full rings and part of the 8th.
   """
   if not 0 <= kept <= height * width:
     raise ValueError(f"border_mask: {kept} pixels do not fit a {height}x{width} image.")
@@ -161,7 +172,7 @@ def load_or_compute(ctx) -> dict:
         artifacts.note(path[:-4] + ".json")
         masks[f"{kind}_{split}"] = loader.PackedMasks(path, w)
         masks[f"{kind}_{split}"].digest = artifacts.load_json(path[:-4] + ".json")["sha256"]
-    frame = border_mask(h, w, records.pixels_to_keep(h * w, float(ctx.config.subsets.frac_kept)))
+    frame = border_mask(h, w, kept_count(ctx))
     for split in ("train", "test"):
       masks[f"border_{split}"] = loader.ConstantMask(frame, ctx.data.num_examples(split))
   return masks
@@ -201,7 +212,7 @@ def run(ctx) -> dict:
   masks = load_or_compute(ctx)
   h, w = ctx.height_width
   d = h * w
-  kept = records.pixels_to_keep(d, float(ctx.config.subsets.frac_kept))
+  kept = kept_count(ctx)
   band = border_width(h, w, kept)
   digests, frequency, analysis = {}, {}, {}
   for name, m in masks.items():
