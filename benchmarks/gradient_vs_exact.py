@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from rank_stats import spearman as _spearman
+from overinterp_jax.selection.rank_stats import spearman as _spearman
 from overinterp_jax import sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import sis_stage, trained

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from overinterp_jax import sis
 from overinterp_jax.pipeline import sis_stage
 import workdir_script
-from rank_stats import spearman
+from overinterp_jax.selection.rank_stats import spearman
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pipeline config.", lock_config=True)

@@ -40,5 +40,6 @@ def get_config():
   c.sis.input_dropout_epochs = 1
   c.sis.input_dropout_samples = 2
   c.controls.masking_test_images = 32
+  c.controls.gradient_vs_exact = False  # tests/test_pipeline_parts.py covers it
   c.report.num_figure_images = 4
   return c

@@ -154,7 +154,7 @@ def _stages(config) -> None:
   if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:
     raise ValueError(f"config.controls.dilation must be a positive odd integer, got "
                      f"{c.dilation}.")
-  _booleans(c, "controls.", ("smoothed", "targeted", "confidence_rise"))
+  _booleans(c, "controls.", ("smoothed", "targeted", "confidence_rise", "gradient_vs_exact"))
   _at_least(c, "controls.", ("smoothed_images", "masking_test_images"), 0)
   if not c.blur_sigma > 0:
     raise ValueError(f"config.controls.blur_sigma must be > 0, got {c.blur_sigma}.")

@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.controls.noise_scale = 1.0      # uniform in [-s, s] (normalised units)
   c.controls.noise_seed = 0
   c.controls.confidence_rise = True
+  # Batched Gradient SIS (k = 1) against exact selection on the SIS sample (sis.selection
+  # "exact" only): first-step rankings, orders, kept features (pipeline/gradient_check.py).
+  c.controls.gradient_vs_exact = True
 
   c.report = ml_collections.ConfigDict()
   c.report.num_figure_images = 8

@@ -13,6 +13,8 @@ target confidence. These controls let a user weigh both readings:
     masked value set to the dataset mean (0), a blurred copy, or noise.
   * ``confidence_rise``: the fraction of images whose confidence rises above
     its full-image value during backward selection.
+  * ``gradient_vs_exact``: how well Batched Gradient SIS approximates exact
+    selection on the SIS sample (``gradient_check.py``).
 (Mask-only leakage is the ``mask_only`` kind of the ``retrain`` stage.)
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import artifacts, sis_stage, subsets_stage, trained
+from overinterp_jax.pipeline import (artifacts, gradient_check, sis_stage, subsets_stage,
+                                     trained)
 from overinterp_jax.pipeline.masked_data import dilate
 from overinterp_jax.selection import records
 
@@ -193,4 +196,6 @@ def run(ctx) -> dict:
     out["masking_values"] = masking_values(ctx)
   if c.confidence_rise:
     out["confidence_rise"] = confidence_rise(ctx)
+  if c.gradient_vs_exact and ctx.config.sis.selection == "exact":
+    out["gradient_vs_exact"] = gradient_check.run(ctx)
   return out
