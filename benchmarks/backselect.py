@@ -135,8 +135,8 @@ def program_temp_bytes(predict, variables, images, eval_batch, group, d) -> int 
   n = images.shape[0]
   try:
     stats = program.lower((variables, model.consts), fmap.astype(jnp.int32), images,
-                          jnp.zeros_like(images),
-                          -jnp.ones((n,), jnp.int32)).compile().memory_analysis()
+                          jnp.zeros_like(images), -jnp.ones((n,), jnp.int32),
+                          jnp.ones((n, d), bool)).compile().memory_analysis()
     return int(stats.temp_size_in_bytes) if stats is not None else None
   except Exception:
     return None

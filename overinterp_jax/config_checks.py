@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 from overinterp_jax import cpu_budget, precision, train
 from overinterp_jax.data import NORMALIZATIONS, SOURCES
 from overinterp_jax.models import shipped
-from overinterp_jax.pipeline import masked_data, retrain_stage, runner, sis_stage
+from overinterp_jax.pipeline import (backselect_stage, masked_data, retrain_stage, runner,
+                                     sis_stage)
 
 CROPS = ("device", "inception")  # config.augment.crop
 
@@ -117,7 +118,8 @@ def _data(d) -> None:
 
 def _stages(config) -> None:
   b = config.backselect
-  _one_of("backselect.method", b.method, ("exact", "gradient"))
+  _one_of("backselect.method", b.method, backselect_stage.METHODS)
+  _in_range("backselect.switch_fraction", b.switch_fraction, 0, 1)
   _at_least(b, "backselect.", ("remove_per_step", "shard_size"), 1)
   # 0 = as many images per pass as fit the device's memory (overinterp_jax/memory.py).
   _at_least(b, "backselect.", ("batch_size",), 0)

@@ -10,9 +10,10 @@ Two layers, both pure (no file I/O, no logging):
   deliberate differences (docs/method.md §6): the starting check ``f >= τ`` is
   made on the input *with the initial mask applied*, and an empty SIS (the
   fully masked input already scores ``>= τ``) gets an all-False mask.
-* **Batched API for models** — ``batched_backselect`` (exact) and
-  ``gradient_backselect`` (Batched Gradient SIS) run backward selection for N
-  images at once, sharded over all local devices, and return a
+* **Batched API for models** — ``batched_backselect`` (exact),
+  ``gradient_backselect`` (Batched Gradient SIS) and ``hybrid_backselect`` (the
+  gradient, then exact selection of the last features) run backward selection
+  for N images at once, sharded over all local devices, and return a
   ``BackselectResult``; ``sis_from_backselect``, ``keep_mask`` and
   ``apply_feature_mask`` turn results into SISes and pixel-subsets.
 
@@ -623,35 +624,38 @@ def _model_predict(model: traced.Traced):
 
 
 def _batched_exact_program(model: traced.Traced, apply_softmax, eval_batch, group, d,
-                           pixel_shape, shared_fully_masked, mesh):
+                           pixel_shape, shared_fully_masked, mesh, num_steps=None):
   """Sharded exact program, called with ``(params, model.consts)`` as its parameters.
 
+  Images come with ``present0 [n, d]`` bool, the features present at the start
+  (all of them in ``batched_backselect``; those the gradient phase left in
+  ``hybrid_backselect``); each of ``num_steps`` (default ``d``) steps removes one.
   ``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
   ``shared_fully_masked`` when every image has the same masked values. Cached
   on ``model.key`` (what the model computes), never on the Python function.
   """
+  num_steps = d if num_steps is None else num_steps
   return _PROGRAMS.get(
-      ("batched_exact", model.key, apply_softmax, eval_batch, group, d, pixel_shape,
-       shared_fully_masked, mesh),
+      ("batched_exact", model.key, apply_softmax, eval_batch, group, d, num_steps,
+       pixel_shape, shared_fully_masked, mesh),
       lambda: _build_batched_exact_program(model, apply_softmax, eval_batch, group, d,
-                                           pixel_shape, shared_fully_masked, mesh))
+                                           num_steps, pixel_shape, shared_fully_masked, mesh))
 
 
-def _build_batched_exact_program(model, apply_softmax, eval_batch, group, d, pixel_shape,
-                                 shared_fully_masked, mesh):
+def _build_batched_exact_program(model, apply_softmax, eval_batch, group, d, num_steps,
+                                 pixel_shape, shared_fully_masked, mesh):
   class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   core = exact.exact_backselect_program(
-      score, eval_batch=eval_batch, num_steps=d, mask_shape=_mask_shape(pixel_shape),
+      score, eval_batch=eval_batch, num_steps=num_steps, mask_shape=_mask_shape(pixel_shape),
       use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
 
-  def per_group(params, feature_map, images, fully_masked, targets_in):
+  def per_group(params, feature_map, images, fully_masked, targets_in, present0):
     targets, start = _targets_and_start(class_scores, params, images, targets_in)
-    present0 = jnp.ones((images.shape[0], d), bool)
     order, values, nonfinite = core(params, images, fully_masked, present0, targets,
                                     feature_map)
     return targets, start, order, to_value(values), nonfinite | ~jnp.isfinite(start)
 
-  return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=3)
+  return _shard_over_images(_grouped(per_group, group), mesh, num_batched_args=4)
 
 
 def _mask_shape(pixel_shape):
@@ -659,20 +663,24 @@ def _mask_shape(pixel_shape):
 
 
 def _batched_gradient_programs(model: traced.Traced, apply_softmax, k, d, noise_std,
-                               pixel_shape, mesh):
+                               pixel_shape, mesh, num_removals=None):
   """Compiled, sharded ``(init, step, finish)``; each device holds one group of images.
-  Called with ``(params, model.consts)`` as parameters; cached on ``model.key``."""
+  ``num_removals``: features removed in all (default ``d``, every one). Called with
+  ``(params, model.consts)`` as parameters; cached on ``model.key``."""
+  num_removals = d if num_removals is None else num_removals
   return _PROGRAMS.get(
-      ("batched_gradient", model.key, apply_softmax, k, d, noise_std, pixel_shape, mesh),
+      ("batched_gradient", model.key, apply_softmax, k, d, noise_std, pixel_shape, mesh,
+       num_removals),
       lambda: _build_batched_gradient_programs(model, apply_softmax, k, d, noise_std,
-                                               pixel_shape, mesh))
+                                               pixel_shape, mesh, num_removals))
 
 
-def _build_batched_gradient_programs(model, apply_softmax, k, d, noise_std, pixel_shape, mesh):
+def _build_batched_gradient_programs(model, apply_softmax, k, d, noise_std, pixel_shape, mesh,
+                                     num_removals):
   class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   init, step, finish_scores = gradient.gradient_backselect_steps(
       score, remove_per_step=k, num_features=d, mask_shape=_mask_shape(pixel_shape),
-      use_feature_map=pixel_shape is None, noise_std=noise_std)
+      use_feature_map=pixel_shape is None, noise_std=noise_std, num_removals=num_removals)
 
   def init_group(params, feature_map, images, fully_masked, targets_in, noise_keys):
     targets, _ = _targets_and_start(class_scores, params, images, targets_in)
@@ -704,7 +712,24 @@ def _shard_over_images(per_device, mesh, num_batched_args: int):
   return _jit_shard_map(per_device, mesh, (P(), P()) + (data,) * num_batched_args, data)
 
 
-def _prepare_images(images, fully_masked, feature_map, target_classes):
+class _Images(NamedTuple):
+  """Checked inputs of the batched API (``_prepare_images``).
+
+  Fields: ``images [N, H, W, C]``; ``fully_masked [N, H, W, C]``; ``shared_fully_masked``
+  (every image has the same masked values); ``feature_map [H, W, 1]`` int32; ``d``
+  features; ``pixel_shape`` ``(H, W)`` for pixel features, else None; ``targets [N]``
+  int32 (-1: the predicted class).
+  """
+  images: jax.Array
+  fully_masked: jax.Array
+  shared_fully_masked: bool
+  feature_map: jax.Array
+  d: int
+  pixel_shape: tuple[int, int] | None
+  targets: np.ndarray
+
+
+def _prepare_images(images, fully_masked, feature_map, target_classes) -> _Images:
   images = jnp.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
@@ -737,7 +762,8 @@ def _prepare_images(images, fully_masked, feature_map, target_classes):
     if np.any(targets < 0):
       raise ValueError("target_classes must be >= 0.")
     targets = targets.astype(np.int32)
-  return images, fully_masked, shared_fully_masked, jnp.asarray(fmap), d, pixel_shape, targets
+  return _Images(images, fully_masked, shared_fully_masked, jnp.asarray(fmap), d, pixel_shape,
+                 targets)
 
 
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
@@ -809,28 +835,47 @@ def batched_backselect(predict_fn: Callable, images, *, params: Any = None,
   Returns:
     ``BackselectResult`` of numpy arrays.
   """
-  images, fully_masked, shared_fm, fmap, d, pixel_shape, targets = _prepare_images(
-      images, fully_masked, feature_map, target_classes)
+  prepared = _prepare_images(images, fully_masked, feature_map, target_classes)
   predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
-  _check_num_classes(predict_fn, params, images, targets, apply_softmax)
+  _check_num_classes(predict_fn, params, prepared.images, prepared.targets, apply_softmax)
+  return _exact_phase(predict_fn, params, prepared, None, prepared.d,
+                      apply_softmax=apply_softmax, eval_batch_size=eval_batch_size,
+                      images_per_group=images_per_group,
+                      memory_budget_bytes=memory_budget_bytes, mesh=mesh)
+
+
+def _exact_phase(predict_fn, params, prepared: _Images, present0, num_steps: int, *,
+                 apply_softmax, eval_batch_size, images_per_group, memory_budget_bytes,
+                 mesh) -> BackselectResult:
+  """Exact backward selection of ``num_steps`` features of each image.
+
+  ``present0``: ``[N, d]`` bool, the features present at the start (exactly
+  ``num_steps`` per image), or None for all ``d`` of them. The others stay masked
+  throughout. ``order`` and ``values`` of the result are ``[N, num_steps]``; targets
+  and original scores are on the full images. Arguments as in ``batched_backselect``.
+  """
+  images, d = prepared.images, prepared.d
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
   if eval_batch_size is None:
     fn = predict_fn if params is not None else (lambda _, x: predict_fn(x))
     eval_batch_size = _cached_eval_batch_size(
         fn, params, images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
-        budget_bytes=_budget(memory_budget_bytes, mesh), cap=n * d)
+        budget_bytes=_budget(memory_budget_bytes, mesh), cap=n * num_steps)
   eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
   if images_per_group is None:
     # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
-    images_per_group = min(n, -(-16 * eval_batch_size // d))
+    images_per_group = min(n, -(-16 * eval_batch_size // num_steps))
   group = _positive_int("images_per_group", images_per_group)
   model = _traced_model(predict_fn, params, images,
                         (group,) + exact.chunk_sizes(eval_batch_size))
   program = _batched_exact_program(model, bool(apply_softmax), eval_batch_size, group, d,
-                                   pixel_shape, shared_fm, mesh)
+                                   prepared.pixel_shape, prepared.shared_fully_masked, mesh,
+                                   num_steps)
+  present0 = np.ones((n, d), bool) if present0 is None else present0
   return _run_sharded(program, mesh, group, (params, model.consts),
-                      [images, fully_masked, targets], fmap, n)
+                      [images, prepared.fully_masked, prepared.targets, present0],
+                      prepared.feature_map, n)
 
 
 def gradient_batch_size(predict_fn: Callable, images, *, params: Any = None, mesh=None,
@@ -871,16 +916,40 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
   that fits ``memory_budget_bytes`` (default: from the device's memory). Other
   arguments as in ``batched_backselect``.
   """
-  if not isinstance(remove_per_step, (int, np.integer)) or remove_per_step < 1:
+  _check_gradient_args(remove_per_step, noise_std)
+  prepared = _prepare_images(images, fully_masked, feature_map, target_classes)
+  predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
+  _check_num_classes(predict_fn, params, prepared.images, prepared.targets, apply_softmax)
+  _check_remove_per_step(remove_per_step, prepared.d)
+  return _gradient_phase(predict_fn, params, prepared, prepared.d,
+                         remove_per_step=remove_per_step, apply_softmax=apply_softmax,
+                         noise_std=noise_std, seed=seed, batch_size=batch_size,
+                         memory_budget_bytes=memory_budget_bytes, mesh=mesh)
+
+
+def _check_gradient_args(remove_per_step, noise_std) -> None:
+  if (isinstance(remove_per_step, bool) or not isinstance(remove_per_step, (int, np.integer))
+      or remove_per_step < 1):
     raise ValueError(f"remove_per_step must be a positive integer, got {remove_per_step!r}.")
   if not (math.isfinite(noise_std) and noise_std >= 0):
     raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
-  images, fully_masked, _, fmap, d, pixel_shape, targets = _prepare_images(
-      images, fully_masked, feature_map, target_classes)
-  predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
-  _check_num_classes(predict_fn, params, images, targets, apply_softmax)
+
+
+def _check_remove_per_step(remove_per_step: int, d: int) -> None:
   if remove_per_step > d:
     raise ValueError(f"remove_per_step={remove_per_step} exceeds the {d} features.")
+
+
+def _gradient_phase(predict_fn, params, prepared: _Images, num_removals: int, *,
+                    remove_per_step, apply_softmax, noise_std, seed, batch_size,
+                    memory_budget_bytes, mesh) -> BackselectResult:
+  """Batched Gradient SIS removing the first ``num_removals`` features of each image.
+
+  ``order`` and ``values`` of the result are ``[N, num_removals]`` (all of
+  ``gradient_backselect``'s when ``num_removals = d``, else its first removals);
+  arguments as in ``gradient_backselect``.
+  """
+  images, d = prepared.images, prepared.d
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = images.shape[0]
   if batch_size is None:
@@ -892,22 +961,104 @@ def gradient_backselect(predict_fn: Callable, images, *, remove_per_step: int = 
       jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n)))
   model = _traced_model(predict_fn, params, images, (group,))
   init, step, finish = _batched_gradient_programs(
-      model, bool(apply_softmax), int(remove_per_step), d, float(noise_std), pixel_shape, mesh)
+      model, bool(apply_softmax), int(remove_per_step), d, float(noise_std),
+      prepared.pixel_shape, mesh, int(num_removals))
   params = (params, model.consts)
   # Each round gives every device one group of consecutive images.
   per_round = group * mesh.devices.size
-  batched = [sharding.pad_batch(a, per_round)[0] for a in (images, fully_masked, targets, keys)]
+  batched = [sharding.pad_batch(a, per_round)[0]
+             for a in (images, prepared.fully_masked, prepared.targets, keys)]
   outputs = []
   for start in range(0, batched[0].shape[0], per_round):
-    const, state = init(params, fmap,
+    const, state = init(params, prepared.feature_map,
                         *(sharding.shard_rows(mesh, a[start:start + per_round]) for a in batched))
-    for s in range(gradient.num_steps(d, remove_per_step)):
+    for s in range(gradient.num_steps(num_removals, remove_per_step)):
       state = step(const, state, s)
     outputs.append((const["targets"],) + tuple(finish(const, state)))
   targets, order, values, start_scores, nonfinite = (
       np.concatenate([sharding.to_host(o[i]) for o in outputs])[:n] for i in range(5))
   _raise_if_nonfinite(nonfinite)
   return BackselectResult(targets, start_scores, order, values)
+
+
+def exact_features(num_features: int, switch_fraction: float) -> int:
+  """Features ``hybrid_backselect`` selects exactly: ``ceil(switch_fraction · d)``.
+
+  E.g. 205 of 1,024 CIFAR pixels at 0.2. Raises ``ValueError`` unless
+  ``switch_fraction`` is a number in (0, 1].
+  """
+  if (isinstance(switch_fraction, bool)
+      or not isinstance(switch_fraction, (int, float, np.integer, np.floating))
+      or not 0 < switch_fraction <= 1):
+    raise ValueError(f"switch_fraction must be a number in (0, 1], got {switch_fraction!r}.")
+  return records.pixels_to_keep(num_features, float(switch_fraction))
+
+
+def hybrid_backselect(predict_fn: Callable, images, *, switch_fraction: float,
+                      remove_per_step: int, params: Any = None, target_classes=None,
+                      fully_masked=None, feature_map=None, apply_softmax: bool = True,
+                      noise_std: float = 0.0, seed: int = 0, batch_size: int | None = 64,
+                      eval_batch_size: int | None = None,
+                      images_per_group: int | None = None,
+                      memory_budget_bytes: int | None = None,
+                      compute_dtype: str | None = None, mesh=None) -> BackselectResult:
+  """Batched Gradient SIS, then exact backward selection of the last features.
+
+  With ``r = exact_features(d, switch_fraction)``: Batched Gradient SIS removes
+  the first ``d - r`` features of each image, ``remove_per_step`` per step (the
+  last step fewer when ``d - r`` is not a multiple of it), exactly as the first
+  steps of ``gradient_backselect``; then exact backward selection (as
+  ``batched_backselect``: every remaining candidate scored, ties to the lowest
+  feature id) ranks the ``r`` features left, starting from the image with the
+  gradient's removals masked. So the last-removed features, those a pixel-subset
+  or SIS keeps, are chosen exactly. Cost per image: ``ceil((d - r) / k) + 1``
+  forward and backward passes plus ``r(r + 1) / 2`` model evaluations (instead of
+  ``d(d + 1) / 2``). ``switch_fraction = 1`` is ``batched_backselect``, bitwise.
+
+  The exact phase runs every image of a group together whatever features the
+  gradient left it: the exact program takes a per-image ``[N, d]`` mask of the
+  features present at the start and scores only those.
+
+  Args:
+    switch_fraction: in (0, 1], the fraction of the features selected exactly.
+    remove_per_step: positive integer ``k``, at most ``d``.
+    batch_size, noise_std, seed: the gradient phase's (``gradient_backselect``).
+    eval_batch_size, images_per_group, memory_budget_bytes: the exact phase's
+      (``batched_backselect``); ``memory_budget_bytes`` also sizes a ``batch_size``
+      of None.
+    Others as in ``batched_backselect``.
+
+  Returns:
+    ``BackselectResult``: ``order [N, d]`` the gradient's removals, then the exact
+    ones; ``values [N, d]`` the target score after each removal (within a gradient
+    step, the score after the whole step, as ``gradient_backselect`` records it);
+    targets the class predicted on the full image unless given; original scores
+    on the full image.
+  """
+  _check_gradient_args(remove_per_step, noise_std)
+  prepared = _prepare_images(images, fully_masked, feature_map, target_classes)
+  r = exact_features(prepared.d, switch_fraction)
+  predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
+  _check_num_classes(predict_fn, params, prepared.images, prepared.targets, apply_softmax)
+  _check_remove_per_step(remove_per_step, prepared.d)
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  exact_args = dict(apply_softmax=apply_softmax, eval_batch_size=eval_batch_size,
+                    images_per_group=images_per_group,
+                    memory_budget_bytes=memory_budget_bytes, mesh=mesh)
+  if r == prepared.d:
+    return _exact_phase(predict_fn, params, prepared, None, r, **exact_args)
+  head = _gradient_phase(predict_fn, params, prepared, prepared.d - r,
+                         remove_per_step=remove_per_step, apply_softmax=apply_softmax,
+                         noise_std=noise_std, seed=seed, batch_size=batch_size,
+                         memory_budget_bytes=memory_budget_bytes, mesh=mesh)
+  present0 = np.ones((len(head.order), prepared.d), bool)
+  np.put_along_axis(present0, head.order.astype(np.int64), False, axis=1)
+  # The exact phase selects for the gradient phase's targets.
+  tail = _exact_phase(predict_fn, params, prepared._replace(targets=head.target_classes),
+                      present0, r, **exact_args)
+  return BackselectResult(tail.target_classes, tail.original_scores,
+                          np.concatenate([head.order, tail.order], axis=1),
+                          np.concatenate([head.values, tail.values], axis=1))
 
 
 # --------------------------------------------------------------------------

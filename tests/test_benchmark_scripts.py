@@ -45,3 +45,19 @@ def test_imagenet_bgsis_benchmark_small_on_cpu(tmp_path):
       assert math.isfinite(r[key]) and r[key] > 0, (key, r)
   saved = json.loads(out.read_text())
   assert saved["precision"] == "float32" and saved["rows"][0]["small"] and len(saved["rows"]) == 2
+
+
+def test_hybrid_cost_benchmark_tiny_on_cpu(tmp_path):
+  """``benchmarks/hybrid_cost.py`` on one image, hybrid at 0.01 (11 pixels exactly; ~20 s)."""
+  bench = _load("hybrid_cost")
+  out = tmp_path / "hybrid.json"
+  result = bench.main(["--images", "1", "--switch", "0.01", "--out", str(out)])
+  assert list(result["methods"]) == ["gradient", "hybrid_0.01"]
+  assert result["remove_per_step"] == 128 and result["kept_features"] == 52
+  hybrid = result["methods"]["hybrid_0.01"]
+  assert hybrid["model_evaluations_per_image"] == 66 and hybrid["gradient_passes_per_image"] == 9
+  for row in result["methods"].values():
+    assert row["seconds_per_image"] > 0 and 0 <= row["mean_confidence_5pct"] <= 1
+    assert 0 <= row["fraction_at_least_tau"] <= 1
+  assert 0 <= hybrid["overlap_with_gradient"] <= 1
+  assert json.loads(out.read_text()) == result

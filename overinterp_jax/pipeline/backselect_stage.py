@@ -7,7 +7,9 @@ pipeline shard by shard; shards are written atomically and validated on read
 (fingerprint, checksum, shapes, every rank row a permutation), so a re-run
 computes only the shards that are missing or invalid, and later stages read
 them back as a stream (``record_shards.RecordSet``). Method ``"exact"`` is ``sis.batched_backselect``;
-``"gradient"`` is ``sis.gradient_backselect`` (Batched Gradient SIS).
+``"gradient"`` is ``sis.gradient_backselect`` (Batched Gradient SIS); ``"hybrid"`` is
+``sis.hybrid_backselect`` (Batched Gradient SIS, then exact backward selection of the last
+``backselect.switch_fraction`` of the pixels), stored like exact records (``per_step``).
 """
 from __future__ import annotations
 
@@ -25,27 +27,29 @@ from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts, record_shards
 
 SPLITS = ("train", "test")
+METHODS = ("exact", "gradient", "hybrid")  # config.backselect.method
 
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
                    seed: int, fully_masked=None, target_classes=None, mesh=None,
                    compute_dtype: str = "float32") -> sis.BackselectResult:
-  """One backward selection of ``images [n, H, W, C]`` (normalised) per ``bs_config``."""
+  """One backward selection of ``images [n, H, W, C]`` (normalised) per ``bs_config``
+  (``method``: ``sis.batched_backselect``, ``gradient_backselect`` or ``hybrid_backselect``)."""
+  common = dict(params=variables, fully_masked=fully_masked, target_classes=target_classes,
+                mesh=mesh, compute_dtype=compute_dtype)
   if bs_config.method == "exact":
-    return sis.batched_backselect(apply, images, params=variables, fully_masked=fully_masked,
-                                  target_classes=target_classes, mesh=mesh,
-                                  compute_dtype=compute_dtype)
+    return sis.batched_backselect(apply, images, **common)
+  if bs_config.method not in METHODS:
+    raise ValueError(f"config.backselect.method must be one of {list(METHODS)}, got "
+                     f"{bs_config.method!r}.")
+  gradient = dict(common, remove_per_step=int(bs_config.remove_per_step),
+                  noise_std=float(bs_config.noise_std), seed=seed,
+                  batch_size=_gradient_batch(apply, variables, images, bs_config, mesh,
+                                             compute_dtype))
   if bs_config.method == "gradient":
-    return sis.gradient_backselect(apply, images, params=variables, fully_masked=fully_masked,
-                                   target_classes=target_classes,
-                                   remove_per_step=int(bs_config.remove_per_step),
-                                   noise_std=float(bs_config.noise_std), seed=seed,
-                                   batch_size=_gradient_batch(apply, variables, images,
-                                                              bs_config, mesh, compute_dtype),
-                                   mesh=mesh,
-                                   compute_dtype=compute_dtype)
-  raise ValueError(f"config.backselect.method must be 'exact' or 'gradient', got "
-                   f"{bs_config.method!r}.")
+    return sis.gradient_backselect(apply, images, **gradient)
+  return sis.hybrid_backselect(apply, images, switch_fraction=float(bs_config.switch_fraction),
+                               **gradient)
 
 
 # Memory-fitted batch per (image shape, parameter shapes, precision): measuring it
@@ -69,8 +73,24 @@ def _gradient_batch(apply, variables, images, bs_config, mesh, compute_dtype) ->
 
 
 def per_step(bs_config) -> int:
-  """Features removed per backselect step: 1 (exact) or ``remove_per_step`` (gradient)."""
+  """Features per stored step of a record (``record_shards.encode``): ``remove_per_step``
+  (gradient), else 1. Hybrid records need every removal's value for their exact tail, so
+  they are stored as exact ones: a rank per feature (uint16 up to 65,536 features,
+  uint32 above) and one confidence per removal."""
   return int(bs_config.remove_per_step) if bs_config.method == "gradient" else 1
+
+
+def step_words(bs_config) -> str:
+  """How a method removes pixels, for reports: ``"128 pixels per step"`` (gradient),
+  ``"128 pixels per gradient step, the last 20% of the pixels exactly"`` (hybrid), ``""``
+  (exact)."""
+  k = int(bs_config.remove_per_step)
+  if bs_config.method == "gradient":
+    return f"{k} pixels per step"
+  if bs_config.method == "hybrid":
+    return (f"{k} pixels per gradient step, the last {float(bs_config.switch_fraction):.0%} "
+            "of the pixels exactly")
+  return ""
 
 
 def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],

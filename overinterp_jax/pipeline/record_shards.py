@@ -8,7 +8,9 @@ records of consecutive images of a split:
     image up to 256×256 (CIFAR: 2 bytes per pixel instead of 8). Above 65,536
     features, the removal *step* is kept instead (``rank // per_step``: uint16 for
     Batched Gradient SIS with ≥ 2 pixels per step, e.g. 895 steps of 100 at
-    299×299), and features removed in one step tie.
+    299×299), and features removed in one step tie. Records of one removal per
+    step (``per_step = 1``: exact and hybrid selection) keep exact ranks at any
+    size, uint32 above 65,536 features.
   * ``step_values [n, S]``: the target confidence after each step (``S = ceil(d /
     per_step)``; one value per step, as Batched Gradient SIS computes them),
     float16 when the record is large (``d > 4,096``), else float32.

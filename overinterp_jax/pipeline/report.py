@@ -13,7 +13,8 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import class_names
-from overinterp_jax.pipeline import artifacts, controls, figures, sis_stage, subsets_stage
+from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, figures, sis_stage,
+                                     subsets_stage)
 
 FIGURES = {"sis_examples": "figures/sis_examples.png",
            "confidence_curves": "figures/confidence_vs_pixels_removed.png",
@@ -191,8 +192,8 @@ def sis_md(s: dict, config) -> list[str]:
   """The SIS section: heading, which images, the table."""
   selection = s.get("selection", "exact")
   how = ("exact backward selection" if selection == "exact" else
-         f"{selection} backward selection ({int(config.backselect.remove_per_step)} pixels "
-         "per step, stage backselect's records)")
+         f"{selection} backward selection ({backselect_stage.step_words(config.backselect)}, "
+         "stage backselect's records)")
   p = s["patch_size"]
   out = [f"## SIS size at τ = {s['threshold']} ({s['num_images']} test images, {how}, "
          f"{p}×{p}-pixel features)", ""]
@@ -366,7 +367,7 @@ def run(ctx) -> dict:
     b = s["backselect"]
     md += [f"Pixel ranking: {b['method']} backward selection of {b['train']['count']} train and "
            f"{b['test']['count']} test images"
-           + (f", {c.backselect.remove_per_step} pixels per step." if b["method"] == "gradient"
+           + (f", {backselect_stage.step_words(c.backselect)}." if b["method"] != "exact"
               else "."), ""]
   if (s.get("subsets") or {}).get("border_analysis"):
     md += border_md(s["subsets"], fraction(c))

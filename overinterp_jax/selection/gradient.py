@@ -21,10 +21,12 @@ from overinterp_jax.selection import features
 
 def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: int,
                               mask_shape: tuple[int, ...] | None, use_feature_map: bool,
-                              noise_std: float):
+                              noise_std: float, num_removals: int | None = None):
   """Pure ``(init, step, finish)`` functions of one group of ``n`` inputs.
 
-  The caller runs ``init`` once, ``step`` for ``s = 0 .. num_steps(d, k) - 1``
+  ``num_removals``: features removed in all, ``R`` (default every one, ``d``); the
+  last step removes fewer than ``k`` when ``R`` is not a multiple of it. The
+  caller runs ``init`` once, ``step`` for ``s = 0 .. num_steps(R, k) - 1``
   and ``finish`` once, each compiled as its own top-level program: XLA's CPU
   backend runs a forward+backward pass inside a ``while`` loop about 2.5×
   slower than at top level, and dispatch of ~d/k steps costs little.
@@ -35,15 +37,18 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
 
   * ``init(const) -> state`` (removal mask, order and score buffers).
   * ``step(const, state, s) -> state``: one gradient step removing ``k`` features.
-  * ``finish(const, state) -> (order [n, d] int32, values [n, d], start_scores [n],
+  * ``finish(const, state) -> (order [n, R] int32, values [n, R], start_scores [n],
     nonfinite [n] bool)``. ``order`` lists features first removed first (within
     a step, largest gradient first); ``values`` is the score after each step's
-    removals (equal within a step; the last is the fully masked score).
+    removals (equal within a step; with ``R = d`` the last is the fully masked score).
   ``score_fn(params, x [n, *D], rows [n], targets) -> [n]``.
   """
   k = remove_per_step
   d = num_features
-  steps = num_steps(d, k)
+  total = d if num_removals is None else num_removals
+  if not 0 < total <= d:
+    raise ValueError(f"num_removals must be in [1, {d}], got {num_removals}.")
+  steps = num_steps(total, k)
 
   def scores_of(const, m):
     m_in = features.expand_presence(
@@ -75,7 +80,7 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
     nonfinite = state["nonfinite"] | ~jnp.isfinite(score) | ~jnp.all(jnp.isfinite(grad), axis=1)
     grad = jnp.where(state["removed"], -jnp.inf, jnp.nan_to_num(grad))
     _, picked = lax.top_k(grad, k)  # [n, k]
-    take = jnp.arange(k) < (d - s * k)
+    take = jnp.arange(k) < (total - s * k)
     picked = jnp.where(take, picked, -1).astype(jnp.int32)
     # Index d is out of bounds and dropped (a negative index would wrap).
     removed = state["removed"].at[rows[:, None], jnp.where(take, picked, d)].set(
@@ -88,8 +93,8 @@ def gradient_backselect_steps(score_fn, *, remove_per_step: int, num_features: i
     end_score = scores_of(const, state["removed"].astype(const["inputs"].dtype))
     nonfinite = state["nonfinite"] | ~jnp.isfinite(end_score)
     scores_after = jnp.concatenate([state["scores_before"][:, 1:], end_score[:, None]], axis=1)
-    values = jnp.repeat(scores_after, k, axis=1)[:, :d]
-    return state["order"][:, :d], values, state["scores_before"][:, 0], nonfinite
+    values = jnp.repeat(scores_after, k, axis=1)[:, :total]
+    return state["order"][:, :total], values, state["scores_before"][:, 0], nonfinite
 
   return init, step, finish
 
