@@ -157,6 +157,11 @@ def main(argv=None) -> dict:
     refs = {ref: keeps[ref] for ref in ("gradient", "exact") if ref in keeps and ref != name}
     row = out["methods"][name] = summary(seconds, compile_s, m, evals, passes, conf,
                                          keeps[name], refs)
+    row["confidence_per_image"] = [float(c) for c in conf]
+    if args.exact_images:  # the same images as exact's, for a like-for-like comparison
+      e = conf[:args.exact_images]
+      row["on_exact_images"] = {"images": int(len(e)), "mean_confidence_5pct": float(e.mean()),
+                                "fraction_at_least_tau": float((e >= TAU).mean())}
     print(f"{name:>12}: {row['seconds_per_image']:8.2f} s/image (+{compile_s:.1f} s "
           f"compiling), 5% subsets: mean confidence {row['mean_confidence_5pct']:.3f}, "
           f"≥ {TAU}: {row['fraction_at_least_tau']:.0%} ({m} images)")

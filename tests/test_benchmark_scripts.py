@@ -31,6 +31,7 @@ def test_accelerator_benchmark_small_on_cpu(tmp_path):
   assert saved["small"] and saved["precision"] == "float32" and len(saved["rows"]) == 6
 
 
+@pytest.mark.slow
 def test_imagenet_bgsis_benchmark_small_on_cpu(tmp_path):
   """``benchmarks/imagenet_bgsis.py --small``: every column filled, both models (~35 s)."""
   bench = _load("imagenet_bgsis")
@@ -47,6 +48,7 @@ def test_imagenet_bgsis_benchmark_small_on_cpu(tmp_path):
   assert saved["precision"] == "float32" and saved["rows"][0]["small"] and len(saved["rows"]) == 2
 
 
+@pytest.mark.slow
 def test_hybrid_cost_benchmark_tiny_on_cpu(tmp_path):
   """``benchmarks/hybrid_cost.py`` on one image, hybrid at 0.01 (11 pixels exactly; ~20 s)."""
   bench = _load("hybrid_cost")

@@ -245,6 +245,7 @@ def test_exact_records_above_65536_features():
   np.testing.assert_allclose(back["values"], values, rtol=1e-3, atol=1e-6)  # float16
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_with_hybrid(tmp_path):
   """The smoke config through ``main`` (train, backselect, subsets) with ``backselect.method =
   "hybrid"``: exact-style records (a rank per pixel, a value per removal) and 5% subsets of

@@ -164,6 +164,7 @@ def _slice_config(path: str, workdir_classes: int):
   return c
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_on_real_imagenet_images(tmp_path):
   """Every stage of configs/imagenet.py:smoke on 12 real ImageNet JPEGs (any size,
   grey ones included in the full sample) streamed from a folder."""

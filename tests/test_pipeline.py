@@ -65,6 +65,7 @@ def test_rerun_skips_finished_stages(finished):
   assert len(train.read_metrics(str(finished / "base_model" / "metrics.jsonl"))) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_backselect_then_resume_gives_identical_report(finished, tmp_path):
   shard = tmp_path / "backselect" / "train" / "shard_00000.npz"
   proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=env(),
@@ -100,6 +101,7 @@ def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
     collect.collect([str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_streamed_image_folder_gives_the_in_memory_report(tmp_path):
   """Every stage on an image folder read file by file (``data.in_memory=False``: lazy
   decoding, records read shard by shard, masks memory-mapped) reports exactly what the

@@ -312,7 +312,7 @@ def test_retraining_on_subsets_is_at_full_resolution():
 def test_shipped_configs_validate():
   from configs import cifar10_cpu
   for config in (cifar10.get_config(), cifar10_cpu.get_config(), smoke.get_config(),
-                 cifar10_cpu.get_config("analyze")):
+                 cifar10_cpu.get_config("analyze"), cifar10_cpu.get_config("mitigations")):
     main.validate_config(config)
   with pytest.raises(ValueError, match="Unknown variant 'fast'.*analyze"):
     cifar10_cpu.get_config("fast")
