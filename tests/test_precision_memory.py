@@ -110,7 +110,8 @@ def test_device_budget_reads_memory_stats():
 def test_training_batch_from_memory():
   from overinterp_jax.config_schema import base_config
   config = base_config()
-  config.update(dict(model="cnn3", num_classes=K, lr=0.1, schedule="onecycle", num_epochs=1,
+  config.model.name = "cnn3"
+  config.update(dict(num_classes=K, lr=0.1, schedule="onecycle", num_epochs=1,
                      warmup_fraction=0.2))
   fit = lambda budget: train.memory_fitted_batch_size(
       config, (H, W, C), num_devices=2, num_train=4096, budget_bytes=budget)

@@ -257,7 +257,7 @@ def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
     _ensure(view, ds, tmp_path / "m", augment_fn=train.config_augment_fn(view), reads=reads)
   summary = trained.load_summary(config, str(tmp_path / "m"), "data")
   paths = summary["config_reads"]
-  for path in ("model", "lr", "seed", "num_epochs", "batch_size", "augment.padding",
+  for path in ("model.name", "lr", "seed", "num_epochs", "batch_size", "augment.padding",
                "augment.flip", "bn_momentum", "precision", "progressive_resizing"):
     assert path in paths, path
   assert not [p for p in paths if p.startswith(("runtime", "sis", "controls", "subsets"))]
