@@ -15,7 +15,7 @@ Variants (``--config=configs/imagenet.py:<variant>``):
   * ``folder``: the same from an ILSVRC folder ``<path>/train/<wnid>/*.JPEG`` +
     ``<path>/val/<wnid>/*.JPEG`` (``--config.data.path=/data/ILSVRC2012``).
   * ``smoke``: every stage on the 1,000 real ImageNet JPEGs of
-    ``../shared/data/imagenet_samples.tar.gz`` (one per class) in a few minutes on a
+    ``../shared/data/imagenet_samples.tar.gz`` (one per class) in ~4 minutes on a
     2-core CPU: a small MLP trained on those images at 64×64 (train and test are the same
     1,000 images, so the model has confident right answers to analyse), k = 64.
     Its numbers mean nothing; the full-size models have their own tests.
@@ -24,9 +24,10 @@ Stages (the paper's public code, with docs/method.md's decisions):
   * backselect: Batched Gradient SIS of every train and val image, k = 100 pixels
     (all 3 channels) removed per step, no noise, target = the class predicted on the
     full image, removed pixels = the mean colour (0 after normalisation); records of
-    ~179 KB per 299×299 image (removal step as uint16, one float16 confidence per step);
-  * subsets: 10% (9,001 of 89,401 pixels at 299: whole removal steps) BS, random (same count), border frame
-    (same count, 8 px deep) and BS mask-only; where BS pixels lie (border analysis);
+    ~180 KB per 299×299 image (removal step as uint16, one float16 confidence per step);
+  * subsets: 10% (9,001 of 89,401 pixels at 299: whole removal steps) BS, random
+    (same count), border frame (same count, 8 px deep) and BS mask-only; where BS
+    pixels lie (border analysis);
   * retrain: Inception v3 from scratch (no aux head) on each kind of 10% subset: SGD
     lr 0.1, momentum 0.9, weight decay 1e-4, batch 256, 90 epochs, lr × 0.1 every 30
     epochs, random-resized crop + flip applied to image and mask together; the last
@@ -40,7 +41,9 @@ v3, 22.1 GFLOP each (XLA's count; no weight gradients): ~20 TFLOP per image. Mea
 this project's 2-core CPU: 226 s per image (3,142 h for the 50,000 val images), so the
 default variant is for accelerators: train + val (1.33M images, 2.6e19 FLOP) is ~18 h
 on one H100/H200 at 40% of its bf16 peak, plus retraining (4 × 90 epochs of Inception
-v3). Measured results: docs/results/imagenet_smoke.md (the smoke variant, ~4 min).
+v3). ``resnet50``: 502 passes of 16.1 GFLOP per 224×224 image, 99 s per image on the CPU,
+0.28 h for val on one H100/H200 at 40%. ``smoke``: 3 min 43 s on a 2-core x86 CPU
+(docs/results/imagenet_smoke.md, with kill -9 and resume).
 """
 import os
 
