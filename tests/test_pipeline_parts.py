@@ -257,7 +257,7 @@ def test_rise_fraction():
 def test_sis_table_shows_one_dash_for_an_empty_iqr():
   no_sis = sis_stage.size_stats(np.array([10, 20]), np.array([False, False]), 256)
   table = report.sis_table({"models": {"single": {"test_accuracy": 0.5, **no_sis}}})
-  assert table.splitlines()[-1] == "| single | 50.00 | 0 | 0.00 | — | — | — |"
+  assert table.splitlines()[-1] == "| single | 50.00 | — | — | 0 | 0.00 | — | — | — | — |"
 
 
 # --------------------------------------------------------------------- config checking
