@@ -15,7 +15,7 @@ Variants (``--config=configs/imagenet.py:<variant>``):
   * ``folder``: the same from an ILSVRC folder ``<path>/train/<wnid>/*.JPEG`` +
     ``<path>/val/<wnid>/*.JPEG`` (``--config.data.path=/data/ILSVRC2012``).
   * ``smoke``: every stage on the 1,000 real ImageNet JPEGs of
-    ``../shared/data/imagenet_samples.tar.gz`` (one per class) in ~4 minutes on a
+    ``../shared/data/imagenet_samples.tar.gz`` (one per class) in ~2 minutes on a
     2-core CPU: a small MLP trained on those images at 64×64 (train and test are the same
     1,000 images, so the model has confident right answers to analyse), k = 64.
     Its numbers mean nothing; the full-size models have their own tests.
@@ -42,7 +42,7 @@ this project's 2-core CPU: 226 s per image (3,142 h for the 50,000 val images), 
 default variant is for accelerators: train + val (1.33M images, 2.6e19 FLOP) is ~18 h
 on one H100/H200 at 40% of its bf16 peak, plus retraining (4 × 90 epochs of Inception
 v3). ``resnet50``: 502 passes of 16.1 GFLOP per 224×224 image, 99 s per image on the CPU,
-0.28 h for val on one H100/H200 at 40%. ``smoke``: 3 min 43 s on a 2-core x86 CPU
+0.28 h for val on one H100/H200 at 40%. ``smoke``: 2 min 12 s on a 2-core x86 CPU
 (docs/results/imagenet_smoke.md, with kill -9 and resume).
 """
 import os
