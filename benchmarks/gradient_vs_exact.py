@@ -22,8 +22,7 @@ from ml_collections import config_flags
 
 from overinterp_jax.selection.rank_stats import spearman as _spearman
 from overinterp_jax import sis
-from overinterp_jax.data import loader
-from overinterp_jax.pipeline import sis_stage, trained
+from overinterp_jax.pipeline import gradient_check, sis_stage
 import workdir_script
 
 FLAGS = flags.FLAGS
@@ -33,15 +32,6 @@ flags.DEFINE_string("out", "", "Write the results here as JSON.")
 flags.DEFINE_integer("num_images", 0, "Test images to compare (0 = the sis stage's sample). "
                      "Another number draws the same seeded permutation and stores its exact "
                      "records as sis/single_sample<N>.npz, beside the stage's own.")
-
-
-def _confidence(ctx, idx, feature_mask, fmap, targets) -> np.ndarray:
-  h, w = ctx.height_width
-  pixels = sis.feature_mask_to_pixels(feature_mask, fmap, (h, w))
-  logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                  ctx.feed("test").subset(idx).with_masks(
-                                      loader.PackedMasks.from_masks(pixels)), mesh=ctx.mesh)
-  return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 
 def _stats(conf: np.ndarray, tau: float) -> dict:
@@ -70,9 +60,9 @@ def compare(ctx) -> dict:
          "kept_features": int(keep_exact[0].sum()),
          "confidence_full_image": float(np.mean(exact["original_scores"])),
          "threshold": tau,
-         "exact": _stats(_confidence(ctx, idx, keep_exact, fmap, targets), tau)}
+         "exact": _stats(gradient_check.subset_confidence(ctx, idx, keep_exact, fmap, targets), tau)}
   rnd = sis.random_keep_mask(len(idx), d, frac, 5678)
-  out["random"] = _stats(_confidence(ctx, idx, rnd, fmap, targets), tau)
+  out["random"] = _stats(gradient_check.subset_confidence(ctx, idx, rnd, fmap, targets), tau)
   pipeline_k = int(ctx.config.backselect.remove_per_step)
   ks = sorted({1, max(1, pipeline_k * d // int(np.prod(ctx.height_width))), 8, 32})
   for k in ks:
@@ -83,7 +73,7 @@ def compare(ctx) -> dict:
     out[f"gradient_k{k}"] = {
         "overlap_with_exact": float((keep & keep_exact).sum(1).mean() / keep_exact[0].sum()),
         "spearman_with_exact": _spearman(g.order, exact["order"]),
-        **_stats(_confidence(ctx, idx, keep, fmap, targets), tau)}
+        **_stats(gradient_check.subset_confidence(ctx, idx, keep, fmap, targets), tau)}
   # Pixel level: the pipeline's k against finer k on the same images.
   pix = {}
   for k in sorted({pipeline_k, 32, 8, 1}):
@@ -93,7 +83,7 @@ def compare(ctx) -> dict:
   ref = pix[min(pix)]
   out["pixels"] = {f"k{k}": {
       "overlap_with_k{}".format(min(pix)): float((m & ref).sum(1).mean() / ref[0].sum()),
-      **_stats(_confidence(ctx, idx, m, None, targets), tau)}
+      **_stats(gradient_check.subset_confidence(ctx, idx, m, None, targets), tau)}
       for k, m in pix.items()}
   return out
 

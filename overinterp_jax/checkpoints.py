@@ -58,8 +58,8 @@ def save(mgr: ocp.CheckpointManager, workdir: str, step: int, state: Any,
         os.remove(os.path.join(os.path.dirname(digest_path), name))
 
 
-def _verified(mgr: ocp.CheckpointManager, workdir: str, step: int, template: Any,
-              name: str) -> Any:
+def restore_verified(mgr: ocp.CheckpointManager, workdir: str, step: int, template: Any,
+                     name: str = "checkpoints") -> Any:
   """Checkpoint ``step`` restored into ``template``'s structure if it reads back with the
   sha256 stored for each array; otherwise None, after an error log naming the checkpoint."""
   where, digest_path = files(workdir, step, name)
@@ -94,7 +94,7 @@ def restore_latest(mgr: ocp.CheckpointManager, workdir: str, template: Any,
   """``(step, state)`` of the newest checkpoint that passes its checksums (``template``
   gives the structure); those that fail are deleted. ``(0, None)`` when none is left."""
   for step in sorted(mgr.all_steps(), reverse=True):
-    state = _verified(mgr, workdir, step, template, name)
+    state = restore_verified(mgr, workdir, step, template, name)
     if state is not None:
       return step, state
     mgr.delete(step)

@@ -232,6 +232,21 @@ def test_base_model_from_a_training_work_directory(tmp_path):
   c.model.weights = str(tmp_path)  # a directory without checkpoints
   with pytest.raises(ValueError, match="config.model.weights=.*checkpoints"):
     main.run(c, str(tmp_path / "third"))
+  # The newest checkpoint fails its checksums: a clear error, no fallback to an older
+  # one, and nothing in the given directory deleted.
+  from overinterp_jax import checkpoints
+  base = os.path.join(first, "base_model")
+  step = max(int(n) for n in os.listdir(os.path.join(base, "checkpoints")) if n.isdigit())
+  digest_path = checkpoints.files(base, step)[1]
+  digests = artifacts.load_json(digest_path)
+  key = sorted(digests["sha256"])[0]
+  digests["sha256"][key] = "0" * 64
+  artifacts.save_json(digest_path, digests)
+  before = sorted(os.listdir(os.path.join(base, "checkpoints")))
+  c.model.weights = base
+  with pytest.raises(ValueError, match=f"checkpoint {step} fails its checksums"):
+    main.run(c, str(tmp_path / "fourth"))
+  assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == before
 
 
 def test_step_records_keep_whole_removal_steps():

@@ -22,7 +22,7 @@ from overinterp_jax.pipeline import sis_stage, trained
 from overinterp_jax.selection import rank_stats, records
 
 
-def _confidence(ctx, indices, feature_mask, fmap, targets) -> np.ndarray:
+def subset_confidence(ctx, indices, feature_mask, fmap, targets) -> np.ndarray:
   """``[n]`` the base model's target probability on test images ``indices`` keeping
   ``feature_mask [n, d]`` (the rest the mean colour)."""
   pixels = sis.feature_mask_to_pixels(feature_mask, fmap, ctx.height_width)
@@ -76,7 +76,7 @@ def run(ctx) -> dict:
   rnd = sis.random_keep_mask(n, d, frac, int(ctx.config.subsets.random_seed_test))
 
   def stats(mask):
-    conf = _confidence(ctx, indices, mask, fmap, targets)
+    conf = subset_confidence(ctx, indices, mask, fmap, targets)
     return {"mean_confidence": float(conf.mean()), "fraction_at_least_tau": float(
         (conf >= tau).mean())}
 

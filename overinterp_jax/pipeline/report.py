@@ -76,7 +76,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
          "reference_minus_bs": None if bs is None or reference is None else reference - bs}
   frac = fraction(config)
   retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
-  headers = [f"model", "seed", f"full images ({config.num_epochs} ep)",
+  headers = ["model", "seed", f"full images ({config.num_epochs} ep)",
              f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
              "BS − random", f"{frac} BS mask only"]
   cells = [config.model.name, str(config.seed), _pct(full), _pct(full_retrained), _pct(bs),
@@ -117,9 +117,9 @@ def table1(s: dict, config) -> tuple[str, dict]:
 
 def _interval(m: Optional[dict]) -> str:
   """``median [low, high]`` of a ``sis_stats`` result, or ``—``."""
-  if not m or m.get("median", m.get("difference")) is None:
+  mid = m.get("median", m.get("difference")) if m else None
+  if mid is None:
     return "—"
-  mid = m.get("median", m.get("difference"))
   return f"{mid:g} [{m['low']:g}, {m['high']:g}]"
 
 
@@ -134,7 +134,7 @@ def sis_table(s: dict) -> str:
                  _iqr(m.get("q1_pixels"), m.get("q3_pixels")),
                  _num(m.get("median_percent"), ".2f")])
   return figures.markdown_table(
-      ["model", "test acc (%)", "trained (ep)", f"full image ≥ τ (% of test)", "SISes",
+      ["model", "test acc (%)", "trained (ep)", "full image ≥ τ (% of test)", "SISes",
        "images with SIS (%)", "median size (px)", "median, 95% CI (px)", "IQR (px)",
        "median size (% of image)"], rows)
 
@@ -319,8 +319,8 @@ def draw_figures(ctx, s: dict) -> dict:
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
   border = (s.get("subsets") or {}).get("border_analysis")
   if border:
-    freq = artifacts.load(ctx.path("subsets", "kept_frequency.npz"),
-                          artifacts.fingerprint(s["subsets"]["mask_sha256"]))
+    freq = artifacts.load(subsets_stage.analysis_path(ctx),
+                          subsets_stage.analysis_key(s["subsets"]["mask_sha256"]))
     if freq is not None:
       maps = {f"{fraction(ctx.config)} BS, {split} ({v['num_images']} images)":
               freq[f"bs_{split}/frequency"] / max(v["num_images"], 1)

@@ -9,12 +9,11 @@ results of one shipped model are never reused for another.
 """
 from __future__ import annotations
 
-import numpy as np
-from absl import logging
-
 import os
 
 import jax
+import numpy as np
+from absl import logging
 
 from overinterp_jax import checkpoints, config_reads, train
 from overinterp_jax.models import shipped, torch_weights
@@ -78,14 +77,19 @@ def weights_fingerprint(path: str, data_fp: str) -> str:
 
 def _checkpoint_files(workdir: str) -> tuple[int, str]:
   """``(step, checksum file)`` of the newest checkpoint in training work directory
-  ``workdir``; ValueError naming ``config.model.weights`` when there is none."""
+  ``workdir``; ValueError naming ``config.model.weights`` when there is none or its
+  checksums are missing (the weights could not be verified)."""
   directory = os.path.join(workdir, "checkpoints")
   steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
       directory) else []
   if not steps:
     raise ValueError(f"config.model.weights={workdir!r}: a directory must be a training work "
                      "directory holding checkpoints/<step> (or give a .safetensors file).")
-  return steps[-1], checkpoints.files(workdir, steps[-1])[1]
+  digests = checkpoints.files(workdir, steps[-1])[1]
+  if not os.path.exists(digests):
+    raise ValueError(f"config.model.weights={workdir!r}: checkpoint {steps[-1]} has no stored "
+                     f"checksums ({digests}), so its weights cannot be verified.")
+  return steps[-1], digests
 
 
 def load_weights(config, dataset, mesh=None) -> trained.Trained:
@@ -94,16 +98,19 @@ def load_weights(config, dataset, mesh=None) -> trained.Trained:
   path = config.model.weights
   module = train.build_model(config)
   if os.path.isdir(path):
-    _checkpoint_files(path)  # a clear error for a directory without checkpoints
+    # The newest checkpoint, the one weights_fingerprint names; never another, and nothing
+    # in the user's directory is deleted or written (unlike resuming a training run).
+    step, _ = _checkpoint_files(path)
     tx = train.make_optimizer(config, 1)
     template = train.create_train_state(module, tx, dataset.image_shape, jax.random.key(0))
     manager = checkpoints.manager(os.path.join(path, "checkpoints"), config.checkpoints_to_keep)
     try:
-      step, state = checkpoints.restore_latest(manager, path, template)
+      state = checkpoints.restore_verified(manager, path, step, template)
     finally:
       manager.close()
     if state is None:
-      raise ValueError(f"config.model.weights={path!r}: no checkpoint passes its checksums.")
+      raise ValueError(f"config.model.weights={path!r}: checkpoint {step} fails its checksums "
+                       "(the error above names it).")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logging.info("Base model: %s, checkpoint %d of %s.", config.model.name, step, path)
   else:

@@ -16,19 +16,25 @@ def _resampled(n: int, num: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, n, size=(num, n))
 
 
+def _percentile_interval(boot: np.ndarray, level: float) -> tuple[float, float]:
+  """The ``level`` percentile interval of bootstrap statistics ``boot [num]``."""
+  if not 0 < level < 1:
+    raise ValueError(f"level must be in (0, 1), got {level}.")
+  low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+  return float(low), float(high)
+
+
 def median_interval(sizes, *, num: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
   """``{"median", "low", "high", "count"}`` of ``sizes [n]``: the median and its
   ``level`` bootstrap interval (None for no images)."""
   sizes = np.asarray(sizes, np.float64)
   if sizes.ndim != 1:
     raise ValueError(f"sizes must be 1-D (one per image), got shape {sizes.shape}.")
-  if not 0 < level < 1:
-    raise ValueError(f"level must be in (0, 1), got {level}.")
   if len(sizes) == 0:
     return {"median": None, "low": None, "high": None, "count": 0}
-  boot = np.median(sizes[_resampled(len(sizes), num, seed)], axis=1)
-  low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-  return {"median": float(np.median(sizes)), "low": float(low), "high": float(high),
+  low, high = _percentile_interval(
+      np.median(sizes[_resampled(len(sizes), num, seed)], axis=1), level)
+  return {"median": float(np.median(sizes)), "low": low, "high": high,
           "count": int(len(sizes))}
 
 
@@ -44,9 +50,8 @@ def paired_difference(a, b, *, num: int = 2000, seed: int = 0, level: float = 0.
     return {"difference": None, "low": None, "high": None, "count": 0,
             "median_paired_difference": None, "fraction_larger": None}
   idx = _resampled(len(a), num, seed)
-  boot = np.median(a[idx], axis=1) - np.median(b[idx], axis=1)
-  low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-  return {"difference": float(np.median(a) - np.median(b)), "low": float(low),
-          "high": float(high), "count": int(len(a)),
+  low, high = _percentile_interval(np.median(a[idx], axis=1) - np.median(b[idx], axis=1), level)
+  return {"difference": float(np.median(a) - np.median(b)), "low": low,
+          "high": high, "count": int(len(a)),
           "median_paired_difference": float(np.median(a - b)),
           "fraction_larger": float((a > b).mean())}

@@ -208,6 +208,12 @@ def analysis_path(ctx) -> str:
   return ctx.path("subsets", "kept_frequency.npz")
 
 
+def analysis_key(mask_sha256: dict) -> str:
+  """The key of ``analysis_path``'s file: the masks it counts (the summary's
+  ``mask_sha256``)."""
+  return artifacts.fingerprint(mask_sha256)
+
+
 def run(ctx) -> dict:
   masks = load_or_compute(ctx)
   h, w = ctx.height_width
@@ -231,7 +237,7 @@ def run(ctx) -> dict:
       analysis[split] = border_analysis(frequency[f"bs_{split}"], len(masks[f"bs_{split}"]), band)
   path = analysis_path(ctx)
   artifacts.save(path, {f"{k}/frequency": v for k, v in frequency.items() if k.startswith("bs_")},
-                 artifacts.fingerprint(digests))
+                 analysis_key(digests))
   artifacts.note(path)
   return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
