@@ -40,6 +40,7 @@ def run(config, workdir: str) -> dict:
   """Runs the configured stages in ``workdir``; returns the results written there.
 
   Nothing is written before the config and the loaded data have passed their checks.
+  Then one run at a time holds ``workdir`` (``artifacts.workdir_lock``).
   """
   validate_config(config)
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
@@ -52,10 +53,11 @@ def run(config, workdir: str) -> dict:
                  "memory (config.batch_size=0); config.lr is used as given.",
                  config.batch_size, config.batch_size // jax.device_count())
   config_checks.validate_with_data(config, dataset)
-  artifacts.save_json(os.path.join(workdir, "config.json"),
-                      json.loads(config.to_json_best_effort()))
-  results = runner.run_pipeline(config, workdir, dataset)
-  artifacts.save_json(os.path.join(workdir, "results.json"), results)
+  with artifacts.workdir_lock(workdir):
+    artifacts.save_json(os.path.join(workdir, "config.json"),
+                        json.loads(config.to_json_best_effort()))
+    results = runner.run_pipeline(config, workdir, dataset)
+    artifacts.save_json(os.path.join(workdir, "results.json"), results)
   return results
 
 

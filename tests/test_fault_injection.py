@@ -5,12 +5,16 @@ run before any work), never trusted.
 2. deleted or damaged outputs behind a finished stage's marker are recomputed;
 3. values that used to fail late fail before any work and leave no files;
 4. a non-finite training loss stops training, naming epoch and step;
-5. a data load that fails its checks writes nothing.
+5. a data load that fails its checks writes nothing;
+6. a second run on a directory in use stops; a holder killed with -9 frees it.
 """
 import glob
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -235,3 +239,29 @@ def test_a_split_failing_its_counts_writes_no_cache_of_the_others(tmp_path):
   with pytest.raises(ValueError, match="split 'test' .* has 3 images, expected 4"):
     main.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------- 6. two runs on one directory
+
+
+def test_a_second_run_on_a_directory_in_use_stops_and_a_killed_holder_frees_it(
+    tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; from overinterp_jax.pipeline import artifacts\n"
+      "with artifacts.workdir_lock(sys.argv[1]):\n"
+      "  print('held', flush=True); time.sleep(600)\n"), str(workdir)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    monkeypatch.setattr(main.runner, "run_pipeline", lambda *a: pytest.fail("work started"))
+    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid},"):
+      main.run(smoke.get_config(), str(workdir))
+    assert not (workdir / "config.json").exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  monkeypatch.setattr(main.runner, "run_pipeline", lambda *a: {"train": {}})
+  assert main.run(smoke.get_config(), str(workdir)) == {"train": {}}  # kill -9 freed it
+  assert (workdir / "config.json").exists()

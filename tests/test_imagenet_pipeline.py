@@ -229,6 +229,10 @@ def test_base_model_from_a_training_work_directory(tmp_path):
   assert not os.path.exists(os.path.join(second, "base_model"))
   assert loaded["test_accuracy"] == trained_summary["test_accuracy"]
   assert loaded["test_loss"] == pytest.approx(trained_summary["test_loss"], rel=1e-5)
+  from overinterp_jax.data import load_for_config
+  from overinterp_jax.pipeline import shipped_base
+  given = shipped_base.load_weights(c, load_for_config(c.data, second, progress=False))
+  assert given.epochs == int(c.num_epochs)  # the SIS table's "trained (ep)" for the base
   c.model.weights = str(tmp_path)  # a directory without checkpoints
   with pytest.raises(ValueError, match="config.model.weights=.*checkpoints"):
     main.run(c, str(tmp_path / "third"))

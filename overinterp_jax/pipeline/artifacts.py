@@ -19,6 +19,8 @@ sha256) before trusting the stage's marker.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -106,6 +108,43 @@ def is_writer() -> bool:
   """True on the process that writes files (process 0)."""
   import jax
   return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds ``workdir/.lock`` (an exclusive ``flock``) on the writing process while a run
+  uses ``workdir``: a second run started on the same directory stops at once with the
+  first one's pid instead of writing beside it. The operating system releases the lock
+  when the holder exits, however it ends (``kill -9`` included), so a killed run never
+  blocks its own resumption. Where the file system has no locks, a warning and no lock."""
+  if not is_writer():
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        logging.warning("No lock on %s (%s): make sure no other run uses this directory.",
+                        workdir, e)
+        yield
+        return
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise RuntimeError(f"{workdir} is in use by another run (pid {holder}, holding "
+                         f"{path}); wait for it to end or stop it.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _stamp(fp) -> tuple[str, Any]:

@@ -113,11 +113,14 @@ def load_weights(config, dataset, mesh=None) -> trained.Trained:
                        "(the error above names it).")
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logging.info("Base model: %s, checkpoint %d of %s.", config.model.name, step, path)
+    epochs = step  # our training checkpoints one step per epoch
   else:
     variables = torch_weights.load_safetensors(path, config.model.name,
                                                int(config.num_classes))
     logging.info("Base model: %s with the weights of %s.", config.model.name, path)
-  return measured(trained.Trained(module, variables, {}, 0.0), config, dataset, mesh)
+    epochs = 0
+  return measured(trained.Trained(module, variables, {}, 0.0, epochs=epochs), config, dataset,
+                  mesh)
 
 
 def measured(base: trained.Trained, config, dataset, mesh=None) -> trained.Trained:

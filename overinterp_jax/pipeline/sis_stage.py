@@ -335,10 +335,11 @@ def _keep_predictions(ctx, name: str, logits: np.ndarray) -> float:
 
 
 def training_epochs(ctx, name: str) -> int:
-  """Epochs model ``name`` trained for (each ensemble member's; 0 for a given model)."""
+  """Epochs model ``name`` trained for (each ensemble member's; 0 where not known: weights
+  from a file or the shipped model; a training directory of ours says its own)."""
   c = ctx.config
   if name == "single":
-    return 0 if c.pretrained or c.model.weights else int(c.num_epochs)
+    return ctx.base.epochs
   if name == "ensemble":
     return int(c.sis.ensemble_epochs) or int(c.num_epochs)
   return int(c.sis.input_dropout_epochs) or int(c.num_epochs)

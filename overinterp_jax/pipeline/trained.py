@@ -58,11 +58,13 @@ def variant(config, **overrides):
 
 class Trained:
   """A trained model: ``module``, ``variables``, its ``metrics`` on the test data it was given,
-  and ``key``, what identifies it (``model_key``; results computed with it include it)."""
+  ``key``, what identifies it (``model_key``; results computed with it include it), and
+  ``epochs``, how many it trained for (0: not known, e.g. weights from a file)."""
 
-  def __init__(self, module, variables, metrics: dict, seconds: float, key: str = ""):
+  def __init__(self, module, variables, metrics: dict, seconds: float, key: str = "",
+               epochs: int = 0):
     self.module, self.variables, self.metrics, self.seconds = module, variables, metrics, seconds
-    self.key = key
+    self.key, self.epochs = key, int(epochs)
 
   def apply(self, variables, images):
     """``(variables, images [B, H, W, C]) -> logits [B, K]``, eval mode, deterministic."""
@@ -129,7 +131,7 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
     artifacts.note(path)  # what a finished stage checks before it is trusted
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(train.build_model(view), variables, summary["metrics"], summary["seconds"],
-                 summary["fingerprint"])
+                 summary["fingerprint"], int(config.num_epochs))
 
 
 def input_dropout_apply(trained: Trained, num_samples: int, key: int) -> Callable:
