@@ -63,3 +63,31 @@ def test_hybrid_cost_benchmark_tiny_on_cpu(tmp_path):
     assert 0 <= row["fraction_at_least_tau"] <= 1
   assert 0 <= hybrid["overlap_with_gradient"] <= 1
   assert json.loads(out.read_text()) == result
+
+
+def test_mitigations_page_sums_stage_time_over_the_pieces_of_a_resumed_run(tmp_path):
+  """Two processes in one log (a killed run and its resumption): time per stage is summed
+  over both; a process whose stage lines were lost is reported apart, not guessed."""
+  page = _load("mitigations_page")
+  log = tmp_path / "run.log"
+  log.write_text("\n".join([
+      "I1201 10:00:00.000000 11 runner.py:105] Stage train: running.",
+      "I1201 10:00:10.000000 11 runner.py:122] Stage train: done in 10.0 s.",
+      "I1201 10:00:10.500000 11 runner.py:105] Stage sis: running.",
+      "I1201 10:30:10.500000 11 train.py:445] epoch 3/33",  # then killed
+      "some line that is not absl's",
+      "I1201 11:00:00.000000 22 runner.py:103] Stage train: already done.",
+      "I1201 11:00:00.000000 22 runner.py:105] Stage sis: running.",
+      "I1201 11:20:00.000000 22 runner.py:122] Stage sis: done in 1200.0 s.",
+      "I1201 11:20:00.000000 22 runner.py:105] Stage report: running.",
+      "I1201 11:20:05.000000 22 runner.py:122] Stage report: done in 5.0 s.",
+      "W1201 11:25:00.000000 33 deleter.py:300] a process whose stage lines were lost",
+      "I1201 11:26:00.000000 33 train.py:445] epoch 4/33"]))
+  ps = page.pieces(page.parse_log(str(log), 2026))
+  assert [p["process"] for p in ps] == ["11", "22", "33"]
+  assert ps[0]["stages"] == {"train": 10.0, "sis": 1800.0}
+  assert ps[1]["stages"] == {"sis": 1200.0, "report": 5.0}
+  assert ps[2]["stages"] == {"stage not in the log": 60.0}
+  assert page.overlaps(ps) == []
+  ps[1]["start"] = ps[0]["start"]
+  assert page.overlaps(ps) == [(0, 1)]

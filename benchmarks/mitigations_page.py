@@ -1,0 +1,194 @@
+"""Writes docs/results/mitigations.md from a finished ``configs/cifar10_cpu.py:mitigations`` run.
+
+  python benchmarks/mitigations_page.py --workdir=workdirs/mitigations \
+      --log=workdirs/mitigations.log --command="python -m overinterp_jax.main ..."
+
+The run may have been killed and resumed any number of times, all appending to one log
+(absl's format). The page gives: the command; the machine; each model's training
+(epochs, the sum of its epochs' seconds from ``metrics.jsonl``, test accuracy); the wall
+time of every stage summed over the pieces of the run, read from the log (each process
+is told apart by the thread id absl writes); whether the models predict the same class
+on the SIS sample (each SIS targets its own model's prediction); and the run's own
+report with its figures (copied to docs/results/mitigations/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from quickstart import cpu_name  # noqa: E402  pylint: disable=wrong-import-position
+
+# absl: "I1201 00:13:19.501941 139814999464832 runner.py:105] Stage train: running."
+LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d+) +(\d+) ([\w.]+):\d+\] (.*)$")
+RUN_STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
+MODELS = {"ensemble": ["ensemble_member_1", "ensemble_member_2"],
+          "input_dropout": ["input_dropout_model"]}
+
+
+def parse_log(path: str, year: int) -> list[dict]:
+  """The log's absl lines as ``{"t": datetime, "process": thread id, "msg": text}``."""
+  out = []
+  with open(path, errors="replace") as fh:
+    for line in fh:
+      m = LINE.match(line.rstrip("\n"))
+      if m:
+        mo, d, h, mi, s, frac, tid, _, msg = m.groups()
+        t = datetime.datetime(year, int(mo), int(d), int(h), int(mi), int(s),
+                              int(frac[:6].ljust(6, "0")))
+        out.append({"t": t, "process": tid, "msg": msg})
+  return out
+
+
+def pieces(lines: list[dict]) -> list[dict]:
+  """One entry per process that wrote to the log: its first and last line and, per stage,
+  the seconds it spent in it (to ``done`` or, if killed, to its last line)."""
+  by_process: dict[str, list[dict]] = {}
+  for x in lines:
+    by_process.setdefault(x["process"], []).append(x)
+  out = []
+  for tid, xs in by_process.items():
+    stages, current, started = {}, None, None
+    for x in xs:
+      m = re.match(r"Stage (\w+): (running|done in|already done)", x["msg"])
+      if not m:
+        continue
+      if current is not None:  # the previous stage ends where the next begins
+        stages[current] = stages.get(current, 0.0) + (x["t"] - started).total_seconds()
+        current = None
+      if m.group(2) == "running":
+        current, started = m.group(1), x["t"]
+    if current is not None:
+      stages[current] = stages.get(current, 0.0) + (xs[-1]["t"] - started).total_seconds()
+    if not stages:  # its stage lines were lost (e.g. overwritten by another writer)
+      stages["stage not in the log"] = (xs[-1]["t"] - xs[0]["t"]).total_seconds()
+    out.append({"process": tid, "start": xs[0]["t"], "end": xs[-1]["t"], "stages": stages})
+  return sorted(out, key=lambda p: p["start"])
+
+
+def overlaps(ps: list[dict]) -> list[tuple[int, int]]:
+  return [(i, j) for i in range(len(ps)) for j in range(i + 1, len(ps))
+          if ps[j]["start"] < ps[i]["end"]]
+
+
+def training_rows(workdir: str, config: dict) -> list[list[str]]:
+  from overinterp_jax import train  # pylint: disable=import-outside-toplevel
+  dirs = [("single (base)", config["model"]["weights"] or os.path.join(workdir, "base_model"))]
+  for name, members in MODELS.items():
+    dirs += [(f"{name}: {m}", os.path.join(workdir, m)) for m in members]
+  rows = []
+  for label, d in dirs:
+    metrics = train.read_metrics(os.path.join(d, "metrics.jsonl"))
+    if not metrics:
+      rows.append([label, "—", "—", "—", "not trained"])
+      continue
+    last = metrics[-1]
+    seconds = sum(r.get("epoch_seconds") or 0.0 for r in metrics)
+    acc = next((r["test_accuracy"] for r in reversed(metrics)
+                if r.get("test_accuracy") is not None), None)
+    rows.append([label, str(last["epoch"]), f"{seconds / 60:.1f}",
+                 "—" if acc is None else f"{100 * acc:.2f}", os.path.relpath(d, REPO)])
+  return rows
+
+
+def agreement(workdir: str, names) -> list[str]:
+  """How often each model's target (its prediction on the full image) equals the single
+  model's on the SIS sample."""
+  recs = {}
+  for name in names:
+    path = os.path.join(workdir, "sis", f"{name}.npz")
+    if os.path.exists(path):
+      with np.load(path) as z:
+        recs[name] = np.asarray(z["targets"])
+  if "single" not in recs:
+    return []
+  out = []
+  for name, t in recs.items():
+    if name != "single":
+      same = int((t == recs["single"]).sum())
+      out.append(f"{name} predicts the single model's class on {same} of {len(t)} images")
+  return out
+
+
+def table(headers, rows) -> str:
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_page(workdir: str, log: str, command: str, out: str) -> None:
+  with open(os.path.join(workdir, "config.json")) as fh:
+    config = json.load(fh)
+  if not os.path.exists(os.path.join(workdir, "report.md")):
+    sys.exit(f"{workdir} has no report.md: the run has not finished its report stage.")
+  lines = parse_log(log, datetime.date.today().year)
+  ps = pieces(lines)
+  totals: dict[str, float] = {}
+  for p in ps:
+    for stage, s in p["stages"].items():
+      if stage in RUN_STAGES:
+        totals[stage] = totals.get(stage, 0.0) + s
+  figures_dir = os.path.join(os.path.dirname(out), "mitigations")
+  shutil.rmtree(figures_dir, ignore_errors=True)
+  shutil.copytree(os.path.join(workdir, "figures"), figures_dir)
+  with open(os.path.join(workdir, "report.md")) as fh:
+    report = fh.read().replace("](figures/", "](mitigations/")
+  report = re.sub(r"^#", "##", report, flags=re.M)
+  piece_rows = [[str(i + 1), p["start"].strftime("%Y-%m-%d %H:%M"), p["end"].strftime("%H:%M"),
+                 ", ".join(f"{k} {v / 60:.1f} min" for k, v in p["stages"].items()) or "—"]
+                for i, p in enumerate(ps)]
+  both = overlaps(ps)
+  agree = agreement(workdir, config["sis"]["models"])
+  page = [
+      "# Mitigations with intervals: ensembles and input dropout on CIFAR-10 (CPU)", "",
+      f"* **Command:** `{command}`, killed and re-run with the same command where the table of "
+      "pieces below shows more than one (the run resumes from checkpoints and stored SIS calls).",
+      f"* **Config:** `configs/cifar10_cpu.py:mitigations` (saved as `{workdir}/config.json`).",
+      f"* **Machine:** {os.cpu_count()} CPU cores ({cpu_name()}), no accelerator.",
+      f"* **Dates:** {ps[0]['start']:%Y-%m-%d %H:%M} to {ps[-1]['end']:%Y-%m-%d %H:%M} (UTC).",
+      "* **Page written by** `python benchmarks/mitigations_page.py` from the work directory "
+      "and the run's log.", "",
+      "## Models and their training", "",
+      "Every model trains with the base model's recipe and budget "
+      "(`configs/cifar10_cpu.py`: 33 epochs), with its own seed; the input-dropout model keeps "
+      "each pixel with probability 0.8. Seconds: the sum of each epoch's own time in "
+      "`metrics.jsonl` (evaluation passes apart).", "",
+      table(["model", "epochs", "training (min)", "test accuracy (%)", "directory"],
+            training_rows(workdir, config)), "",
+      "## Wall time per stage", "",
+      "Summed over the pieces of the run (each a process, from the log): "
+      + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items()) + ".", "",
+      table(["piece", "start", "end", "stages (time in this piece)"], piece_rows), "",
+      *([f"Pieces {', '.join(f'{i + 1} and {j + 1}' for i, j in both)} overlap: two processes "
+         "ran at once on the same directory (a restart whose kill missed the first process; "
+         "both computed the same deterministic epochs, and a run now locks its work "
+         "directory). The later one's first lines were overwritten in the log by the earlier "
+         "one (which wrote without appending), so its time is not in the stage totals; the "
+         "earlier one's includes the contention.", ""] if both else []),
+      *(["On the SIS sample, " + "; ".join(agree) + ".", ""] if agree else []),
+      "## The run's report", "", report.strip(), ""]
+  with open(out, "w") as fh:
+    fh.write("\n".join(page))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "mitigations"))
+  parser.add_argument("--log", default=os.path.join(REPO, "workdirs", "mitigations.log"))
+  parser.add_argument("--command", required=True)
+  parser.add_argument("--out", default=os.path.join(REPO, "docs", "results", "mitigations.md"))
+  args = parser.parse_args(argv)
+  write_page(args.workdir, args.log, args.command, args.out)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
