@@ -86,6 +86,16 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def replicated_to_host(x) -> np.ndarray:
+  """A full copy, as numpy, of an array that every device holding it holds whole (on one
+  device, or replicated over a mesh of any number of processes), or of a numpy array."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if not x.sharding.is_fully_replicated:
+    raise ValueError(f"An array sharded as {x.sharding} is not replicated; use to_host.")
+  return np.asarray(x.addressable_data(0))
+
+
 def shard_rows(mesh: Mesh, rows) -> jax.Array:
   """``rows`` (the same on every process) sharded over ``mesh``'s data axis."""
   rows = np.asarray(rows) if not isinstance(rows, jax.Array) else rows

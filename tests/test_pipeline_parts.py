@@ -12,7 +12,7 @@ from overinterp_jax import main
 from overinterp_jax import sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data,
-                                     record_shards, report, retrain_stage, sis_stage)
+                                     record_shards, report, retrain_stage, sis_stage, trained)
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -371,3 +371,24 @@ def test_gradient_vs_exact_control_on_a_linear_model(tmp_path, monkeypatch):
     np.testing.assert_array_equal(exact[i], np.argsort(-np.array(scores), kind="stable"))
   for key in ("exact", "gradient", "random"):
     assert 0 <= out[key]["mean_confidence"] <= 1
+
+
+def test_an_ensemble_of_a_base_on_one_device_and_members_on_the_mesh():
+  """A base model loaded on one device (``model.weights``) and members trained replicated
+  over the mesh: their variables stack (this failed with "incompatible devices") and the
+  ensemble's logits are the members' mean."""
+  from overinterp_jax import sharding
+  mesh = sharding.data_mesh()
+  rng = np.random.default_rng(0)
+  w = [rng.normal(size=(12, 3)).astype(np.float32) for _ in range(3)]
+  placed = [jax.device_put(w[0], jax.devices()[0])] + [
+      jax.device_put(x, sharding.replicated(mesh)) for x in w[1:]]
+  members = [trained.Trained(None, {"params": {"w": v}}, {}, 0.0) for v in placed]
+  stacked = trained.stack_variables(members)
+  np.testing.assert_array_equal(stacked["params"]["w"], np.stack(w))
+  apply = lambda v, x: x.reshape(x.shape[0], -1) @ v["params"]["w"]
+  x = rng.normal(size=(8, 2, 2, 3)).astype(np.float32)
+  logits = trained.predict_logits(trained.ensemble_apply(apply), stacked, x, batch_size=8,
+                                  mesh=mesh)
+  expected = np.mean([x.reshape(8, -1) @ m for m in w], axis=0)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

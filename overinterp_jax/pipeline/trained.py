@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -153,7 +152,10 @@ def ensemble_apply(apply: Callable) -> Callable:
 
 
 def stack_variables(members) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[m.variables for m in members])
+  """The members' variables stacked on a new leading axis, as numpy: members may live on
+  different devices (a base model loaded on one device, members trained on the mesh)."""
+  return jax.tree.map(lambda *leaves: np.stack([sharding.replicated_to_host(x) for x in leaves]),
+                      *[m.variables for m in members])
 
 
 def predict_logits(apply: Callable, variables, images, *, batch_size: int = 500,
