@@ -26,6 +26,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from overinterp_jax import train  # noqa: E402  pylint: disable=wrong-import-position
+from overinterp_jax.pipeline.figures import markdown_table  # noqa: E402  pylint: disable=wrong-import-position
 from quickstart import cpu_name  # noqa: E402  pylint: disable=wrong-import-position
 
 # absl: "I1201 00:13:19.501941 139814999464832 runner.py:105] Stage train: running."
@@ -81,7 +83,6 @@ def overlaps(ps: list[dict]) -> list[tuple[int, int]]:
 
 
 def training_rows(workdir: str, config: dict) -> list[list[str]]:
-  from overinterp_jax import train  # pylint: disable=import-outside-toplevel
   dirs = [("single (base)", config["model"]["weights"] or os.path.join(workdir, "base_model"))]
   for name, members in MODELS.items():
     dirs += [(f"{name}: {m}", os.path.join(workdir, m)) for m in members]
@@ -117,11 +118,6 @@ def agreement(workdir: str, names) -> list[str]:
       same = int((t == recs["single"]).sum())
       out.append(f"{name} predicts the single model's class on {same} of {len(t)} images")
   return out
-
-
-def table(headers, rows) -> str:
-  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def write_page(workdir: str, log: str, command: str, out: str) -> None:
@@ -161,12 +157,12 @@ def write_page(workdir: str, log: str, command: str, out: str) -> None:
       "(`configs/cifar10_cpu.py`: 33 epochs), with its own seed; the input-dropout model keeps "
       "each pixel with probability 0.8. Seconds: the sum of each epoch's own time in "
       "`metrics.jsonl` (evaluation passes apart).", "",
-      table(["model", "epochs", "training (min)", "test accuracy (%)", "directory"],
+      markdown_table(["model", "epochs", "training (min)", "test accuracy (%)", "directory"],
             training_rows(workdir, config)), "",
       "## Wall time per stage", "",
       "Summed over the pieces of the run (each a process, from the log): "
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items()) + ".", "",
-      table(["piece", "start", "end", "stages (time in this piece)"], piece_rows), "",
+      markdown_table(["piece", "start", "end", "stages (time in this piece)"], piece_rows), "",
       *([f"Pieces {', '.join(f'{i + 1} and {j + 1}' for i, j in both)} overlap: two processes "
          "ran at once on the same directory (a restart whose kill missed the first process; "
          "both computed the same deterministic epochs, and a run now locks its work "

@@ -126,15 +126,13 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        logging.warning("No lock on %s (%s): make sure no other run uses this directory.",
-                        workdir, e)
-        yield
-        return
-      f.seek(0)
-      holder = f.read().strip() or "unknown"
-      raise RuntimeError(f"{workdir} is in use by another run (pid {holder}, holding "
-                         f"{path}); wait for it to end or stop it.") from None
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        f.seek(0)
+        raise RuntimeError(f"{workdir} is in use by another run (pid "
+                           f"{f.read().strip() or 'unknown'}, holding {path}); wait for it "
+                           "to end or stop it.") from None
+      logging.warning("No lock on %s (%s): make sure no other run uses this directory.",
+                      workdir, e)
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -144,7 +142,6 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     finally:
       f.seek(0)
       f.truncate()
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _stamp(fp) -> tuple[str, Any]:
