@@ -96,6 +96,32 @@ def replicated_to_host(x) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
+def put_replicated(mesh: Mesh, tree):
+  """``tree`` with every array leaf a full copy on every device of ``mesh``.
+
+  Leaves already replicated over ``mesh`` are kept as they are (no copy); numpy arrays and
+  arrays placed elsewhere (one device, another mesh) are copied. Parameters restored or
+  loaded onto one device thus feed programs sharded over the mesh. Other leaves (Python
+  scalars, None) are left alone.
+  """
+  spec = replicated(mesh)
+
+  def place(x):
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(spec, x.ndim):
+        return x
+      if jax.process_count() == 1:
+        return jax.device_put(x, spec)
+    elif not isinstance(x, np.ndarray):
+      return x
+    local = replicated_to_host(x)
+    if jax.process_count() == 1:
+      return jax.device_put(local, spec)
+    return jax.make_array_from_process_local_data(spec, local)
+
+  return jax.tree.map(place, tree)
+
+
 def shard_rows(mesh: Mesh, rows) -> jax.Array:
   """``rows`` (the same on every process) sharded over ``mesh``'s data axis."""
   rows = np.asarray(rows) if not isinstance(rows, jax.Array) else rows

@@ -873,7 +873,8 @@ def _exact_phase(predict_fn, params, prepared: _Images, present0, num_steps: int
                                    prepared.pixel_shape, prepared.shared_fully_masked, mesh,
                                    num_steps)
   present0 = np.ones((n, d), bool) if present0 is None else present0
-  return _run_sharded(program, mesh, group, (params, model.consts),
+  return _run_sharded(program, mesh, group,
+                      sharding.put_replicated(mesh, (params, model.consts)),
                       [images, prepared.fully_masked, prepared.targets, present0],
                       prepared.feature_map, n)
 
@@ -963,7 +964,7 @@ def _gradient_phase(predict_fn, params, prepared: _Images, num_removals: int, *,
   init, step, finish = _batched_gradient_programs(
       model, bool(apply_softmax), int(remove_per_step), d, float(noise_std),
       prepared.pixel_shape, mesh, int(num_removals))
-  params = (params, model.consts)
+  params = sharding.put_replicated(mesh, (params, model.consts))
   # Each round gives every device one group of consecutive images.
   per_round = group * mesh.devices.size
   batched = [sharding.pad_batch(a, per_round)[0]

@@ -106,6 +106,36 @@ def test_one_and_four_devices_give_identical_results(devices, n):
     np.testing.assert_array_equal(a, b)
 
 
+def test_params_committed_to_one_device_feed_a_mesh_of_four(devices):
+  """Parameters restored onto one device (as a loaded checkpoint is) run every method on a
+  four-device mesh (this failed with "incompatible devices") and give the results of
+  parameters already on the mesh."""
+  params = tiny_mlp_params()
+  committed = jax.device_put(params, devices[1])
+  mesh = sharding.data_mesh(devices)
+  x = images(5, seed=3)
+  runs = [lambda p: sis.batched_backselect(tiny_mlp, x, params=p, mesh=mesh, eval_batch_size=8),
+          lambda p: sis.gradient_backselect(tiny_mlp, x, params=p, remove_per_step=3, mesh=mesh),
+          lambda p: sis.hybrid_backselect(tiny_mlp, x, params=p, switch_fraction=0.5,
+                                          remove_per_step=3, mesh=mesh, eval_batch_size=8)]
+  for run in runs:
+    for a, b in zip(run(committed), run(sharding.put_replicated(mesh, params))):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_put_replicated_keeps_replicas_and_copies_the_rest(devices):
+  mesh = sharding.data_mesh(devices)
+  on_mesh = jax.device_put(np.arange(4.0), sharding.replicated(mesh))
+  tree = {"mesh": on_mesh, "one": jax.device_put(np.ones(3), devices[2]), "np": np.zeros(2),
+          "scalar": 1.5}
+  out = sharding.put_replicated(mesh, tree)
+  assert out["mesh"] is on_mesh
+  assert out["scalar"] == 1.5
+  for key in ("one", "np"):
+    assert out[key].sharding.is_equivalent_to(sharding.replicated(mesh), 1)
+    np.testing.assert_array_equal(out[key], tree[key])
+
+
 def test_targeted_backselect_uses_given_class():
   params = tiny_mlp_params()
   x = images(2)
