@@ -77,6 +77,30 @@ def pieces(lines: list[dict]) -> list[dict]:
   return sorted(out, key=lambda p: p["start"])
 
 
+def sis_calls(lines: list[dict]) -> list[dict]:
+  """The exact SIS runs of stage sis, one per model: ``{"name", "images", "seconds"}``, from
+  a process's "Exact backward selection NAME: N images" line to its next such line or its
+  "Stage sis: done" line. A run cut off by a kill is not listed (the re-run recomputes only
+  its missing calls, so its time would be partial), nor are the controls' runs (their
+  next line comes after other work)."""
+  out, in_sis, open_call = [], set(), {}
+  for x in lines:
+    p, msg = x["process"], x["msg"]
+    m = re.match(r"Exact backward selection (\w+): (\d+) images", msg)
+    if p in open_call and (m or msg.startswith("Stage sis: done")):
+      c = open_call.pop(p)
+      out.append({"name": c["name"], "images": c["images"],
+                  "seconds": (x["t"] - c["t"]).total_seconds()})
+    if msg.startswith("Stage sis: running"):
+      in_sis.add(p)
+    elif msg.startswith("Stage "):
+      in_sis.discard(p)
+      open_call.pop(p, None)
+    if m and p in in_sis:
+      open_call[p] = {"name": m.group(1), "images": int(m.group(2)), "t": x["t"]}
+  return out
+
+
 def overlaps(ps: list[dict]) -> list[tuple[int, int]]:
   return [(i, j) for i in range(len(ps)) for j in range(i + 1, len(ps))
           if ps[j]["start"] < ps[i]["end"]]
@@ -99,6 +123,11 @@ def training_rows(workdir: str, config: dict) -> list[list[str]]:
     rows.append([label, str(last["epoch"]), f"{seconds / 60:.1f}",
                  "—" if acc is None else f"{100 * acc:.2f}", os.path.relpath(d, REPO)])
   return rows
+
+
+def training_minutes(rows: list[list[str]]) -> float:
+  """Minutes of training of the models the sis stage trains (all but the base)."""
+  return sum(float(r[2]) for r in rows[1:] if r[2] != "—")
 
 
 def agreement(workdir: str, names) -> list[str]:
@@ -143,6 +172,10 @@ def write_page(workdir: str, log: str, command: str, out: str) -> None:
                 for i, p in enumerate(ps)]
   both = overlaps(ps)
   agree = agreement(workdir, config["sis"]["models"])
+  trained_rows = training_rows(workdir, config)
+  calls = sis_calls(lines)
+  call_rows = [[c["name"], str(c["images"]), f"{c['seconds'] / 60:.1f}",
+                f"{c['seconds'] / c['images']:.1f}"] for c in calls]
   page = [
       "# Mitigations with intervals: ensembles and input dropout on CIFAR-10 (CPU)", "",
       f"* **Command:** `{command}`, killed and re-run with the same command where the table of "
@@ -158,11 +191,25 @@ def write_page(workdir: str, log: str, command: str, out: str) -> None:
       "each pixel with probability 0.8. Seconds: the sum of each epoch's own time in "
       "`metrics.jsonl` (evaluation passes apart).", "",
       markdown_table(["model", "epochs", "training (min)", "test accuracy (%)", "directory"],
-            training_rows(workdir, config)), "",
+                     trained_rows), "",
+      *(["The input-dropout model's accuracy here is training's evaluation, with its fixed "
+         "evaluation dropout mask; the SIS table below evaluates it as SIS sees it, with "
+         f"{config['sis']['input_dropout_samples']} fixed mask(s) from "
+         f"`sis.input_dropout_key = {config['sis']['input_dropout_key']}`, so the two differ "
+         "slightly. The ensemble's accuracy is that of its mean logits (SIS table).", ""]
+        if "input_dropout" in config["sis"]["models"] else []),
       "## Wall time per stage", "",
       "Summed over the pieces of the run (each a process, from the log): "
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items()) + ".", "",
       markdown_table(["piece", "start", "end", "stages (time in this piece)"], piece_rows), "",
+      f"Stage sis trains the models it compares that are missing: "
+      f"{training_minutes(trained_rows):.1f} min of its time are the epochs of the ensemble's "
+      "extra members and the input-dropout model (table above); the rest is loading and "
+      "evaluating the models, the exact SISes, and epochs lost to kills (a re-run resumes "
+      "from the last checkpoint).", "",
+      *(["Exact SIS runs of stage sis (from the log; a run cut by a kill is not listed):", "",
+         markdown_table(["model", "images", "minutes", "s / image"], call_rows), ""]
+        if call_rows else []),
       *([f"Pieces {', '.join(f'{i + 1} and {j + 1}' for i, j in both)} overlap: two processes "
          "ran at once on the same directory (a restart whose kill missed the first process; "
          "both computed the same deterministic epochs, and a run now locks its work "

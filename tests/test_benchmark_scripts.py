@@ -91,3 +91,24 @@ def test_mitigations_page_sums_stage_time_over_the_pieces_of_a_resumed_run(tmp_p
   assert page.overlaps(ps) == []
   ps[1]["start"] = ps[0]["start"]
   assert page.overlaps(ps) == [(0, 1)]
+
+
+def test_mitigations_page_times_each_exact_sis_run_of_stage_sis(tmp_path):
+  """A run's duration goes to the next run's line or the stage's end, in the same process;
+  a run cut off by a kill (its process logs nothing more) is not listed."""
+  page = _load("mitigations_page")
+  log = tmp_path / "run.log"
+  log.write_text("\n".join([
+      "I1201 10:00:00.000000 11 runner.py:105] Stage sis: running.",
+      "I1201 10:01:00.000000 11 sis_stage.py:163] Exact backward selection single: 100 images, 64 features.",
+      "I1201 10:02:00.000000 11 sis_stage.py:163] Exact backward selection ensemble: 100 images, 64 features.",
+      "I1201 10:03:00.000000 22 train.py:445] another process's line",
+      "I1201 10:04:00.000000 11 runner.py:122] Stage sis: done in 240.0 s.",
+      "I1201 10:04:00.000000 11 runner.py:105] Stage controls: running.",
+      "I1201 10:05:00.000000 11 sis_stage.py:163] Exact backward selection targeted_single: 100 images, 64 features.",
+      "I1201 10:06:00.000000 11 sis_stage.py:163] Exact backward selection single_mask_blur: 100 images, 64 features.",
+      "I1201 10:09:00.000000 11 runner.py:122] Stage controls: done in 300.0 s.",
+      "I1201 11:00:00.000000 33 sis_stage.py:163] Exact backward selection input_dropout: 10 images, 64 features."]))
+  calls = page.sis_calls(page.parse_log(str(log), 2026))
+  assert calls == [{"name": "single", "images": 100, "seconds": 60.0},
+                   {"name": "ensemble", "images": 100, "seconds": 120.0}]
