@@ -149,7 +149,7 @@ def agreement(workdir: str, names) -> list[str]:
   return out
 
 
-def write_page(workdir: str, log: str, command: str, out: str) -> None:
+def write_page(workdir: str, log: str, command: str, out: str, reading: str = "") -> None:
   with open(os.path.join(workdir, "config.json")) as fh:
     config = json.load(fh)
   if not os.path.exists(os.path.join(workdir, "report.md")):
@@ -185,6 +185,7 @@ def write_page(workdir: str, log: str, command: str, out: str) -> None:
       f"* **Dates:** {ps[0]['start']:%Y-%m-%d %H:%M} to {ps[-1]['end']:%Y-%m-%d %H:%M} (UTC).",
       "* **Page written by** `python benchmarks/mitigations_page.py` from the work directory "
       "and the run's log.", "",
+      *([reading, ""] if reading else []),
       "## Models and their training", "",
       "Every model trains with the base model's recipe and budget "
       "(`configs/cifar10_cpu.py`: 33 epochs), with its own seed; the input-dropout model keeps "
@@ -227,9 +228,17 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "mitigations"))
   parser.add_argument("--log", default=os.path.join(REPO, "workdirs", "mitigations.log"))
   parser.add_argument("--command", required=True)
+  parser.add_argument("--reading", default=os.path.join(REPO, "benchmarks", "results",
+                                                        "mitigations_reading.md"),
+                      help="markdown placed after the page's header: what the run says, "
+                           "written by a person from the numbers (empty: none)")
   parser.add_argument("--out", default=os.path.join(REPO, "docs", "results", "mitigations.md"))
   args = parser.parse_args(argv)
-  write_page(args.workdir, args.log, args.command, args.out)
+  reading = ""
+  if args.reading:
+    with open(args.reading) as fh:
+      reading = fh.read().strip()
+  write_page(args.workdir, args.log, args.command, args.out, reading)
   print(f"wrote {args.out}")
 
 

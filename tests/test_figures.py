@@ -155,3 +155,12 @@ def test_markdown_table_bad_row():
     figures.markdown_table(["a", "b"], [[1, 2], [3]])
   with pytest.raises(ValueError, match="headers is empty"):
     figures.markdown_table([], [])
+
+
+def test_sis_grid_rows_spread_over_the_sample():
+  """The grid's images come from the whole sample (test-set order is by class in an image
+  folder), not only its first rows; a sample no larger than the grid is shown whole."""
+  from overinterp_jax.pipeline import report
+  np.testing.assert_array_equal(report.figure_rows(100, 8), [0, 14, 28, 42, 57, 71, 85, 99])
+  np.testing.assert_array_equal(report.figure_rows(5, 8), np.arange(5))
+  np.testing.assert_array_equal(report.figure_rows(9, 8), [0, 1, 2, 3, 5, 6, 7, 8])

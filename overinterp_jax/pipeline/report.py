@@ -284,6 +284,15 @@ def controls_md(s: dict, frac: str) -> str:
 FIGURE_SAMPLE = 1000
 
 
+def figure_rows(num_images: int, num_rows: int) -> np.ndarray:
+  """Positions of the images a grid shows: ``num_rows`` spread evenly over the sample, first
+  and last included. The sample is in test-set order, which in a folder of class
+  subfolders is by class, so the first rows alone would show a single class."""
+  if num_images <= num_rows:
+    return np.arange(num_images)
+  return np.unique(np.round(np.linspace(0, num_images - 1, num_rows)).astype(int))
+
+
 def draw_figures(ctx, s: dict) -> dict:
   """Writes the figures whose inputs exist; returns ``{name: relative path}``."""
   made = {}
@@ -292,22 +301,24 @@ def draw_figures(ctx, s: dict) -> dict:
   n_fig = int(ctx.config.report.num_figure_images)
   if "sis" in s and s["sis"]["num_images"]:
     idx = sis_stage.sample_indices(ctx)
+    rows = figure_rows(len(idx), n_fig)
     fmap = sis_stage.feature_map(ctx)
     recs = {name: sis_stage.records_for(ctx, name) for name in s["sis"]["models"]}
     masks, exists, sizes, curves = {}, {}, {}, {}
     for name, rec in recs.items():
       b = sis_stage.sis_of(rec, tau)
-      masks[name] = sis.feature_mask_to_pixels(b.mask, fmap, (h, w))[:n_fig]
-      exists[name] = b.exists[:n_fig]
+      masks[name] = sis.feature_mask_to_pixels(b.mask[rows], fmap, (h, w))
+      exists[name] = b.exists[rows]
       sizes[name] = (b.size * sis_stage.pixels_per_feature(ctx))[b.exists]
       curves[f"{sis_stage.selection_name(ctx)}/{name}"] = rec["values"]
     single = next(iter(recs.values()))
     names = class_names.display_names(ctx.data.class_names)
     labels = ctx.labels("test")
     titles = [f"{names[labels[i]]}\n→ {names[t]} {p:.3f}"
-              for i, t, p in zip(idx[:n_fig], single["targets"], single["original_scores"])]
+              for i, t, p in zip(idx[rows], single["targets"][rows],
+                                 single["original_scores"][rows])]
     made["sis_examples"] = figures.sis_grid(ctx.path(FIGURES["sis_examples"]),
-                                            ctx.feed("test").images(idx[:n_fig]), masks,
+                                            ctx.feed("test").images(idx[rows]), masks,
                                             titles=titles, exists_by_model=exists,
                                             max_images=n_fig)
     made["sis_sizes"] = figures.size_histograms(ctx.path(FIGURES["sis_sizes"]), sizes,
