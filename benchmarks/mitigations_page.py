@@ -106,28 +106,33 @@ def overlaps(ps: list[dict]) -> list[tuple[int, int]]:
           if ps[j]["start"] < ps[i]["end"]]
 
 
-def training_rows(workdir: str, config: dict) -> list[list[str]]:
+def training_runs(workdir: str, config: dict) -> list[dict]:
+  """Per model directory, base first: ``{"label", "dir", "epochs", "seconds", "accuracy"}``
+  from its ``metrics.jsonl`` (epochs None: not trained). Seconds: the sum of its epochs'."""
   dirs = [("single (base)", config["model"]["weights"] or os.path.join(workdir, "base_model"))]
   for name, members in MODELS.items():
     dirs += [(f"{name}: {m}", os.path.join(workdir, m)) for m in members]
-  rows = []
+  runs = []
   for label, d in dirs:
     metrics = train.read_metrics(os.path.join(d, "metrics.jsonl"))
-    if not metrics:
-      rows.append([label, "—", "—", "—", "not trained"])
-      continue
-    last = metrics[-1]
-    seconds = sum(r.get("epoch_seconds") or 0.0 for r in metrics)
-    acc = next((r["test_accuracy"] for r in reversed(metrics)
-                if r.get("test_accuracy") is not None), None)
-    rows.append([label, str(last["epoch"]), f"{seconds / 60:.1f}",
-                 "—" if acc is None else f"{100 * acc:.2f}", os.path.relpath(d, REPO)])
+    runs.append({
+        "label": label, "dir": d, "epochs": metrics[-1]["epoch"] if metrics else None,
+        "seconds": sum(r.get("epoch_seconds") or 0.0 for r in metrics),
+        "accuracy": next((r["test_accuracy"] for r in reversed(metrics)
+                          if r.get("test_accuracy") is not None), None)})
+  return runs
+
+
+def training_rows(runs: list[dict]) -> list[list[str]]:
+  rows = []
+  for r in runs:
+    if r["epochs"] is None:
+      rows.append([r["label"], "—", "—", "—", "not trained"])
+    else:
+      rows.append([r["label"], str(r["epochs"]), f"{r['seconds'] / 60:.1f}",
+                   "—" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}",
+                   os.path.relpath(r["dir"], REPO)])
   return rows
-
-
-def training_minutes(rows: list[list[str]]) -> float:
-  """Minutes of training of the models the sis stage trains (all but the base)."""
-  return sum(float(r[2]) for r in rows[1:] if r[2] != "—")
 
 
 def agreement(workdir: str, names) -> list[str]:
@@ -172,7 +177,7 @@ def write_page(workdir: str, log: str, command: str, out: str, reading: str = ""
                 for i, p in enumerate(ps)]
   both = overlaps(ps)
   agree = agreement(workdir, config["sis"]["models"])
-  trained_rows = training_rows(workdir, config)
+  runs = training_runs(workdir, config)
   calls = sis_calls(lines)
   call_rows = [[c["name"], str(c["images"]), f"{c['seconds'] / 60:.1f}",
                 f"{c['seconds'] / c['images']:.1f}"] for c in calls]
@@ -192,7 +197,7 @@ def write_page(workdir: str, log: str, command: str, out: str, reading: str = ""
       "each pixel with probability 0.8. Seconds: the sum of each epoch's own time in "
       "`metrics.jsonl` (evaluation passes apart).", "",
       markdown_table(["model", "epochs", "training (min)", "test accuracy (%)", "directory"],
-                     trained_rows), "",
+                     training_rows(runs)), "",
       *(["The input-dropout model's accuracy here is training's evaluation, with its fixed "
          "evaluation dropout mask; the SIS table below evaluates it as SIS sees it, with "
          f"{config['sis']['input_dropout_samples']} fixed mask(s) from "
@@ -204,7 +209,7 @@ def write_page(workdir: str, log: str, command: str, out: str, reading: str = ""
       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items()) + ".", "",
       markdown_table(["piece", "start", "end", "stages (time in this piece)"], piece_rows), "",
       f"Stage sis trains the models it compares that are missing: "
-      f"{training_minutes(trained_rows):.1f} min of its time are the epochs of the ensemble's "
+      f"{sum(r['seconds'] for r in runs[1:]) / 60:.1f} min of its time are the epochs of the ensemble's "
       "extra members and the input-dropout model (table above); the rest is loading and "
       "evaluating the models, the exact SISes, and epochs lost to kills (a re-run resumes "
       "from the last checkpoint).", "",

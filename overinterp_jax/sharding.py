@@ -107,17 +107,13 @@ def put_replicated(mesh: Mesh, tree):
   spec = replicated(mesh)
 
   def place(x):
-    if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(spec, x.ndim):
-        return x
-      if jax.process_count() == 1:
-        return jax.device_put(x, spec)
-    elif not isinstance(x, np.ndarray):
+    if not isinstance(x, (jax.Array, np.ndarray)):
       return x
-    local = replicated_to_host(x)
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(spec, x.ndim):
+      return x
     if jax.process_count() == 1:
-      return jax.device_put(local, spec)
-    return jax.make_array_from_process_local_data(spec, local)
+      return jax.device_put(x, spec)
+    return jax.make_array_from_process_local_data(spec, replicated_to_host(x))
 
   return jax.tree.map(place, tree)
 

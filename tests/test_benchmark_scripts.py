@@ -65,12 +65,18 @@ def test_hybrid_cost_benchmark_tiny_on_cpu(tmp_path):
   assert json.loads(out.read_text()) == result
 
 
+def _mitigations_log(tmp_path, lines: list[str]):
+  """``benchmarks/mitigations_page.py`` and ``lines``, written as a log, parsed by it."""
+  page = _load("mitigations_page")
+  log = tmp_path / "run.log"
+  log.write_text("\n".join(lines))
+  return page, page.parse_log(str(log), 2026)
+
+
 def test_mitigations_page_sums_stage_time_over_the_pieces_of_a_resumed_run(tmp_path):
   """Two processes in one log (a killed run and its resumption): time per stage is summed
   over both; a process whose stage lines were lost is reported apart, not guessed."""
-  page = _load("mitigations_page")
-  log = tmp_path / "run.log"
-  log.write_text("\n".join([
+  page, lines = _mitigations_log(tmp_path, [
       "I1201 10:00:00.000000 11 runner.py:105] Stage train: running.",
       "I1201 10:00:10.000000 11 runner.py:122] Stage train: done in 10.0 s.",
       "I1201 10:00:10.500000 11 runner.py:105] Stage sis: running.",
@@ -82,8 +88,8 @@ def test_mitigations_page_sums_stage_time_over_the_pieces_of_a_resumed_run(tmp_p
       "I1201 11:20:00.000000 22 runner.py:105] Stage report: running.",
       "I1201 11:20:05.000000 22 runner.py:122] Stage report: done in 5.0 s.",
       "W1201 11:25:00.000000 33 deleter.py:300] a process whose stage lines were lost",
-      "I1201 11:26:00.000000 33 train.py:445] epoch 4/33"]))
-  ps = page.pieces(page.parse_log(str(log), 2026))
+      "I1201 11:26:00.000000 33 train.py:445] epoch 4/33"])
+  ps = page.pieces(lines)
   assert [p["process"] for p in ps] == ["11", "22", "33"]
   assert ps[0]["stages"] == {"train": 10.0, "sis": 1800.0}
   assert ps[1]["stages"] == {"sis": 1200.0, "report": 5.0}
@@ -96,9 +102,7 @@ def test_mitigations_page_sums_stage_time_over_the_pieces_of_a_resumed_run(tmp_p
 def test_mitigations_page_times_each_exact_sis_run_of_stage_sis(tmp_path):
   """A run's duration goes to the next run's line or the stage's end, in the same process;
   a run cut off by a kill (its process logs nothing more) is not listed."""
-  page = _load("mitigations_page")
-  log = tmp_path / "run.log"
-  log.write_text("\n".join([
+  page, lines = _mitigations_log(tmp_path, [
       "I1201 10:00:00.000000 11 runner.py:105] Stage sis: running.",
       "I1201 10:01:00.000000 11 sis_stage.py:163] Exact backward selection single: 100 images, 64 features.",
       "I1201 10:02:00.000000 11 sis_stage.py:163] Exact backward selection ensemble: 100 images, 64 features.",
@@ -108,7 +112,7 @@ def test_mitigations_page_times_each_exact_sis_run_of_stage_sis(tmp_path):
       "I1201 10:05:00.000000 11 sis_stage.py:163] Exact backward selection targeted_single: 100 images, 64 features.",
       "I1201 10:06:00.000000 11 sis_stage.py:163] Exact backward selection single_mask_blur: 100 images, 64 features.",
       "I1201 10:09:00.000000 11 runner.py:122] Stage controls: done in 300.0 s.",
-      "I1201 11:00:00.000000 33 sis_stage.py:163] Exact backward selection input_dropout: 10 images, 64 features."]))
-  calls = page.sis_calls(page.parse_log(str(log), 2026))
+      "I1201 11:00:00.000000 33 sis_stage.py:163] Exact backward selection input_dropout: 10 images, 64 features."])
+  calls = page.sis_calls(lines)
   assert calls == [{"name": "single", "images": 100, "seconds": 60.0},
                    {"name": "ensemble", "images": 100, "seconds": 120.0}]
