@@ -5,13 +5,17 @@
       --config.model.weights=/weights/inception_v3.safetensors
 
 Variants (``--config=configs/imagenet.py:<variant>``):
-  * default: Inception v3 at 299×299 (shorter side resized to 299, centre crop 299,
-    ImageNet mean/std), TFDS ``imagenet2012`` prepared as ArrayRecord in
-    ``data.data_dir`` (never downloaded; docs/imagenet.md says how to prepare it),
-    streamed. The base model is ``model.weights`` (torchvision's pretrained weights as
-    ``.safetensors``; without it the base model is trained from scratch with the
-    retraining recipe below).
-  * ``resnet50``: ResNet-50 at 224×224 (shorter side 256, centre crop 224).
+  * default: Inception v3 at 299×299 (ImageNet mean/std), TFDS ``imagenet2012``
+    prepared as ArrayRecord in ``data.data_dir`` (never downloaded; docs/imagenet.md
+    says how to prepare it), streamed. The base model is ``model.weights``
+    (torchvision's or timm's pretrained weights as ``.safetensors``; without it the base
+    model is trained from scratch with the retraining recipe below). The view
+    (``data.view = "auto"``): torchvision's evaluation transform of the weights
+    (shorter side 342, centre crop 299, bit for bit) with weights, the paper's (shorter
+    side 299, centre crop 299) without; ``--config.data.view=paper`` for the paper's
+    with weights.
+  * ``resnet50``: ResNet-50 at 224×224 (shorter side 256, centre crop 224: torchvision's
+    and the paper's).
   * ``folder``: the same from an ILSVRC folder ``<path>/train/<wnid>/*.JPEG`` +
     ``<path>/val/<wnid>/*.JPEG`` (``--config.data.path=/data/ILSVRC2012``).
   * ``smoke``: every stage on the 1,000 real ImageNet JPEGs of
@@ -66,8 +70,8 @@ def get_config(variant: str = ""):
   c.data.expected_train = 1281167
   c.data.expected_test = 50000
   c.data.folder_splits = ("train", "val")
-  c.data.view_size = 299
-  c.data.view_resize = 299          # the paper: resize 299, centre crop 299
+  # data.view "auto" (view_size/view_resize unset): torchvision's Resize(342)/CenterCrop(299)
+  # with torchvision/timm weights, the paper's Resize(299)/CenterCrop(299) without.
   c.data.normalization = "imagenet"
   c.num_classes = 1000
   c.model.name = "inception_v3"
@@ -105,9 +109,7 @@ def get_config(variant: str = ""):
   c.controls.masking_test_images = 500
 
   if variant == "resnet50":
-    c.model.name = "resnet50"
-    c.data.view_size = 224
-    c.data.view_resize = 256        # torchvision's ResNet-50 evaluation: 256, crop 224
+    c.model.name = "resnet50"       # view: torchvision's (and the paper's) 256, crop 224
   elif variant == "folder":
     c.data.source = "image_folder"  # --config.data.path=<ILSVRC folder with train/, val/>
   elif variant == "smoke":

@@ -15,7 +15,7 @@ import re
 from typing import Optional, Sequence
 
 from overinterp_jax import cpu_budget, precision, train
-from overinterp_jax.data import NORMALIZATIONS, SOURCES
+from overinterp_jax.data import NORMALIZATIONS, SOURCES, transforms, view_for_config
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import (backselect_stage, masked_data, retrain_stage, runner,
                                      sis_stage)
@@ -81,6 +81,7 @@ def _training(config, num_devices: int) -> None:
   if weights and not os.path.exists(weights):
     raise ValueError(f"config.model.weights={weights!r} does not exist (a .safetensors file "
                      "or an orbax checkpoint directory).")
+  view_for_config(config)  # raises on a named view without sizes for config.model.name
   _booleans(config.augment, "augment.", ("enabled",))
   cpu_budget.augment_flip(config)
   _at_least(config.augment, "augment.", ("padding",), 0)
@@ -99,6 +100,7 @@ def _data(d) -> None:
       or not all(isinstance(f, str) and f and "/" not in f for f in d.folder_splits)):
     raise ValueError(f"config.data.folder_splits must name two sub-folders (train, test), "
                      f"got {tuple(d.folder_splits)}.")
+  _one_of("data.view", d.view, transforms.VIEWS)
   if d.view_resize and d.view_resize < d.view_size:
     raise ValueError(f"config.data.view_resize={d.view_resize} must be >= data.view_size="
                      f"{d.view_size} (the shorter side is resized, then the view cropped).")

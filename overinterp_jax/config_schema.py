@@ -41,6 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.in_memory = True
   c.data.view_size = 0              # side of the square analysis view; 0 = images as stored
   c.data.view_resize = 0            # shorter side before the view's centre crop; 0 = view_size
+  # The analysis view (data/transforms.py): "torchvision" (bit-exact torchvision Resize +
+  # CenterCrop at the weights' eval sizes: resnet50 256 -> 224, inception_v3 342 -> 299) |
+  # "paper" (the same arithmetic at the paper's sizes: inception_v3 299 -> 299, resnet50
+  # 256 -> 224) | "sizes" (view_size/view_resize, long side rounded, offset floored) |
+  # "auto": "torchvision" when model.weights is a torchvision/timm file, else "sizes" when
+  # view_size is set, else "paper". A set view_size/view_resize replaces a named view's sizes.
+  c.data.view = "auto"
   c.data.num_train = 256            # source=synthetic only: train images
   c.data.num_test = 64              # source=synthetic only: test images
   c.data.image_size = 32            # source=synthetic only: image side (pixels)
@@ -62,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (models/torch_weights.py) or an orbax checkpoint directory of ours; stage train
   # loads them instead of training. "" = train it.
   c.model.weights = ""
+  # inception_v3 only: torchvision's transform_input (ImageNet-normalised input -> [-1, 1]
+  # inside the model) "true" | "false" | "auto": from the timm config.json beside
+  # model.weights when there is one (mean/std 0.5 -> true, ImageNet's -> false), else true.
+  c.model.transform_input = "auto"
   # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
   # base model: stage train loads it instead of training. "" = train it.
   c.pretrained = ""

@@ -53,7 +53,7 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
   paths of this machine) and ``note`` are kept in the record.
   """
   overrides = {k: v for k, v in (overrides or {}).items() if k not in MACHINE_KEYS}
-  dataset = data_lib.load_for_config(config.data, workdir)
+  dataset = data_lib.load_for_config(config.data, workdir, view=data_lib.view_for_config(config))
   ctx = Context(config, workdir, dataset)
   model_dir = ctx.path("base_model")
   summary = trained.load_summary(config, model_dir, ctx.data_fp)

@@ -44,7 +44,8 @@ def run(config, workdir: str) -> dict:
   """
   validate_config(config)
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
-                                     workers=int(config.runtime.data_workers))
+                                     workers=int(config.runtime.data_workers),
+                                     view=data_lib.view_for_config(config))
   if int(config.batch_size) == 0:
     config.batch_size = train.memory_fitted_batch_size(
         config, dataset.image_shape, num_devices=jax.device_count(),

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from overinterp_jax import checkpoints, cpu_budget, memory, precision, sharding
 from overinterp_jax.data import augment, loader
-from overinterp_jax.models import InputDropout, create_model
+from overinterp_jax.models import InputDropout, create_model, torch_weights
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
 
@@ -104,11 +104,20 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 def build_model(config) -> nn.Module:
   """``config.model.name`` from the registry, wrapped in input dropout when
   ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
-  evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm."""
+  evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm;
+  Inception v3's ``transform_input`` from ``config.model.transform_input``
+  (``torch_weights.transform_input_for``: "auto" reads a timm ``config.json`` beside
+  ``config.model.weights``)."""
   bn_momentum = float(config.bn_momentum)
   if not 0 <= bn_momentum < 1:
     raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
   kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
+  setting = config.model.transform_input
+  if config.model.name == "inception_v3":
+    kwargs["transform_input"] = torch_weights.transform_input_for(setting, config.model.weights)
+  elif setting != "auto":
+    raise ValueError(f"config.model.transform_input={setting!r}: only inception_v3 has "
+                     f"transform_input, not config.model.name={config.model.name!r}.")
   try:
     model = create_model(config.model.name, num_classes=config.num_classes, **kwargs)
   except TypeError as e:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import imagenet
 from overinterp_jax import config_checks, main
-from overinterp_jax.data import class_names, loader
+from overinterp_jax.data import class_names, loader, view_for_config
 from overinterp_jax.pipeline import artifacts, record_shards, subsets_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +29,9 @@ def test_imagenet_config_variants_validate(variant, tmp_path):
     assert c.backselect.method == "gradient" and c.backselect.remove_per_step == 100
     assert c.backselect.noise_std == 0.0 and not c.data.in_memory
     assert c.retrain.kinds == ("bs", "random", "border", "mask_only")
-  size = {"": 299, "resnet50": 224, "folder": 299, "smoke": 64}[variant]
-  assert c.data.view_size == size
+  sizes = {"": (299, 299), "resnet50": (224, 256), "folder": (299, 299), "smoke": (64, 64)}
+  view = view_for_config(c)  # without weights: the paper's view (the smoke: its own sizes)
+  assert (view.size, view.resize) == sizes[variant]
 
 
 def test_imagenet_config_unknown_variant_names_the_known_ones():
@@ -193,7 +194,7 @@ def test_base_model_from_safetensors_weights(tmp_path):
   from overinterp_jax.models import torch_weights
   c = _slice_config(_sample_folder(tmp_path, 4), 4)
   c.model.name = "resnet50"
-  c.stages = ("train",)
+  c.stages = ("train", "report")
   module = train.build_model(c)
   rng = np.random.default_rng(3)  # random values in the template's shapes (no init compile)
   variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32) + (
@@ -207,10 +208,14 @@ def test_base_model_from_safetensors_weights(tmp_path):
   main.run(c, workdir)
   summary = artifacts.load_json(os.path.join(workdir, "stages", "train.json"))
   assert not os.path.exists(os.path.join(workdir, "base_model"))  # loaded, not trained
-  ds = load_for_config(c.data, workdir, progress=False)
+  # Weights from a torchvision/timm file: torchvision's arithmetic (at the config's 32×32).
+  ds = load_for_config(c.data, workdir, progress=False, view=view_for_config(c))
+  assert ds.view.torchvision and ds.view.name == "torchvision" and ds.view.size == 32
   x, y = ds.feed("test").batch(np.arange(4))
   logits = module.apply(torch_weights.load_safetensors(path, "resnet50", 4), x, train=False)
   assert summary["test_accuracy"] == pytest.approx(float((np.argmax(logits, -1) == y).mean()))
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert 'view "torchvision": Resize(32), CenterCrop(32) (torchvision\'s arithmetic)' in report
 
 
 def test_base_model_from_a_training_work_directory(tmp_path):

@@ -149,7 +149,8 @@ class StreamingDataset:
 
   def fingerprint_parts(self) -> tuple:
     return (len(self.train), len(self.test), self.image_shape,
-            _labels_checksum(self.labels("train"), self.labels("test")))
+            _labels_checksum(self.labels("train"), self.labels("test")),
+            dataclasses.asdict(self.view))
 
 
 def _normalization(kind: str, train: LabelledImages) -> Normalization:
@@ -216,16 +217,31 @@ def _by_folder(expected_counts, folder_splits):
           if split in expected_counts}
 
 
+def view_for_config(config) -> transforms.ViewSpec:
+  """The analysis view of ``config`` (``config.data.view``, ``transforms.resolve_view``):
+  ``"auto"`` is torchvision's view when ``config.model.weights`` is a file (torchvision/
+  timm ``.safetensors``; a directory is a training work directory of ours)."""
+  weights = config.model.weights
+  return transforms.resolve_view(config.data.view, int(config.data.view_size),
+                                 int(config.data.view_resize), config.model.name,
+                                 bool(weights) and not os.path.isdir(weights))
+
+
 def load_streaming(data_config, workdir: str, progress: bool = True,
-                   workers: int = 0) -> StreamingDataset:
+                   workers: int = 0, view: Optional[transforms.ViewSpec] = None
+                   ) -> StreamingDataset:
   """The splits of ``data_config`` as sources read on demand (``data.in_memory = False``).
 
   Image folders are listed (archives extracted once into ``cache_dir``), TFDS splits
   opened through ``tfds.data_source``; nothing is decoded until a batch asks for it.
   Normalisation ``"train"`` (or ``"auto"`` for data other than CIFAR-10) uses the
-  statistics of ``STATS_SAMPLE`` seeded random train images.
+  statistics of ``STATS_SAMPLE`` seeded random train images. ``view``: the analysis
+  view (``view_for_config(config)``); None = ``data_config``'s sizes (``"auto"``
+  without a model).
   """
-  view = transforms.ViewSpec(int(data_config.view_size), int(data_config.view_resize))
+  if view is None:
+    view = transforms.resolve_view(data_config.view, int(data_config.view_size),
+                                   int(data_config.view_resize), "", False)
   cache_dir = data_config.cache_dir or os.path.join(workdir, "data_cache")
   if data_config.source == "image_folder":
     if not data_config.path:
@@ -260,15 +276,16 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
 
 
 def load_for_config(data_config, workdir: str, progress: bool = True,
-                    workers: int = 0) -> Dataset:
+                    workers: int = 0, view: Optional[transforms.ViewSpec] = None) -> Dataset:
   """``load_dataset`` from a ``config.data`` ConfigDict (keys in config_schema.py).
 
   ``cache_dir`` empty = ``<workdir>/data_cache``; ``expected_train``/``expected_test``
   0 = unchecked. ``progress``: show decoding progress bars (``config.runtime.progress``);
-  ``workers``: grain worker processes of streamed data (``config.runtime.data_workers``).
+  ``workers``: grain worker processes of streamed data (``config.runtime.data_workers``);
+  ``view``: the analysis view of streamed data (``view_for_config(config)``).
   """
   if not data_config.in_memory and data_config.source != "synthetic":
-    return load_streaming(data_config, workdir, progress, workers)
+    return load_streaming(data_config, workdir, progress, workers, view)
   d = data_config
   cache_dir = d.cache_dir or os.path.join(workdir, "data_cache")
   expected = {split: int(d[f"expected_{split}"]) for split in ("train", "test")}
@@ -282,7 +299,7 @@ def load_for_config(data_config, workdir: str, progress: bool = True,
 
 __all__ = [
     "Dataset", "LabelledImages", "NORMALIZATIONS", "Normalization", "SOURCES", "load_dataset",
-    "load_for_config",
+    "load_for_config", "view_for_config",
     "load_image_folder", "load_image_folder_splits", "load_tfds_arrays", "tfds_data_source",
     "make_synthetic", "channel_stats", "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_EXPECTED_COUNTS",
     "augment_batch", "augment_images", "random_crop_flip",

@@ -1,10 +1,20 @@
 """Per-image preprocessing on the host (numpy + PIL), for images of any size.
 
-  * ``ViewSpec(size, resize)``: the *analysis view* of an image: shorter side
-    resized to ``resize`` (bilinear, antialiased), then a centred ``size × size``
-    crop — ImageNet evaluation (Inception v3: 342 → 299; ResNet-50: 256 → 224).
-    ``size = 0`` leaves images as they are (CIFAR: every image is 32×32).
-    SIS, pixel-subsets and evaluation all work on this view.
+  * ``ViewSpec(size, resize, torchvision)``: the *analysis view* of an image: shorter
+    side resized to ``resize`` (bilinear, antialiased), then a centred ``size × size``
+    crop. ``size = 0`` leaves images as they are (CIFAR: every image is 32×32).
+    SIS, pixel-subsets and evaluation all work on this view. With ``torchvision``
+    it is bit for bit torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` of a
+    PIL RGB image: long side ``int(resize · long / short)`` (truncated), crop offset
+    ``int(round((n − size) / 2))`` (Python's round: halves to even), zero padding
+    when the crop is larger than the image. Without it (the ``"sizes"`` view of
+    runs made before the named views): long side rounded, offset ``(n − size) // 2``.
+  * ``resolve_view``: ``config.data.view`` -> a ``ViewSpec``: ``"torchvision"`` (the
+    evaluation transform the torchvision/timm weights were measured with: ResNet-50
+    256 → 224, Inception v3 342 → 299), ``"paper"`` (the paper's public code, also
+    torchvision: Inception v3 299 → 299, ResNet-50 256 → 224), ``"sizes"``
+    (``data.view_size`` / ``data.view_resize``, rounded), ``"auto"`` (torchvision's for
+    weights from a torchvision/timm file; else the sizes when given, else the paper's).
   * ``random_resized_crop``: Inception-style training crop (area 8–100%, aspect
     3/4–4/3, then resized to ``size``) with a horizontal flip; with a pixel mask
     (a subset of the view), the crop is taken of the view and the mask is cropped
@@ -23,16 +33,74 @@ import numpy as np
 from PIL import Image
 
 
+VIEWS = ("auto", "torchvision", "paper", "sizes")
+# (resize, crop) of torchvision's evaluation transform for its pretrained weights.
+TORCHVISION_SIZES = {"resnet50": (256, 224), "inception_v3": (342, 299)}
+# (resize, crop) of the paper's public code (torchvision transforms, docs/imagenet.md).
+PAPER_SIZES = {"resnet50": (256, 224), "inception_v3": (299, 299)}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewSpec:
   """``size``: side of the square view (0 = the image as it is); ``resize``: shorter side
-  before the centre crop (0 = ``size``)."""
+  before the centre crop (0 = ``size``); ``torchvision``: torchvision's arithmetic
+  (module docstring); ``name``: the ``config.data.view`` it came from (for reports)."""
   size: int = 0
   resize: int = 0
+  torchvision: bool = False
+  name: str = "sizes"
 
   def shape(self, fixed: Optional[tuple] = None) -> Optional[tuple]:
     """``(H, W, 3)`` of views, or ``fixed`` (the source's shape) when ``size == 0``."""
     return (self.size, self.size, 3) if self.size else fixed
+
+  def describe(self) -> str:
+    """One phrase for reports, e.g. ``view "torchvision": Resize(342), CenterCrop(299)
+    (torchvision's arithmetic)``."""
+    if not self.size:
+      return f'view "{self.name}": images as stored'
+    how = ("torchvision's arithmetic" if self.torchvision
+           else "long side rounded, crop offset floored")
+    return (f'view "{self.name}": Resize({self.resize or self.size}), '
+            f"CenterCrop({self.size}) ({how})")
+
+
+def resolve_view(view: str, size: int, resize: int, model_name: str,
+                 torch_weights: bool) -> ViewSpec:
+  """The ``ViewSpec`` of ``config.data.view`` (one of ``VIEWS``).
+
+  Args:
+    view: ``"torchvision"`` / ``"paper"``: torchvision's arithmetic at the sizes of
+      ``TORCHVISION_SIZES`` / ``PAPER_SIZES`` for ``model_name``, or at ``size`` and
+      ``resize`` when ``size`` is set; ``"sizes"``: ``size`` and ``resize`` with
+      the rounded arithmetic; ``"auto"``: ``"torchvision"`` when ``torch_weights``, else
+      ``"sizes"`` when ``size`` is set, else ``"paper"`` for a model that has a paper
+      view, else ``"sizes"``.
+    size, resize: ``config.data.view_size`` / ``view_resize`` (0 = unset).
+    model_name: ``config.model.name``.
+    torch_weights: ``config.model.weights`` is a torchvision/timm file.
+
+  Raises:
+    ValueError: an unknown view, or a named view without sizes for a model it does not
+      know.
+  """
+  if view not in VIEWS:
+    raise ValueError(f"config.data.view must be one of {list(VIEWS)}, got {view!r}.")
+  asked = view
+  if view == "auto":
+    view = ("torchvision" if torch_weights else "sizes" if size
+            else "paper" if model_name in PAPER_SIZES else "sizes")
+  if view == "sizes":
+    return ViewSpec(int(size), int(resize))
+  table = TORCHVISION_SIZES if view == "torchvision" else PAPER_SIZES
+  if model_name not in table and not size:
+    raise ValueError(f"config.data.view={asked!r} (the {view!r} view) has sizes for "
+                     f"config.model.name in {sorted(table)}, not {model_name!r}: set "
+                     "config.data.view_size (and view_resize).")
+  if size:
+    return ViewSpec(int(size), int(resize) or int(size), torchvision=True, name=view)
+  want_resize, want_size = table[model_name]
+  return ViewSpec(want_size, want_resize, torchvision=True, name=view)
 
 
 def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
@@ -49,6 +117,8 @@ def view(image: np.ndarray, spec: ViewSpec) -> np.ndarray:
   """``[H, W, 3]`` uint8 -> the analysis view ``[size, size, 3]`` (or ``image``, size 0)."""
   if not spec.size:
     return image
+  if spec.torchvision:
+    return _torchvision_view(image, spec.size, spec.resize or spec.size)
   short = spec.resize or spec.size
   h, w = image.shape[:2]
   scale = short / min(h, w)
@@ -56,6 +126,23 @@ def view(image: np.ndarray, spec: ViewSpec) -> np.ndarray:
   image = _resize(image, nh, nw)
   top, left = (nh - spec.size) // 2, (nw - spec.size) // 2
   return image[top:top + spec.size, left:left + spec.size]
+
+
+def _torchvision_view(image: np.ndarray, size: int, resize: int) -> np.ndarray:
+  """torchvision's ``Resize(resize)`` then ``CenterCrop(size)`` of ``image [H, W, 3]``
+  uint8 (``transforms.functional``'s PIL path), bit for bit."""
+  h, w = image.shape[:2]
+  short, long = (w, h) if w <= h else (h, w)
+  new_long = int(resize * long / short)
+  nh, nw = (new_long, resize) if w <= h else (resize, new_long)
+  image = _resize(image, nh, nw)
+  pad_h, pad_w = max(size - nh, 0), max(size - nw, 0)
+  if pad_h or pad_w:  # zeros, the extra pixel of an odd padding at the bottom/right
+    image = np.pad(image, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2),
+                           (0, 0)))
+    nh, nw = image.shape[:2]
+  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+  return image[top:top + size, left:left + size]
 
 
 def crop_box(rng: np.random.Generator, height: int, width: int,

@@ -15,10 +15,20 @@ weight ``[out, in]`` -> kernel ``[in, out]``; batch norm ``weight`` -> ``scale``
 ``bias`` -> ``bias``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` /
 ``var``; ``num_batches_tracked`` is ignored. float16 / bfloat16 / float64 are
 cast to float32.
+
+``transform_input`` (inception_v3): torchvision's Inception weights expect it (inputs
+scaled to [−1, 1] inside the model); timm's ``InceptionV3`` has no such step and feeds
+the model what its pretrained config's mean/std give: (0.5, 0.5, 0.5) for
+``tv_in1k``/``tf_in1k``/``tf_adv_in1k`` (the same as ImageNet normalisation plus
+``transform_input``), ImageNet's own mean/std for ``gluon_in1k`` (no
+``transform_input``). ``transform_input_for`` reads that from the ``config.json``
+timm writes beside its weights (``save_for_hf`` / the Hugging Face hub layout).
 """
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import re
 from typing import Any, Callable
 
@@ -28,7 +38,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from overinterp_jax.models import resnet_imagenet
+from overinterp_jax.models import inception_v3, resnet_imagenet
 from overinterp_jax.models.registry import create_model
 
 SUPPORTED = ("resnet50", "inception_v3")
@@ -215,3 +225,56 @@ def load_safetensors(path: str | os.PathLike, model_name: str, num_classes: int 
     raise FileNotFoundError(f"No safetensors file at {os.fspath(path)!r}.")
   return from_torch_state(load_file(os.fspath(path)), model_name,
                           variables_template(model_name, num_classes))
+
+
+TRANSFORM_INPUT = ("auto", "true", "false")  # config.model.transform_input
+_INCEPTION_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm's IMAGENET_INCEPTION_MEAN/STD
+
+
+def timm_transform_input(weights: str | os.PathLike) -> tuple[bool, str] | None:
+  """``(transform_input, why)`` that the timm ``config.json`` beside ``weights`` implies
+  for an Inception v3 file, or None when there is no such file (or it describes
+  another architecture).
+
+  Raises:
+    ValueError: an unreadable ``config.json``, or a mean/std that neither setting gives.
+  """
+  path = pathlib.Path(weights).resolve().parent / "config.json"
+  if not path.is_file():
+    return None
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} (beside config.model.weights) is not readable JSON: {e}") from e
+  record = record if isinstance(record, dict) else {}
+  cfg = record.get("pretrained_cfg")
+  if not str(record.get("architecture", "")).startswith("inception_v3") or not isinstance(
+      cfg, dict) or "mean" not in cfg or "std" not in cfg:
+    return None
+  norm = (tuple(cfg["mean"]), tuple(cfg["std"]))
+  why = f"{path}: pretrained_cfg mean {list(norm[0])}, std {list(norm[1])}"
+  for value, (mean, std) in ((True, _INCEPTION_NORM),
+                             (False, (inception_v3.IMAGENET_MEAN, inception_v3.IMAGENET_STD))):
+    if np.allclose(norm[0], mean, atol=1e-4) and np.allclose(norm[1], std, atol=1e-4):
+      return value, why
+  raise ValueError(f"{why}: neither transform_input setting gives that input (ImageNet "
+                   "normalisation with transform_input=true gives mean/std 0.5, without it "
+                   "ImageNet's own).")
+
+
+def transform_input_for(setting: str, weights: str = "") -> bool:
+  """Inception v3's ``transform_input`` for ``config.model.transform_input = setting``
+  (one of ``TRANSFORM_INPUT``) and ``config.model.weights = weights``: ``"auto"`` takes
+  the timm ``config.json`` beside the weights when there is one, else true (torchvision's
+  pretrained setting); an explicit setting that contradicts that file is a ValueError."""
+  if setting not in TRANSFORM_INPUT:
+    raise ValueError(f"config.model.transform_input must be one of {list(TRANSFORM_INPUT)}, "
+                     f"got {setting!r}.")
+  implied = timm_transform_input(weights) if weights and os.path.isfile(weights) else None
+  if setting == "auto":
+    return True if implied is None else implied[0]
+  value = setting == "true"
+  if implied is not None and implied[0] != value:
+    raise ValueError(f"config.model.transform_input={setting!r} contradicts {implied[1]}, "
+                     f"which needs transform_input={str(implied[0]).lower()!r} (or 'auto').")
+  return value

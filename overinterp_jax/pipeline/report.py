@@ -367,9 +367,11 @@ def run(ctx) -> dict:
   c = ctx.config
   s = {stage: ctx.load_summary(stage) for stage in EARLIER if stage in c.stages}
   s = {k: v for k, v in s.items() if v is not None}
+  view = getattr(ctx.data, "view", None)  # streamed data: the analysis view (data.view)
   md = [f"# Overinterpretation report: {c.model.name} (seed {c.seed})", "",
         f"Data: {c.data.source} ({ctx.data.num_examples('train')} train / "
-        f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}). "
+        f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}"
+        f"{'; ' + view.describe() if view is not None and view.size else ''}). "
         f"Stages run: {', '.join(k for k in EARLIER if k in s)}.", ""]
   md += ["## Table 1: pixel-subset retraining", ""]
   t1_md, t1 = table1(s, c)
