@@ -164,3 +164,88 @@ def test_sis_grid_rows_spread_over_the_sample():
   np.testing.assert_array_equal(report.figure_rows(100, 8), [0, 14, 28, 42, 57, 71, 85, 99])
   np.testing.assert_array_equal(report.figure_rows(5, 8), np.arange(5))
   np.testing.assert_array_equal(report.figure_rows(9, 8), [0, 1, 2, 3, 5, 6, 7, 8])
+
+
+def _drawn_axes(monkeypatch):
+  """What the first axes of each figure written while the test runs show: y-limits and
+  ticks, legend texts, whether each line is clipped to the frame (read before saving
+  clears the figure)."""
+  drawn = []
+
+  def spy(fig, path, save=figures._save):
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    drawn.append({"ylim": ax.get_ylim(), "yticks": ax.get_yticks(),
+                  "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+                  "clipped": [line.get_clip_on() for line in ax.get_lines()]})
+    return save(fig, path)
+
+  monkeypatch.setattr(figures, "_save", spy)
+  return drawn
+
+
+def test_rise_curves_axis_never_below_zero(tmp_path, monkeypatch):
+  axes = _drawn_axes(monkeypatch)
+  flat = np.array([[0.1, 0.2, 0.3], [0.2, 0.1, 0.0]])  # never above the full image's 0.9
+  figures.rise_curves(tmp_path / "r.png", {"a": flat}, {"a": np.array([0.9, 0.9])})
+  low, high = axes[0]["ylim"]
+  assert low == 0.0 and 0.0 < high <= 1.02
+  assert axes[0]["clipped"] == [False]  # the curve at 0 shows over the frame
+
+
+def test_histogram_counts_have_integer_ticks(tmp_path, monkeypatch):
+  axes = _drawn_axes(monkeypatch)
+  figures.size_histograms(tmp_path / "h.png", {"a": np.array([1, 2]), "b": np.array([3])},
+                          num_features=64)
+  figures.paired_confidence(tmp_path / "p.png", {"m": np.array([0.5, 0.9])},
+                            {"m": np.array([0.4, 0.95])})
+  figures.paired_confidence(tmp_path / "e.png", {"m": np.zeros(0)}, {"m": np.zeros(0)})
+  assert axes[-1]["ylim"] == (0.0, 1.0)  # nothing drawn: still no negative counts
+  for drawn in axes:
+    ticks = drawn["yticks"]
+    assert len(ticks) >= 2 and np.all(ticks == np.round(ticks)), ticks
+
+
+def test_curve_labels_give_their_sample_size(tmp_path, monkeypatch):
+  axes = _drawn_axes(monkeypatch)
+  figures.confidence_curves(tmp_path / "c.png", {"a": _curves(n=1200), "b": np.zeros((0, 4))})
+  figures.rise_curves(tmp_path / "r.png", {"a": _curves()}, {"a": _confidences(5)},
+                      label_by={"a": "model A (n = 5)"})
+  assert [a["legend"] for a in axes] == [["a (n = 1,200)", "b (n = 0)"], ["model A (n = 5)"]]
+
+
+def test_sample_labels_name_their_sample_and_its_size():
+  from overinterp_jax.pipeline import report
+  assert (report.sample_label("gradient/single (test sample)", "test sample", 1000)
+          == "gradient/single, test sample (n = 1,000)")
+  assert report.sample_label("gradient/single", "SIS sample", 40) == (
+      "gradient/single, SIS sample (n = 40)")
+
+
+def test_smoothed_panels_name_their_sample_size(monkeypatch):
+  """The smoothed control's rows: the SIS sample and stage backselect's test sample have
+  different sizes (40 and 1,000 on the ImageNet smoke run); each panel title gives its own."""
+  from types import SimpleNamespace
+  from overinterp_jax.pipeline import controls, report, sis_stage
+  ctx = SimpleNamespace(config=SimpleNamespace(controls=SimpleNamespace(smoothed_images=1000)))
+  monkeypatch.setattr(controls, "backselect_row", lambda ctx: "gradient/single (test sample)")
+  monkeypatch.setattr(sis_stage, "test_sample", lambda ctx, n: np.arange(n))
+  monkeypatch.setattr(sis_stage, "sample_indices", lambda ctx: np.arange(40))
+  titles = report._smoothed_titles(ctx, {"gradient/single": {"count": 40},
+                                         "gradient/single (test sample)": {"count": 990}})
+  assert titles == {
+      "gradient/single": "gradient/single\nSIS sample (n = 40)",
+      "gradient/single (test sample)":
+          "gradient/single\ntest sample (n = 1,000)\n990 with a non-empty SIS"}
+
+
+@pytest.mark.parametrize("tau, columns", [(0.99, 4), (0.9, 5)])
+def test_base_on_subsets_table_has_no_repeated_column(tau, columns):
+  """At τ = 0.99 the "≥ τ" column would repeat the "≥ 0.99" one: it is left out."""
+  from overinterp_jax.pipeline import report
+  base = {"bs": {"accuracy": 0.5, "mean_confidence": 0.7, "fraction_confident_99": 0.25,
+                 "fraction_confident_tau": 0.25 if tau == 0.99 else 0.5}}
+  header, _, row = report.base_on_subsets_table(base, tau).splitlines()
+  assert len(header.strip("|").split(" | ")) == columns
+  assert len(row.strip("|").split(" | ")) == columns
+  assert ("≥ τ" in header) == (tau != 0.99)

@@ -16,6 +16,7 @@ legend but draws nothing; an empty dict is an error.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Mapping, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
 from overinterp_jax.pipeline import artifacts
@@ -90,9 +92,9 @@ def _check_threshold(threshold: float | None) -> None:
 
 
 def _with_median(label, values: np.ndarray, unit: str = "") -> str:
-  """Legend text: ``label (median M<unit>)``, or ``label (n=0)`` when empty."""
+  """Legend text: ``label (median M<unit>)``, or ``label (n = 0)`` when empty."""
   if values.size == 0:
-    return f"{label} (n=0)"
+    return f"{label} (n = 0)"
   return f"{label} (median {np.median(values):.3g}{unit})"
 
 
@@ -103,15 +105,24 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> str:
-  """Writes ``fig`` to ``path`` as PNG atomically; returns ``path`` as a string."""
+  """Writes ``fig`` to ``path`` as PNG atomically; returns ``path`` as a string. The PNG
+  is rendered in memory first, so the temporary file of ``artifacts.write_atomic`` is
+  open only while the finished bytes are written (a kill while rendering leaves none)."""
   path = os.fspath(path)
+  buffer = io.BytesIO()
   try:
-    artifacts.write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI,
-                                                        metadata={"Software": None}),
-                           binary=True)
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
   finally:
     fig.clear()
+  artifacts.write_atomic(path, lambda fh: fh.write(buffer.getvalue()), binary=True)
   return path
+
+
+def _integer_counts(ax) -> None:
+  """The y-axis of a histogram of counts: from 0 (at least to 1, when nothing is drawn),
+  whole-number ticks only (no "2.5 images")."""
+  ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _padded_range(arrays: Sequence[np.ndarray], margin: float = 0.05) -> tuple[float, float]:
@@ -281,11 +292,11 @@ def confidence_curves(path: str | os.PathLike, curves: Mapping[str, ArrayLike], 
   ax = fig.subplots()
   for label, values in curves.items():
     if len(values) == 0:
-      ax.plot([], [], label=f"{label} (n=0)")
+      ax.plot([], [], label=f"{label} (n = 0)")
       continue
     x = _steps_x(values.shape[1])
     q25, median, q75 = np.percentile(values, [25, 50, 75], axis=0)
-    (line,) = ax.plot(x, median, label=f"{label} (n={values.shape[0]})")
+    (line,) = ax.plot(x, median, label=f"{label} (n = {values.shape[0]:,})")
     ax.fill_between(x, q25, q75, color=line.get_color(), alpha=0.25, linewidth=0)
   if threshold is not None:
     ax.axhline(threshold, color="k", linestyle="--", linewidth=1,
@@ -334,6 +345,7 @@ def size_histograms(path: str | os.PathLike, sizes: Mapping[str, ArrayLike], *,
   for label, p in percents.items():
     ax.hist(p, bins=bins, alpha=0.5, label=_with_median(label, p, "%"))
   ax.set(xlim=(0, upper), xlabel=xlabel, ylabel="images")
+  _integer_counts(ax)
   ax.legend(fontsize=8)
   return _save(fig, path)
 
@@ -374,7 +386,9 @@ def paired_confidence(path: str | os.PathLike, before: Mapping[str, ArrayLike],
       ax.hist(values, bins=bins, alpha=0.5, label=_with_median(label, values))
     if threshold is not None:
       ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
-    ax.set(xlim=(0, 1), title=str(name), xlabel="confidence")
+    ax.set(xlim=(0, 1), xlabel="confidence")
+    ax.set_title(str(name), fontsize=9)
+    _integer_counts(ax)
     ax.legend(fontsize=7)
   axes[0].set_ylabel("images")
   if title:
@@ -397,8 +411,9 @@ def rise_curves(path: str | os.PathLike, values: Mapping[str, ArrayLike],
 
   For each label, y at x = (j + 1) / d is the fraction of images with
   ``max(values[:, :j + 1]) > original``. The y-axis spans the curves' range plus a
-  margin (``_padded_range``) and each label has its own line style, so curves at 1.0,
-  or on top of each other, stay visible.
+  margin (``_padded_range``), clipped to [0, 1.02]: a fraction is never below 0.
+  Lines are drawn over the frame and each label has its own line style, so curves at
+  0 or 1, or on top of each other, stay visible.
   """
   values = _float_rows("values", values, ndim=2)
   original = _float_rows("original", original, ndim=1)
@@ -414,15 +429,16 @@ def rise_curves(path: str | os.PathLike, values: Mapping[str, ArrayLike],
   for i, (label, v) in enumerate(values.items()):
     text = str(label_by.get(label, label))
     if len(v) == 0:
-      ax.plot([], [], label=f"{text} (n=0)")
+      ax.plot([], [], label=f"{text} (n = 0)")
       continue
     rose = np.maximum.accumulate(v - original[label][:, None], axis=1) > 0
     drawn.append(rose.mean(axis=0))
     # Curves often coincide (e.g. all at 1.0): styles keep each one visible.
     ax.plot(_steps_x(v.shape[1]), drawn[-1], label=text, linewidth=2,
-            linestyle=("-", "--", ":", "-.")[i % 4])
-  ax.set(xlim=(0, 1), ylim=_padded_range(drawn), xlabel="fraction of pixels removed",
-         ylabel="fraction of images")
+            linestyle=("-", "--", ":", "-.")[i % 4], clip_on=False)
+  low, high = _padded_range(drawn)
+  ax.set(xlim=(0, 1), ylim=(max(low, 0.0), min(high, 1.02)),
+         xlabel="fraction of pixels removed", ylabel="fraction of images")
   ax.set_title("images whose confidence rose above the full-image value", fontsize=9)
   ax.legend(fontsize=8)
   return _save(fig, path)

@@ -106,13 +106,21 @@ def table1(s: dict, config) -> tuple[str, dict]:
   base = (retrain or {}).get("base_on_subsets")
   if base:
     lines += ["", f"Base model on its own {frac} test subsets (no retraining):", "",
-              figures.markdown_table(
-                  ["subsets", "accuracy (%)", "mean confidence", "≥ 0.99 confident (%)",
-                   f"≥ τ = {float(config.sis.threshold):g} confident (%)"],
-                  [[k, _pct(v["accuracy"]), f"{v['mean_confidence']:.4f}",
-                    _pct(v["fraction_confident_99"]), _pct(v.get("fraction_confident_tau"))]
-                   for k, v in base.items()])]
+              base_on_subsets_table(base, float(config.sis.threshold))]
   return "\n".join(lines), row
+
+
+def base_on_subsets_table(base: dict, tau: float) -> str:
+  """The base model on its own subsets: accuracy, mean confidence, and how often it is
+  ≥ 0.99 and ≥ τ confident (one column when τ is 0.99: the two would repeat each other)."""
+  headers = ["subsets", "accuracy (%)", "mean confidence", "≥ 0.99 confident (%)"]
+  rows = [[k, _pct(v["accuracy"]), f"{v['mean_confidence']:.4f}",
+           _pct(v["fraction_confident_99"])] for k, v in base.items()]
+  if tau != 0.99:
+    headers.append(f"≥ τ = {tau:g} confident (%)")
+    for row, v in zip(rows, base.values()):
+      row.append(_pct(v.get("fraction_confident_tau")))
+  return figures.markdown_table(headers, rows)
 
 
 def _interval(m: Optional[dict]) -> str:
@@ -293,6 +301,13 @@ def figure_rows(num_images: int, num_rows: int) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, num_images - 1, num_rows)).astype(int))
 
 
+def sample_label(row: str, sample: str, n: int, sep: str = ", ") -> str:
+  """A figure's label of a record row naming its sample and the sample's size, e.g.
+  ``"gradient/single, test sample (n = 1,000)"``: rows of different samples never share
+  a label. ``sep``: between the row and its sample (a newline in panel titles)."""
+  return f"{row.replace(' (test sample)', '')}{sep}{sample} (n = {n:,})"
+
+
 def draw_figures(ctx, s: dict) -> dict:
   """Writes the figures whose inputs exist; returns ``{name: relative path}``."""
   made = {}
@@ -310,7 +325,7 @@ def draw_figures(ctx, s: dict) -> dict:
       masks[name] = sis.feature_mask_to_pixels(b.mask[rows], fmap, (h, w))
       exists[name] = b.exists[rows]
       sizes[name] = (b.size * sis_stage.pixels_per_feature(ctx))[b.exists]
-      curves[f"{sis_stage.selection_name(ctx)}/{name}"] = rec["values"]
+      curves[f"{sis_stage.selection_name(ctx)}/{name}, SIS sample"] = rec["values"]
     single = next(iter(recs.values()))
     names = class_names.display_names(ctx.data.class_names)
     labels = ctx.labels("test")
@@ -324,7 +339,7 @@ def draw_figures(ctx, s: dict) -> dict:
     made["sis_sizes"] = figures.size_histograms(ctx.path(FIGURES["sis_sizes"]), sizes,
                                                 num_features=h * w)
     if "backselect" in s:
-      curves[f"{ctx.config.backselect.method}/single (test)"] = ctx.backselect("test").rows(
+      curves[f"{ctx.config.backselect.method}/single, test sample"] = ctx.backselect("test").rows(
           sis_stage.test_sample(ctx, FIGURE_SAMPLE))["values"]
     made["confidence_curves"] = figures.confidence_curves(
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
@@ -343,24 +358,41 @@ def draw_figures(ctx, s: dict) -> dict:
     arrays = artifacts.load(ctx.path("controls", "smoothed.npz"),
                             controls.smoothed_key(c["smoothed"]))
     if arrays is not None:
-      before = {k: arrays[f"{k}/sis"] for k in c["smoothed"]}
-      after = {k: arrays[f"{k}/dilated"] for k in c["smoothed"]}
+      titles = _smoothed_titles(ctx, c["smoothed"])
+      before = {titles[k]: arrays[f"{k}/sis"] for k in c["smoothed"]}
+      after = {titles[k]: arrays[f"{k}/dilated"] for k in c["smoothed"]}
       made["smoothed_sis"] = figures.paired_confidence(
           ctx.path(FIGURES["smoothed_sis"]), before, after, threshold=tau,
           labels=("SIS", f"dilated SIS ({int(ctx.config.controls.dilation)}×"
                          f"{int(ctx.config.controls.dilation)})"))
   if "confidence_rise" in c:
-    values, original = {}, {}
+    values, original, label_by = {}, {}, {}
     for name in s["sis"]["models"] if s["sis"]["num_images"] else ():
       rec = sis_stage.records_for(ctx, name)
       row = f"{sis_stage.selection_name(ctx)}/{name}"
       values[row], original[row] = rec["values"], rec["original_scores"]
+      label_by[row] = sample_label(row, "SIS sample", len(rec["values"]))
     rec = ctx.backselect("test").rows(sis_stage.test_sample(ctx, FIGURE_SAMPLE))
     key = controls.backselect_row(ctx)
     values[key], original[key] = rec["values"], rec["original_scores"]
+    label_by[key] = sample_label(key, "test sample", len(rec["values"]))
     made["confidence_rise"] = figures.rise_curves(ctx.path(FIGURES["confidence_rise"]), values,
-                                                  original)
+                                                  original, label_by=label_by)
   return {k: os.path.relpath(v, ctx.workdir) for k, v in made.items()}
+
+
+def _smoothed_titles(ctx, smoothed: dict) -> dict:
+  """``{row of the smoothed control: panel title}``: the row, its sample and the sample's
+  size (the SIS sample, or ``controls.smoothed_images`` test images for stage backselect's
+  records), and how many of those images have a SIS when not all do."""
+  sample = {controls.backselect_row(ctx): ("test sample", len(sis_stage.test_sample(
+      ctx, int(ctx.config.controls.smoothed_images))))}
+  titles = {}
+  for row, v in smoothed.items():
+    what, n = sample.get(row, ("SIS sample", len(sis_stage.sample_indices(ctx))))
+    titles[row] = sample_label(row, what, n, "\n") + (
+        f"\n{v['count']:,} with a non-empty SIS" if v["count"] != n else "")
+  return titles
 
 
 def run(ctx) -> dict:
