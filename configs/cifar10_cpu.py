@@ -34,6 +34,8 @@ the base model 42–44% accurate on its own 5% BS test subsets.
 """
 from configs import cifar10
 
+VARIANTS = ("", "analyze", "mitigations")  # --config=configs/cifar10_cpu.py:<variant>
+
 
 def get_config(variant: str = ""):
   """The full pipeline; ``variant="analyze"``: the quick start on the shipped model."""
@@ -78,8 +80,8 @@ def get_config(variant: str = ""):
   if variant == "mitigations":
     return mitigations(c)
   if variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/cifar10_cpu.py; known: analyze, "
-                     "mitigations.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/cifar10_cpu.py; known: "
+                     f"{', '.join(v for v in VARIANTS if v)}.")
   return c
 
 

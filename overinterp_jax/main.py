@@ -8,14 +8,21 @@ closest existing keys. Every value is checked before any work starts
 (``config_checks.py``). Re-running with the same ``--workdir`` resumes.
 
 Logs show the pipeline's own lines and other libraries' warnings;
-``--verbosity=1`` adds the libraries' INFO lines (orbax, JAX).
+``--verbosity=1`` adds the libraries' INFO lines (orbax, JAX). An error a user acts
+on (a bad value, missing data, a full disk, a read-only or busy work directory,
+``USER_ERRORS``) ends the run with its message alone; ``--verbosity=1`` shows its
+traceback too. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import ast
+import errno
+import glob
 import json
 import logging as py_logging
 import os
 import sys
+import textwrap
 
 import jax
 from absl import app, flags, logging
@@ -40,7 +47,8 @@ def run(config, workdir: str) -> dict:
   """Runs the configured stages in ``workdir``; returns the results written there.
 
   Nothing is written before the config and the loaded data have passed their checks.
-  Then one run at a time holds ``workdir`` (``artifacts.workdir_lock``).
+  Then one run at a time holds ``workdir`` (``artifacts.workdir_lock``). A finished
+  ``workdir`` on read-only storage is read as it is (a stage that must run stops).
   """
   validate_config(config)
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
@@ -54,11 +62,13 @@ def run(config, workdir: str) -> dict:
                  "memory (config.batch_size=0); config.lr is used as given.",
                  config.batch_size, config.batch_size // jax.device_count())
   config_checks.validate_with_data(config, dataset)
-  with artifacts.workdir_lock(workdir):
-    artifacts.save_json(os.path.join(workdir, "config.json"),
-                        json.loads(config.to_json_best_effort()))
+  with artifacts.workdir_lock(workdir) as writable:
+    if writable:
+      artifacts.save_json(os.path.join(workdir, "config.json"),
+                          json.loads(config.to_json_best_effort()))
     results = runner.run_pipeline(config, workdir, dataset)
-    artifacts.save_json(os.path.join(workdir, "results.json"), results)
+    if writable:
+      artifacts.save_json(os.path.join(workdir, "results.json"), results)
   return results
 
 
@@ -92,12 +102,49 @@ class _OwnLinesAndWarnings(py_logging.Filter):
             or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
 
 
+# Errors whose message says what to change (a value, a path, the disk, the work directory,
+# a diverging run): the message alone ends the program. Others are bugs: traceback kept.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, artifacts.WorkdirInUse)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def error_message(error: BaseException, workdir: str) -> str:
+  """What a user is told of ``error`` (one of ``USER_ERRORS``): its message; for an
+  operating-system error naming a file, ``<what>: <file>``, and for a file under
+  ``workdir`` that cannot be written, that ``workdir`` is not writable; a full disk
+  (which names no file) names ``workdir``."""
+  if not (isinstance(error, OSError) and error.strerror):
+    return str(error) or type(error).__name__
+  if error.filename is None:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return f"{error.strerror} while writing: free space for the work directory {workdir}."
+    return str(error)
+  message = f"{error.strerror}: {error.filename}"
+  if error.filename2 is not None:
+    message += f" -> {error.filename2}"
+  inside = isinstance(error.filename, (str, bytes)) and os.path.abspath(
+      os.fsdecode(error.filename)).startswith(os.path.join(os.path.abspath(workdir), ""))
+  if error.errno in _NOT_WRITABLE and inside:
+    message += (f". The work directory {workdir} is not writable: give a writable --workdir "
+                "(a copy of this one keeps its results).")
+  return message
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.verbosity < 1:
     logging.get_absl_handler().addFilter(_OwnLinesAndWarnings())
-  config = FLAGS.config
+  try:
+    _main(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS as e:
+    if FLAGS.verbosity >= 1:
+      raise
+    sys.exit(f"FATAL: {error_message(e, FLAGS.workdir)}")
+
+
+def _main(config, workdir: str) -> None:
+  """Sets up JAX's devices for ``config``, runs it in ``workdir`` and prints the headline."""
   # Before any JAX operation initialises the CPU backend; a negative value is left to
   # validate_config, which names it.
   if int(config.runtime.host_devices) > 0:
@@ -105,9 +152,9 @@ def main(argv):
   if config.runtime.distributed:
     jax.distributed.initialize()
   logging.info("Devices: %s", jax.devices())
-  results = run(config, FLAGS.workdir)
+  results = run(config, workdir)
   if artifacts.is_writer():
-    workdir = os.path.abspath(FLAGS.workdir)
+    workdir = os.path.abspath(workdir)
     where = ("report.md" if "report" in results else "results.json")
     print(f"Done: {len(results)} stages. Results in {os.path.join(workdir, where)}")
     for line in report.headline(results, config):
@@ -120,17 +167,50 @@ python -m overinterp_jax.main --config=FILE[:VARIANT] --workdir=DIR [--config.KE
   --config=FILE[:VARIANT]  the experiment, e.g. configs/cifar10_cpu.py:analyze (the quick start)
   --workdir=DIR            where checkpoints, results and report.md go; the same DIR resumes
   --config.KEY=VALUE       override one key of the config, e.g. --config.num_epochs=5
-  --verbosity=N            log level: 0 = INFO (default), -1 = warnings only
+  --verbosity=N            log level: 0 = INFO (default), -1 = warnings, 1 = all + tracebacks
   --helpfull               every flag, absl's and JAX's included
 
-Configs: configs/cifar10_cpu.py[:analyze], configs/cifar10.py, configs/smoke.py; every key
-with its default: overinterp_jax/config_schema.py. Docs: README.md and docs/."""
+{configs} Every key with its default: overinterp_jax/config_schema.py. Docs: README.md and
+docs/."""
+
+
+def config_variants(path: str) -> tuple[str, ...]:
+  """The named variants of config file ``path``: its module-level ``VARIANTS`` (``""``,
+  the default, left out), read from the source without importing it; () if it has none."""
+  with open(path) as f:
+    tree = ast.parse(f.read(), path)
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets):
+      return tuple(v for v in ast.literal_eval(node.value) if v)
+  return ()
+
+
+def configs_line(directory: str | None = None) -> str:
+  """``Configs: configs/a.py, configs/b.py[:v1|:v2], ...``: every config file of
+  ``directory`` (default ``./configs``, else the one beside the package) with its variants."""
+  if directory is None:
+    directory = next((d for d in ("configs", os.path.join(os.path.dirname(_PACKAGE_DIR),
+                                                          "configs")) if os.path.isdir(d)), "")
+  names = []
+  for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
+    if not os.path.basename(path).startswith("_"):
+      variants = "|".join(f":{v}" for v in config_variants(path))
+      names.append(f"configs/{os.path.basename(path)}" + (f"[{variants}]" if variants else ""))
+  return ("Configs: " + ", ".join(names) + ".") if names else "Configs: configs/*.py."
+
+
+def usage() -> str:
+  """The text of ``--help``: the flags, every config file with its variants, the docs."""
+  head, tail = USAGE.split("{configs}")
+  return head + textwrap.fill(configs_line() + tail.replace("\n", " "), 92,
+                              break_on_hyphens=False)
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
 
 
 if __name__ == "__main__":
   if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
-    print(USAGE)
+    print(usage())
     sys.exit(0)
   app.run(main, flags_parser=parse_flags)

@@ -766,10 +766,23 @@ def _prepare_images(images, fully_masked, feature_map, target_classes) -> _Image
                  targets)
 
 
+# What tracing a model that is not JAX code raises (numpy's np.asarray on a tracer,
+# Python control flow on its values).
+_NOT_TRACEABLE = (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                  jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
 def _check_num_classes(predict_fn, params, images, targets, apply_softmax):
   class_scores, _, _ = _class_score_fn(predict_fn, params is not None, apply_softmax)
-  out = jax.eval_shape(class_scores, traced.abstract(params),
-                       jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+  try:
+    out = jax.eval_shape(class_scores, traced.abstract(params),
+                         jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+  except _NOT_TRACEABLE as e:
+    raise ValueError(
+        f"predict_fn must be JAX-traceable (jax.numpy code, a Flax model's apply): tracing "
+        f"it raised {type(e).__name__} ({str(e).splitlines()[0]}). For a numpy, PyTorch "
+        "or other host model use sis.backselect or sis.find_sis with a score function "
+        "(engine='auto' or 'host' calls it on numpy batches).") from e
   num_classes = out.shape[1]
   if np.any(targets >= num_classes):
     raise ValueError(f"target_classes must be < num_classes = {num_classes}; got "

@@ -31,13 +31,13 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
-from tqdm import tqdm
 
 from overinterp_jax import checkpoints, cpu_budget, memory, precision, sharding
 from overinterp_jax.data import augment, loader
 from overinterp_jax.models import InputDropout, create_model, torch_weights
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
 from overinterp_jax.pipeline import artifacts
+from overinterp_jax.progress import progress_bar
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
 # docs/method.md §6.4) is deterministic.
@@ -413,8 +413,9 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
     t0 = time.perf_counter()
     sums = dict(sums0) if first else {"loss": 0.0, "accuracy": 0.0}
     size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
-    bar = tqdm(range(first, num_steps), desc=f"epoch {epoch + 1}/{config.num_epochs}{size}",
-               unit="batch", leave=False, disable=not config.runtime.progress)
+    bar = progress_bar(range(first, num_steps),
+                       desc=f"epoch {epoch + 1}/{config.num_epochs}{size}", unit="batch",
+                       leave=False, show=bool(config.runtime.progress))
     unchecked = []  # losses since the last host sync, checked to be finite there
     for i, (x, y) in zip(bar, batches):
       x, y = sharding.global_batch(mesh, x), sharding.global_batch(mesh, y)

@@ -28,10 +28,10 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 from absl import logging
 from PIL import Image
-from tqdm import tqdm
 
 from overinterp_jax.data.labelled import LabelledImages
 from overinterp_jax.pipeline import artifacts
+from overinterp_jax.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -167,8 +167,8 @@ def _iter_archive(path: str, splits: Sequence[str], progress: bool, total: Optio
   seen_splits: set[str] = set()
   class_dirs: dict[str, set[str]] = {s: set() for s in splits}
   class_files: dict[str, set[str]] = {s: set() for s in splits}
-  bar = tqdm(total=total, desc=f"decoding {os.path.basename(path)} {'+'.join(splits)}",
-             unit="img", disable=not progress)
+  bar = progress_bar(total=total, desc=f"decoding {os.path.basename(path)} {'+'.join(splits)}",
+                     unit="img", show=progress)
   try:
     with tarfile.open(path, mode="r|*") as archive:
       for member in archive:
@@ -224,7 +224,7 @@ def _decode_directory(path: str, split: str, files: Mapping[str, Sequence[str]],
   items = []
   decode = _Decoder()
   total = sum(len(v) for v in files.values())
-  with tqdm(total=total, desc=f"decoding {split}", unit="img", disable=not progress) as bar:
+  with progress_bar(total=total, desc=f"decoding {split}", unit="img", show=progress) as bar:
     for c, names in files.items():
       for f in names:
         with open(f, "rb") as fh:

@@ -28,9 +28,9 @@ import zlib
 from typing import Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from overinterp_jax.data import image_folder, tfds_source
+from overinterp_jax.progress import progress_bar
 
 IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
 
@@ -125,8 +125,8 @@ def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
   os.makedirs(tmp)
   try:
     with tarfile.open(path, mode="r|*") as archive:
-      for member in tqdm(archive, desc=f"extracting {os.path.basename(path)}", unit="file",
-                         disable=not progress):
+      for member in progress_bar(archive, desc=f"extracting {os.path.basename(path)}",
+                                 unit="file", show=progress):
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
         if (not member.isfile() or ".." in parts or len(parts) < 3
             or not image_folder._is_image_name(member.name)):  # pylint: disable=protected-access

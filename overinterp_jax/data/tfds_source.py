@@ -14,9 +14,9 @@ import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from overinterp_jax.data.labelled import LabelledImages
+from overinterp_jax.progress import progress_bar
 
 SUPPORTED = ("cifar10", "imagenet2012")
 # The split used as the test set: ImageNet's test labels are not public.
@@ -82,8 +82,8 @@ def load_tfds_arrays(name: str, data_dir: str, splits: Sequence[str] = ("train",
   for split in splits:
     source = tfds_data_source(name, split, data_dir)
     images, labels = [], []
-    for i in tqdm(range(len(source)), desc=f"{name} {split}", unit="img",
-                  disable=not progress):
+    for i in progress_bar(range(len(source)), desc=f"{name} {split}", unit="img",
+                          show=progress):
       ex = source[i]
       images.append(np.asarray(ex["image"], np.uint8))
       labels.append(int(ex["label"]))

@@ -110,25 +110,47 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+class WorkdirInUse(RuntimeError):
+  """Another run holds the work directory (``workdir_lock``)."""
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 @contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
+def workdir_lock(workdir: str) -> Iterator[bool]:
   """Holds ``workdir/.lock`` (an exclusive ``flock``) on the writing process while a run
   uses ``workdir``: a second run started on the same directory stops at once with the
   first one's pid instead of writing beside it. The operating system releases the lock
   when the holder exits, however it ends (``kill -9`` included), so a killed run never
-  blocks its own resumption. Where the file system has no locks, a warning and no lock."""
+  blocks its own resumption. Where the file system has no locks, a warning and no lock.
+
+  Yields whether the run may write ``workdir``: False for an existing directory that
+  cannot be written (read-only storage), where no lock is taken: a finished run's
+  results can be read, and ``require_writable`` stops work that must write."""
   if not is_writer():
-    yield
+    yield True
     return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, ".lock")
-  with open(path, "a+") as f:
+  try:
+    f = open(path, "a+")
+  except OSError as e:
+    if e.errno not in _NOT_WRITABLE:
+      raise
+    logging.warning("%s is not writable (%s): reading its results without a lock; a stage "
+                    "that must run stops.", workdir, e.strerror)
+    f = None
+  if f is None:
+    yield False
+    return
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       if e.errno in (errno.EAGAIN, errno.EACCES):
         f.seek(0)
-        raise RuntimeError(f"{workdir} is in use by another run (pid "
+        raise WorkdirInUse(f"{workdir} is in use by another run (pid "
                            f"{f.read().strip() or 'unknown'}, holding {path}); wait for it "
                            "to end or stop it.") from None
       logging.warning("No lock on %s (%s): make sure no other run uses this directory.",
@@ -138,10 +160,18 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     f.write(str(os.getpid()))
     f.flush()
     try:
-      yield
+      yield True
     finally:
       f.seek(0)
       f.truncate()
+
+
+def require_writable(workdir: str, why: str) -> None:
+  """PermissionError naming ``workdir`` when the writing process cannot write there
+  (read-only storage), before work whose results it would have to write (``why``)."""
+  if is_writer() and os.path.isdir(workdir) and not os.access(workdir, os.W_OK):
+    raise PermissionError(f"{workdir} is not writable, but {why}: give a writable "
+                          "--workdir (a copy of this one keeps its results).")
 
 
 def _stamp(fp) -> tuple[str, Any]:

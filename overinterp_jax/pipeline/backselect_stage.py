@@ -20,11 +20,11 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from overinterp_jax import precision, sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import artifacts, record_shards
+from overinterp_jax.progress import progress_bar
 
 SPLITS = ("train", "test")
 METHODS = ("exact", "gradient", "hybrid")  # config.backselect.method
@@ -111,8 +111,8 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
   if missing and len(missing) < len(shards):
     logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(shards))
   todo = sum(shards[i][2].stop - shards[i][2].start for i in missing)
-  bar = tqdm(total=todo, desc=desc, unit="img",
-             disable=not progress or not todo or not artifacts.is_writer())
+  bar = progress_bar(total=todo, desc=desc, unit="img",
+                     show=progress and bool(todo) and artifacts.is_writer())
   t0, done = time.perf_counter(), 0
   for i in missing:
     path, fp, rows = shards[i]

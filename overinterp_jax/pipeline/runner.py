@@ -102,6 +102,7 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
     if summary is not None:
       logging.info("Stage %s: already done.", stage)
     else:
+      artifacts.require_writable(ctx.workdir, f"stage {stage} must run")
       logging.info("Stage %s: running.", stage)
       t0 = time.perf_counter()
       ctx.stage = stage

@@ -24,9 +24,24 @@ def fingerprint(name: str, data_fp: str) -> str:
   return artifacts.fingerprint("pretrained", name, shipped.info(name)["sha256"], data_fp)
 
 
-def check_compatible(config, dataset) -> None:
+# Keys of a record's ``train_settings`` exported before the config moved them: the
+# model's name was ``config.model`` before ``config.model`` became a section.
+_MOVED_SETTINGS = {"model": "model.name"}
+
+
+def differing_settings(config, record: dict) -> list[str]:
+  """The config paths (sorted) whose values differ from those ``record``'s model was
+  trained with (its ``train_settings``: ``{dotted path: value}``)."""
+  settings = {_MOVED_SETTINGS.get(path, path): v for path, v in record["train_settings"].items()}
+  return sorted(path for path, v in settings.items()
+                if _plain(config_reads.value_at(config, path)) != v)
+
+
+def check_compatible(config, dataset, warn: bool = True) -> None:
   """ValueError naming ``config.pretrained`` unless the model fits the config and the data:
-  same architecture and classes, same class names, image shape and normalisation."""
+  same architecture and classes, same class names, image shape and normalisation.
+  ``warn``: log the training settings that differ from the config's (once a run: the
+  pipeline's context checks, ``load`` does not repeat it)."""
   name = config.pretrained
   record = shipped.info(name)
   where = f"config.pretrained={name!r} (a {record['model']} for {record['num_classes']} classes)"
@@ -39,9 +54,8 @@ def check_compatible(config, dataset) -> None:
   if list(dataset.image_shape) != list(record["image_shape"]):
     raise ValueError(f"{where} takes images {record['image_shape']}; the data's are "
                      f"{list(dataset.image_shape)}.")
-  differ = sorted(path for path, v in record["train_settings"].items()
-                  if _plain(config_reads.value_at(config, path)) != v)
-  if differ:
+  differ = differing_settings(config, record)
+  if differ and warn:
     logging.warning("%s was trained with other %s than this config's; the report labels it "
                     "with the config's.", where, ", ".join(differ))
   norm = dataset.normalization
@@ -60,8 +74,9 @@ def _plain(value):
 
 def load(config, dataset, mesh=None) -> trained.Trained:
   """``trained.Trained`` of ``config.pretrained`` with its loss and accuracy on
-  ``dataset``'s test images."""
-  check_compatible(config, dataset)
+  ``dataset``'s test images; ValueError as ``check_compatible`` (whose warning the
+  pipeline's context gives)."""
+  check_compatible(config, dataset, warn=False)
   module, variables = shipped.pretrained(config.pretrained)
   return measured(trained.Trained(module, variables, {}, 0.0), config, dataset, mesh)
 
