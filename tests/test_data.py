@@ -464,6 +464,29 @@ def test_tfds_without_prepared_data_fails_fast(tmp_path):
     tfds_source.load_tfds_arrays("imagenet2012", str(tmp_path))
 
 
+def test_tfds_cifar10_in_memory_checks_counts_and_keeps_its_ids(tmp_path):
+  """CIFAR-10 written by TFDS's own writer (tests/tfds_data.py): ``expected_test`` is
+  verified as for image folders, and examples keep TFDS's ``id`` (``test_00003``)."""
+  from tfds_data import write_cifar10
+  made = write_cifar10(tmp_path / "tfds", num_train=10, num_test=20)
+  cfg = base_config().data
+  cfg.update({"source": "tfds", "name": "cifar10", "data_dir": str(tmp_path / "tfds"),
+              "expected_train": 10, "expected_test": 21})
+  with pytest.raises(ValueError, match=r"test split has 20 images.*expected_test = 21"):
+    data_lib.load_for_config(cfg, str(tmp_path / "work"), progress=False)
+  cfg.expected_test = 20
+  ds = data_lib.load_for_config(cfg, str(tmp_path / "work"), progress=False)
+  assert ds.num_examples("train") == 10 and ds.num_examples("test") == 20
+  for split in ("train", "test"):
+    src = ds.source(split)
+    ids = [src.example_id(i) for i in range(len(src))]
+    assert sorted(ids) == sorted(made[split])
+    for i, key in enumerate(ids):
+      image, label = made[split][key]
+      np.testing.assert_array_equal(src[i][0], image)
+      assert src[i][1] == label
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 

@@ -212,6 +212,47 @@ def test_tfds_source_decodes_jpeg_bytes_and_keys_by_file_name(tmp_path, monkeypa
   np.testing.assert_array_equal(clone[0][0], images[0])
 
 
+def test_tfds_source_keys_cifar10_by_its_id(tmp_path):
+  """Files written by TFDS's own writer (tests/tfds_data.py): CIFAR-10 records have no
+  ``file_name``; each example is keyed by the dataset's ``id`` (``train_00004``)."""
+  from tfds_data import write_cifar10
+  made = write_cifar10(tmp_path, num_train=4, num_test=3)
+  src = sources.TfdsSource("cifar10", "train", str(tmp_path))
+  ids = [src.example_id(i) for i in range(len(src))]
+  assert sorted(ids) == sorted(made["train"])
+  for i, key in enumerate(ids):
+    np.testing.assert_array_equal(src[i][0], made["train"][key][0])
+
+
+_WORKERS_RUN = """
+import json, sys
+import numpy as np
+from overinterp_jax import data as data_lib
+from overinterp_jax.config_schema import base_config
+c = base_config().data
+c.update({"source": "tfds", "name": "cifar10", "data_dir": sys.argv[1], "in_memory": False})
+feed = data_lib.load_for_config(c, sys.argv[2], progress=False, workers=1).feed("train")
+print(json.dumps([y.tolist() for _, y in feed.batches([np.arange(3), np.arange(3, 6)])]))
+"""
+
+
+def test_grain_workers_on_tfds_leave_no_shared_memory_at_exit(tmp_path):
+  """Batches from worker processes arrive in shared memory: a run that exits while it still
+  holds some must not leave them behind (``resource_tracker: ... leaked shared_memory``)."""
+  import json
+  import subprocess
+  import sys
+  from tfds_data import write_cifar10
+  made = write_cifar10(tmp_path / "tfds", num_train=6, num_test=2)
+  run = subprocess.run([sys.executable, "-c", _WORKERS_RUN, str(tmp_path / "tfds"),
+                        str(tmp_path / "work")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0, run.stderr
+  labels = sum(json.loads(run.stdout.strip().splitlines()[-1]), [])
+  assert sorted(labels) == sorted(label for _, label in made["train"].values())
+  assert "leaked shared_memory" not in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_folder_splits_name_the_sub_folders_read_as_train_and_test(tmp_path, in_memory):
   from overinterp_jax import data as data_lib

@@ -48,6 +48,7 @@ class Dataset:
     train_labels, test_labels: ``[N]`` int32.
     class_names: name of each label.
     normalization: per-channel mean/std used by ``prepare``.
+    train_ids, test_ids: the dataset's own example ids (TFDS), None = ``"<split>/<index>"``.
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -55,6 +56,8 @@ class Dataset:
   test_labels: np.ndarray
   class_names: tuple[str, ...]
   normalization: Normalization
+  train_ids: Optional[tuple[str, ...]] = None
+  test_ids: Optional[tuple[str, ...]] = None
 
   @property
   def num_classes(self) -> int:
@@ -72,7 +75,8 @@ class Dataset:
 
   def source(self, split: str) -> sources.ArraySource:
     images = self.train_images if split == "train" else self.test_images
-    return sources.ArraySource(images, self.labels(split), self.class_names, split)
+    ids = self.train_ids if split == "train" else self.test_ids
+    return sources.ArraySource(images, self.labels(split), self.class_names, split, ids)
 
   def labels(self, split: str) -> np.ndarray:
     return self.train_labels if split == "train" else self.test_labels
@@ -182,7 +186,7 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
     name: TFDS dataset name (tfds; only ``cifar10`` fits in memory).
     data_dir: TFDS data directory holding the prepared dataset (tfds).
     cache_dir: decoded-array cache (image_folder); None = no cache.
-    expected_counts: per-split counts to verify (image_folder).
+    expected_counts: per-split counts to verify (image_folder, tfds).
     num_train, num_test, image_size, num_classes, seed: synthetic data.
     normalization: ``'auto'``, ``'cifar10'`` or ``'train'`` (see ``_normalization``).
     folder_splits: the sub-folders of ``path`` read as the train and test splits.
@@ -196,9 +200,13 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
                                       expected_counts=_by_folder(expected_counts, folder_splits))
     splits = {"train": loaded[train_dir], "test": loaded[test_dir]}
   elif source == "tfds":
-    loaded = load_tfds_arrays(name, data_dir, ("train", tfds_source.EVAL_SPLIT.get(name, "test")),
-                              progress=progress)
-    splits = {"train": loaded["train"], "test": loaded[tfds_source.EVAL_SPLIT.get(name, "test")]}
+    tfds_splits = ("train", tfds_source.EVAL_SPLIT.get(name, "test"))
+    if expected_counts:  # before decoding (a minute for CIFAR-10)
+      _check_counts({split: len(tfds_data_source(name, tfds_split, data_dir))
+                     for split, tfds_split in zip(("train", "test"), tfds_splits)},
+                    expected_counts)
+    loaded = load_tfds_arrays(name, data_dir, tfds_splits, progress=progress)
+    splits = {"train": loaded[tfds_splits[0]], "test": loaded[tfds_splits[1]]}
   elif source == "synthetic":
     splits = make_synthetic(num_train, num_test, image_size=image_size,
                             num_classes=num_classes, seed=seed)
@@ -206,7 +214,18 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
     raise ValueError(f"Unknown data source {source!r}; known: {list(SOURCES)}.")
   train, test = splits["train"], splits["test"]
   return Dataset(train.images, train.labels, test.images, test.labels, train.class_names,
-                 _normalization(normalization, train))
+                 _normalization(normalization, train), train.ids, test.ids)
+
+
+def _check_counts(counts: dict[str, int], expected_counts) -> None:
+  """Raises ValueError unless each split of ``counts`` (``{"train"/"test": images}``) has
+  ``expected_counts[split]`` images (a total or ``{class: count}``; absent or 0 = unchecked)."""
+  for split, n in counts.items():
+    expected = (expected_counts or {}).get(split)
+    expected = sum(expected.values()) if isinstance(expected, dict) else expected
+    if expected and n != expected:
+      raise ValueError(f"The {split} split has {n} images, config.data.expected_{split}"
+                       f" = {expected}.")
 
 
 def _by_folder(expected_counts, folder_splits):
@@ -256,11 +275,8 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
   else:
     raise ValueError(f"config.data.in_memory=False: source {data_config.source!r} cannot be "
                      "streamed; use image_folder or tfds (synthetic data is always in memory).")
-  for split, src in (("train", train_src), ("test", test_src)):
-    expected = int(data_config[f"expected_{split}"])
-    if expected and len(src) != expected:
-      raise ValueError(f"The {split} split has {len(src)} images, config.data.expected_{split}"
-                       f" = {expected}.")
+  _check_counts({"train": len(train_src), "test": len(test_src)},
+                {split: int(data_config[f"expected_{split}"]) for split in ("train", "test")})
   kind = data_config.normalization
   cifar = train_src.class_names == CIFAR10_CLASSES and view.shape((32, 32, 3)) == (32, 32, 3)
   if kind == "auto":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -14,10 +15,12 @@ class LabelledImages:
     images: ``[N, H, W, C]`` uint8 (raw pixels, 0–255).
     labels: ``[N]`` int32 in ``[0, len(class_names))``.
     class_names: class name of each label index.
+    ids: ``[N]`` the dataset's own key of each image (TFDS's ``id``), or None.
   """
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
+  ids: Optional[tuple[str, ...]] = None
 
   def __len__(self) -> int:
     return len(self.labels)

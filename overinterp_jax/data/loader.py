@@ -290,7 +290,33 @@ def _grain_batches(feed: Feed, plan, epoch: int, mirror, prefetch: int):
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(feed.workers),
                                                    per_worker_buffer_size=max(1, prefetch)))
-  return iter(it)
+  return _closing(iter(it))
+
+
+def _closing(it) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The batches of grain iterator ``it`` (over worker processes), each with its shared
+  memory unlinked on arrival, and ``it`` closed (its workers stopped) when done.
+
+  Grain's workers hand batches over in shared memory that the receiving array unlinks only
+  when it is garbage collected, and then on a background thread; the last batch stays
+  referenced from the StopIteration's traceback. Batches alive at exit were never
+  unlinked: ``resource_tracker: There appear to be N leaked shared_memory objects``.
+  Unlinking at once removes the name only; the memory stays mapped while the arrays live.
+  """
+  try:
+    for batch in it:
+      for leaf in batch:
+        _unlink_now(leaf)
+      yield batch
+  finally:
+    it.close()
+
+
+def _unlink_now(array) -> None:
+  """Unlinks the shared memory behind a grain ``SharedMemoryArray`` this process owns."""
+  if getattr(array, "_unlink_on_del", False):  # grain's flag: unlink when deleted
+    array.shm.unlink()
+    array._unlink_on_del = False  # pylint: disable=protected-access  # not twice
 
 
 def array_feed(images: np.ndarray, labels: np.ndarray, prepare: Callable = lambda x: x,

@@ -3,7 +3,7 @@
 Every source is a sequence of labelled images: ``len(source)``,
 ``source[i] -> (image [H, W, 3] uint8, label int)``, ``source.example_id(i)``
 (a stable key: the file's path relative to the dataset root, TFDS's
-``file_name``, or ``"<split>/<index>"`` for arrays), ``source.class_names``
+``file_name`` or ``id``, or ``"<split>/<index>"`` for arrays without ids), ``source.class_names``
 and ``source.image_shape`` (``(H, W, 3)`` when every image has it, else None).
 Sources are picklable, so grain's worker processes can read them.
 
@@ -40,16 +40,20 @@ decode = image_folder.decode_image
 
 
 class ArraySource:
-  """In-memory images ``[N, H, W, C]`` uint8 and labels ``[N]`` int32."""
+  """In-memory images ``[N, H, W, C]`` uint8 and labels ``[N]`` int32; ``ids``: ``[N]``
+  example ids (e.g. TFDS's ``id``), None = ``"<split>/<index>"``."""
   in_memory = True
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-               split: str = "data"):
+               split: str = "data", ids: Optional[Sequence[str]] = None):
     if images.ndim != 4 or len(images) != len(labels):
       raise ValueError(f"ArraySource needs images [N, H, W, C] and labels [N], got "
                        f"{images.shape} and {np.shape(labels)}.")
     self.images, self.labels = images, np.asarray(labels, np.int32)
     self.class_names, self.split = tuple(class_names), split
+    if ids is not None and len(ids) != len(self.labels):
+      raise ValueError(f"ArraySource: {len(ids)} ids for {len(self.labels)} images.")
+    self.ids = ids
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -62,7 +66,7 @@ class ArraySource:
     return self.images[indices], self.labels[indices]
 
   def example_id(self, i: int) -> str:
-    return f"{self.split}/{int(i)}"
+    return f"{self.split}/{int(i)}" if self.ids is None else str(self.ids[int(i)])
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -205,8 +209,6 @@ class TfdsSource:
     return np.asarray(image, np.uint8), int(ex["label"])
 
   def example_id(self, i: int) -> str:
-    ex = self._example(i)
-    name = ex.get("file_name") if isinstance(ex, dict) else None
-    if name is None:
-      return f"{self.split}/{int(i)}"
-    return name.decode() if isinstance(name, bytes) else str(name)
+    """The record's ``file_name`` (ImageNet) or ``id`` (CIFAR-10), else ``split/i``."""
+    key = tfds_source.example_key(self._example(i))
+    return f"{self.split}/{int(i)}" if key is None else key

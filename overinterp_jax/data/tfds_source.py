@@ -2,7 +2,8 @@
 
 Reads the array_record files of a prepared TFDS dataset with
 ``tfds.data_source`` (random access, no TensorFlow needed) and never
-downloads (``download=False``). Prepare the data once elsewhere, e.g.
+downloads (``download=False``). Prepare the data once, with the ``prepare`` extra
+(TensorFlow, apache-beam, mlcroissant; docs/data.md), e.g.
 
     tfds build cifar10 --data_dir=/data/tfds --file_format=array_record
 
@@ -66,13 +67,23 @@ def class_names(name: str, data_dir: str) -> tuple[str, ...]:
   return tuple(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
 
 
+def example_key(example: dict) -> Optional[str]:
+  """A record's own key: ``file_name`` (ImageNet, e.g. ``n01440764_10026.JPEG``) or ``id``
+  (CIFAR-10, e.g. ``train_16399``); None if it has neither."""
+  for key in ("file_name", "id"):
+    value = example.get(key) if isinstance(example, dict) else None
+    if value is not None:
+      return value.decode() if isinstance(value, bytes) else str(value)
+  return None
+
+
 def load_tfds_arrays(name: str, data_dir: str, splits: Sequence[str] = ("train", "test"),
                      progress: bool = True) -> dict[str, LabelledImages]:
   """Small prepared datasets (CIFAR-10) as in-memory arrays.
 
-  Returns ``{split: LabelledImages}`` with images ``[N, H, W, 3]`` uint8 and
-  labels ``[N]`` int32. ImageNet (1.28M images of varied sizes) does not fit
-  this form: use ``tfds_data_source`` with a grain pipeline.
+  Returns ``{split: LabelledImages}`` with images ``[N, H, W, 3]`` uint8, labels
+  ``[N]`` int32 and each record's ``example_key`` as ``ids``. ImageNet (1.28M images
+  of varied sizes) does not fit this form: use ``tfds_data_source`` with a grain pipeline.
   """
   if name == "imagenet2012":
     raise ValueError("imagenet2012 is too large (and its images vary in size) to load as "
@@ -81,11 +92,13 @@ def load_tfds_arrays(name: str, data_dir: str, splits: Sequence[str] = ("train",
   out = {}
   for split in splits:
     source = tfds_data_source(name, split, data_dir)
-    images, labels = [], []
+    images, labels, ids = [], [], []
     for i in progress_bar(range(len(source)), desc=f"{name} {split}", unit="img",
                           show=progress):
       ex = source[i]
       images.append(np.asarray(ex["image"], np.uint8))
       labels.append(int(ex["label"]))
-    out[split] = LabelledImages(np.stack(images), np.array(labels, np.int32), names)
+      ids.append(example_key(ex))
+    out[split] = LabelledImages(np.stack(images), np.array(labels, np.int32), names,
+                                None if None in ids else tuple(ids))
   return out
