@@ -31,6 +31,15 @@ setup(
         # nbclient/nbformat/ipykernel: tests/test_notebook.py runs notebooks/quickstart.ipynb.
         "test": ["pytest>=8", "chex>=0.1.90", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29"],
+        # Preparing TFDS data once (`tfds build ... --file_format=array_record`, docs/data.md):
+        # the builders run on TensorFlow, and the `tfds` command imports apache-beam and
+        # mlcroissant at start-up. Reading the prepared files needs none of them.
+        "prepare": [
+            "tensorflow-cpu>=2.21; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            "tensorflow>=2.21; sys_platform != 'linux' or platform_machine != 'x86_64'",
+            "apache-beam>=2.78",
+            "mlcroissant>=1.1.1",
+        ],
         # Accelerators: JAX's own extras bring the matching jaxlib plugins.
         "cuda12": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
