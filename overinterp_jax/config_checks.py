@@ -168,7 +168,7 @@ def _stages(config) -> None:
 
 
 def _runtime(r) -> None:
-  _booleans(r, "runtime.", ("progress", "distributed"))
+  _booleans(r, "runtime.", ("progress", "distributed", "compilation_cache"))
   if int(r.host_devices) < 0:
     raise ValueError(f"config.runtime.host_devices must be >= 0 (0 = JAX's default), got "
                      f"{r.host_devices}.")

@@ -181,4 +181,8 @@ def base_config() -> ml_collections.ConfigDict:
   # pipeline's position (a killed run resumes at that batch); 0 = at epoch ends only.
   c.runtime.checkpoint_every_steps = 0
   c.runtime.data_workers = 0        # grain worker processes decoding batches (streamed data)
+  # JAX's persistent compilation cache in a user cache directory (overinterp_jax/
+  # compile_cache.py): a new run loads compiled programs instead of compiling them again.
+  # False turns it off (so does OVERINTERP_JAX_COMPILATION_CACHE=0); never changes a result.
+  c.runtime.compilation_cache = True
   return c

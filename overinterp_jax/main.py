@@ -28,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from overinterp_jax import config_checks
+from overinterp_jax import compile_cache, config_checks
 from overinterp_jax import data as data_lib
 from overinterp_jax import train
 from overinterp_jax.config_checks import validate_config
@@ -51,6 +51,7 @@ def run(config, workdir: str) -> dict:
   ``workdir`` on read-only storage is read as it is (a stage that must run stops).
   """
   validate_config(config)
+  compile_cache.use_persistent_cache(bool(config.runtime.compilation_cache))
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
                                      workers=int(config.runtime.data_workers),
                                      view=data_lib.view_for_config(config))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -33,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from overinterp_jax import memory, precision, sharding
+from overinterp_jax import compile_cache, memory, precision, sharding
 from overinterp_jax.selection import exact, features, gradient, host, records, traced
 
 # Where the backend reports no free memory (the CPU); see overinterp_jax/memory.py.
@@ -178,7 +179,8 @@ def _as_scores(out):
 
 class _ProgramCache:
   """A small LRU of compiled programs. Keys name what a program computes
-  (``selection/traced.py``), never a Python function object."""
+  (``selection/traced.py``), never a Python function object. Across processes, JAX's
+  persistent cache keeps the compiled code (``compile_cache``)."""
 
   def __init__(self, maxsize: int):
     self.maxsize = maxsize
@@ -190,6 +192,7 @@ class _ProgramCache:
       self.entries.move_to_end(key)
       return self.entries[key]
     self.misses += 1
+    compile_cache.use_persistent_cache()  # before the first compile, not at import
     value = self.entries[key] = build()
     if len(self.entries) > self.maxsize:
       self.entries.popitem(last=False)
@@ -349,15 +352,16 @@ def _start_and_backselect(f, problem: _Problem, tau: float, engine: str, eval_ba
                                  None, budget_bytes=memory_budget_bytes, cap=d))
   if score_fn is None:
     start_input = np.where(mask.reshape(problem.padded), problem.x, problem.fm)[None]
-    start = float(host.scores_of(f, start_input)[0])
-    if start < tau:
-      return start, None, None
+    start = host.scores_of(f, start_input)[:1]
+    if not records.reaches(start, tau)[0]:
+      return float(start[0]), None, None
+    start = float(start[0])
     order, values = host.backselect(f, problem.x, problem.fm, mask.ravel(), problem.padded,
                                     eval_batch_size)
   else:
     start, order, values = _compiled_start_and_backselect(f, score_fn, problem, tau,
                                                           eval_batch_size)
-    if start < tau:
+    if order is None:
       return start, None, None
   ordering = np.stack(np.unravel_index(order, mask.shape), axis=1).astype(np.int64)
   return start, ordering, values
@@ -412,37 +416,56 @@ def _flops_per_input(score_fn: traced.Traced) -> float:
     return math.inf
 
 
+def parallel_calls(mesh=None) -> int:
+  """Concurrent model calls per call of a step (``exact.split_calls``): on a CPU, its
+  cores per local device of ``mesh`` (default: the default device alone); 1 elsewhere,
+  where one call uses the whole device."""
+  devices = list(mesh.local_devices) if mesh is not None else jax.local_devices()[:1]
+  if devices[0].platform != "cpu":
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, (cores or 1) // len(devices))
+
+
 def _compiled_start_and_backselect(f, score_fn: traced.Traced, problem: _Problem, tau: float,
                                    eval_batch: int):
   mask = problem.mask
   d, m = int(mask.size), int(mask.sum())
+  parallel = parallel_calls()
 
   def build():
     # A score of a few thousand FLOPs costs less than a step's bookkeeping per
-    # call: one padded call per step beats several exact ones.
-    sizes = exact.chunk_sizes(eval_batch)
+    # call: one padded call per step (not split) beats several exact ones.
+    sizes, split = exact.chunk_sizes(eval_batch), parallel
     if _flops_per_input(score_fn) < CHEAP_SCORE_FLOPS:
-      sizes = sizes[:1]
-    score = _row_scores(f, score_fn, sizes)
+      sizes, split = sizes[:1], 1
+    score = _row_scores(f, score_fn, exact.score_batch_sizes(sizes, split))
     core = exact.exact_backselect_program(
         score, eval_batch=eval_batch, num_steps=d, mask_shape=problem.padded,
-        use_feature_map=False, shared_fully_masked=True, sizes=sizes)
+        use_feature_map=False, shared_fully_masked=True, sizes=sizes, parallel=split)
 
     def program(consts, x, fm, present, tau):
+      # tau comes in the dtype of the recorded scores: the check is made there, once.
       start = score(consts, jnp.where(present.reshape((1,) + problem.padded), x, fm),
-                    None, None)[0]
+                    None, None)[0].astype(tau.dtype)
+      selects = start >= tau
       run = lambda _: core(consts, x, fm, present, jnp.zeros((1,), jnp.int32), None)
       skip = lambda _: jax.tree.map(jnp.zeros_like, jax.eval_shape(run, None))
-      return (start,) + tuple(lax.cond(start >= tau, run, skip, None))
+      return (start, selects) + tuple(lax.cond(selects, run, skip, None))
 
     return jax.jit(program)
 
-  program = _PROGRAMS.get(("backselect", score_fn.key, eval_batch, d, problem.padded), build)
-  start, order, values, nonfinite = jax.device_get(program(
-      score_fn.consts, problem.x[None], problem.fm[None], mask.reshape(1, d), np.float32(tau)))
+  program = _PROGRAMS.get(("backselect", score_fn.key, eval_batch, d, problem.padded, parallel),
+                          build)
+  dtype = exact.values_dtype(score_fn.jaxprs[0].outvars[0].aval.dtype)
+  start, selects, order, values, nonfinite = jax.device_get(program(
+      score_fn.consts, problem.x[None], problem.fm[None], mask.reshape(1, d),
+      records.threshold_in(tau, dtype)))
   start = float(start)
   if not math.isfinite(start) or bool(nonfinite[0]):
     raise ValueError("f returned NaN or infinite scores; SIS needs finite scores.")
+  if not selects:  # below tau: no selection ran
+    return start, None, None
   return start, np.asarray(order[0, :m]), np.asarray(values[0, :m])
 
 
@@ -502,6 +525,9 @@ def sis_collection(f: Callable, threshold, initial_input, fully_masked_input,
                        score_fn)
     if result is None:
       break
+    if np.any(result.mask & ~problem.mask):  # would repeat forever
+      raise AssertionError(f"Internal error: a SIS holds features masked before its search "
+                           f"({np.argwhere(result.mask & ~problem.mask).tolist()}).")
     collection.append(result)
     if len(result) == 0:
       break
@@ -624,30 +650,35 @@ def _model_predict(model: traced.Traced):
 
 
 def _batched_exact_program(model: traced.Traced, apply_softmax, eval_batch, group, d,
-                           pixel_shape, shared_fully_masked, mesh, num_steps=None):
+                           pixel_shape, shared_fully_masked, mesh, num_steps=None,
+                           parallel=1):
   """Sharded exact program, called with ``(params, model.consts)`` as its parameters.
 
   Images come with ``present0 [n, d]`` bool, the features present at the start
   (all of them in ``batched_backselect``; those the gradient phase left in
   ``hybrid_backselect``); each of ``num_steps`` (default ``d``) steps removes one.
   ``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
-  ``shared_fully_masked`` when every image has the same masked values. Cached
-  on ``model.key`` (what the model computes), never on the Python function.
+  ``shared_fully_masked`` when every image has the same masked values; ``parallel``
+  concurrent parts per model call (``parallel_calls``; ``model`` traced at
+  ``exact.score_batch_sizes``). Cached on ``model.key`` (what the model computes),
+  never on the Python function.
   """
   num_steps = d if num_steps is None else num_steps
   return _PROGRAMS.get(
       ("batched_exact", model.key, apply_softmax, eval_batch, group, d, num_steps,
-       pixel_shape, shared_fully_masked, mesh),
+       pixel_shape, shared_fully_masked, mesh, parallel),
       lambda: _build_batched_exact_program(model, apply_softmax, eval_batch, group, d,
-                                           num_steps, pixel_shape, shared_fully_masked, mesh))
+                                           num_steps, pixel_shape, shared_fully_masked, mesh,
+                                           parallel))
 
 
 def _build_batched_exact_program(model, apply_softmax, eval_batch, group, d, num_steps,
-                                 pixel_shape, shared_fully_masked, mesh):
+                                 pixel_shape, shared_fully_masked, mesh, parallel):
   class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   core = exact.exact_backselect_program(
       score, eval_batch=eval_batch, num_steps=num_steps, mask_shape=_mask_shape(pixel_shape),
-      use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
+      use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked,
+      parallel=parallel)
 
   def per_group(params, feature_map, images, fully_masked, targets_in, present0):
     targets, start = _targets_and_start(class_scores, params, images, targets_in)
@@ -880,11 +911,12 @@ def _exact_phase(predict_fn, params, prepared: _Images, present0, num_steps: int
     # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
     images_per_group = min(n, -(-16 * eval_batch_size // num_steps))
   group = _positive_int("images_per_group", images_per_group)
-  model = _traced_model(predict_fn, params, images,
-                        (group,) + exact.chunk_sizes(eval_batch_size))
+  parallel = parallel_calls(mesh)
+  model = _traced_model(predict_fn, params, images, (group,) + exact.score_batch_sizes(
+      exact.chunk_sizes(eval_batch_size), parallel))
   program = _batched_exact_program(model, bool(apply_softmax), eval_batch_size, group, d,
                                    prepared.pixel_shape, prepared.shared_fully_masked, mesh,
-                                   num_steps)
+                                   num_steps, parallel)
   present0 = np.ones((n, d), bool) if present0 is None else present0
   return _run_sharded(program, mesh, group,
                       sharding.put_replicated(mesh, (params, model.consts)),
@@ -1103,7 +1135,7 @@ def sis_from_backselect(result: BackselectResult, threshold: float, *,
   values = np.asarray(result.values)
   if not np.all(np.isfinite(values)) or not np.all(np.isfinite(result.original_scores)):
     raise ValueError("The backselect result holds NaN or infinite scores.")
-  exists = np.asarray(result.original_scores) >= tau
+  exists = records.reaches(result.original_scores, tau)
   size = np.where(exists, records.sis_length(values, tau), 0)
   mask = records.keep_last_removed(result.order, size, values.shape[1])
   return SISBatch(exists=exists, size=size, mask=mask)

@@ -1,5 +1,11 @@
 """Test configuration: four simulated CPU devices, so sharded code paths run everywhere."""
-import jax
+import os
+
+# Tests neither read nor fill a user's persistent compilation cache (overinterp_jax/
+# compile_cache.py); subprocesses inherit this. Tests of the cache set their own.
+os.environ["OVERINTERP_JAX_COMPILATION_CACHE"] = "0"
+
+import jax  # noqa: E402
 import pytest
 
 from smoke_pipeline import run_main

@@ -40,6 +40,52 @@ def chunk_sizes(eval_batch: int) -> tuple[int, ...]:
 # score_fn(params, masked_inputs [B, *D], rows [B] int32, targets [n] int32) -> scores [B]
 ScoreFn = Callable[..., jnp.ndarray]
 
+# A call is split into parallel parts of at least this many inputs.
+MIN_PART = 8
+
+
+def parts_of(size: int, parallel: int) -> int:
+  """Into how many equal parts of at least ``MIN_PART`` inputs a call of ``size`` is split
+  (at most ``parallel``; 1 = not split)."""
+  for parts in range(min(parallel, size // MIN_PART), 1, -1):
+    if size % parts == 0:
+      return parts
+  return 1
+
+
+def score_batch_sizes(sizes, parallel: int = 1) -> tuple[int, ...]:
+  """The batch sizes a program calls the score function with, for call ``sizes``
+  split into ``parallel`` parts (``parts_of``)."""
+  return tuple(sorted({size // parts_of(size, parallel) for size in sizes}, reverse=True))
+
+
+def split_calls(score_fn: ScoreFn, parallel: int) -> ScoreFn:
+  """``score_fn`` applied to ``parts_of(B, parallel)`` consecutive parts of a batch of
+  ``B`` as independent calls, concatenated.
+
+  Inside a loop, XLA's CPU runtime runs each call of a model on one thread (at top
+  level a call uses every core), but independent calls run concurrently: with one
+  part per core, a step's model calls use every core again (docs/benchmarks.md).
+  The model sees each input exactly as before, in a smaller batch.
+  """
+  if parallel <= 1:
+    return score_fn
+
+  def split(params, x, rows, targets):
+    parts = parts_of(x.shape[0], parallel)
+    if parts == 1:
+      return score_fn(params, x, rows, targets)
+    k = x.shape[0] // parts
+    return jnp.concatenate([score_fn(params, x[i * k:(i + 1) * k], rows[i * k:(i + 1) * k],
+                                     targets) for i in range(parts)])
+  return split
+
+
+def values_dtype(score_dtype):
+  """The dtype selection records scores in: the score's own floating dtype
+  (float64 under JAX's x64 mode), float32 for integer scores."""
+  return score_dtype if jnp.issubdtype(score_dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
 
 def _score_dtype(score_fn, params, inputs, targets, eval_batch):
   abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
@@ -51,15 +97,13 @@ def _score_dtype(score_fn, params, inputs, targets, eval_batch):
     raise ValueError(
         f"The score function must map a batch [B, *D] to scores [B]; for B={eval_batch} "
         f"it returned shape {out.shape}.")
-  if not jnp.issubdtype(out.dtype, jnp.floating):
-    return jnp.dtype(jnp.float32)
-  return out.dtype
+  return values_dtype(out.dtype)
 
 
 def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: int,
                              mask_shape: tuple[int, ...], use_feature_map: bool,
                              shared_fully_masked: bool = False,
-                             sizes: tuple[int, ...] | None = None):
+                             sizes: tuple[int, ...] | None = None, parallel: int = 1):
   """Builds ``program(params, inputs, fully_masked, present0, targets, feature_map)``.
 
   Program arguments (``n`` inputs, ``d`` features, mask shape ``M``):
@@ -74,6 +118,8 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
   ``sizes``: the call sizes, largest (``eval_batch``) first; default
   ``chunk_sizes(eval_batch)``. ``(eval_batch,)`` pads every step's remainder to
   one full call: best when a call costs little next to the bookkeeping.
+  ``parallel``: each call is split into up to this many concurrent parts
+  (``split_calls``); ``score_fn`` is called at ``score_batch_sizes(sizes, parallel)``.
 
   Program results:
     order: ``[n, num_steps]`` int32 feature removed at each step, first removed
@@ -81,6 +127,8 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
     values: ``[n, num_steps]`` score after that removal; NaN where order is -1.
     nonfinite: ``[n]`` bool, True if any evaluated score was NaN or infinite.
   """
+
+  score_fn = split_calls(score_fn, parallel)
 
   def program(params, inputs, fully_masked, present0, targets, feature_map):
     n, d = present0.shape
@@ -136,7 +184,8 @@ def exact_backselect_program(score_fn: ScoreFn, *, eval_batch: int, num_steps: i
       # smaller size that fits, then what is left in (padded) chunks of the
       # smallest size: a step wastes fewer evaluations than the smallest size.
       carry = (jnp.int32(0), jnp.full((n, d), -jnp.inf, dtype), nonfinite)
-      carry = lax.while_loop(lambda c: c[0] + eval_batch <= total, chunk(eval_batch), carry)
+      if len(call_sizes) > 1:  # (with one size, the last loop alone does the same calls)
+        carry = lax.while_loop(lambda c: c[0] + eval_batch <= total, chunk(eval_batch), carry)
       for size in call_sizes[1:]:
         carry = lax.cond(carry[0] + size <= total, chunk(size), lambda c: c, carry)
       carry = lax.while_loop(lambda c: c[0] < total, chunk(call_sizes[-1]), carry)

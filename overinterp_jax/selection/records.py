@@ -8,7 +8,26 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
+
+
+def threshold_in(threshold: float, dtype) -> np.generic:
+  """``threshold`` as a scalar of the scores' ``dtype`` (float64 for non-float scores).
+
+  Every ``score >= threshold`` of a selection is decided in this one dtype: float32
+  scores against float32(τ), float64 scores (JAX's x64 mode) against float64(τ), as
+  numpy compares a float32 array with a Python float. Comparing a float64 score with
+  float32(0.1) instead (which rounds up) would call 0.1 below 0.1.
+  """
+  dtype = np.dtype(dtype)
+  return dtype.type(threshold) if jnp.issubdtype(dtype, jnp.floating) else np.float64(threshold)
+
+
+def reaches(scores, threshold: float) -> np.ndarray:
+  """``scores >= threshold``, compared in the scores' dtype (``threshold_in``)."""
+  scores = np.asarray(scores)
+  return scores >= threshold_in(threshold, scores.dtype)
 
 
 def sis_length(values: np.ndarray, threshold: float) -> np.ndarray:
@@ -21,14 +40,14 @@ def sis_length(values: np.ndarray, threshold: float) -> np.ndarray:
 
   Args:
     values: ``[..., m]`` scores over backward selection.
-    threshold: the SIS threshold.
+    threshold: the SIS threshold (compared in the values' dtype, ``threshold_in``).
 
   Returns:
     ``[...]`` int64 SIS sizes (``0 .. m``).
   """
   values = np.asarray(values)
   m = values.shape[-1]
-  reached = values >= threshold
+  reached = reaches(values, threshold)
   # Last step (from the start) whose value reaches the threshold; -1 if none.
   last = np.where(reached.any(axis=-1), m - 1 - np.argmax(reached[..., ::-1], axis=-1), -1)
   return (m - 1 - last).astype(np.int64)
