@@ -133,7 +133,9 @@ def _smoke(c) -> None:
   c.num_epochs = 12
   c.batch_size = 50
   c.eval_batch_size = 250
-  c.lr = 0.05
+  # 0.05 diverged (train loss 8 -> 94,832 by epoch 7, yet 85.7% on the memorised images);
+  # at 0.01 the loss falls every epoch, 7.3 -> 0.02.
+  c.lr = 0.01
   c.schedule = "onecycle"
   c.weight_decay = 0.0
   c.augment.enabled = False         # memorise the 1,000 images: confident answers to analyse

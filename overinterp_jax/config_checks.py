@@ -172,6 +172,9 @@ def _runtime(r) -> None:
   if int(r.host_devices) < 0:
     raise ValueError(f"config.runtime.host_devices must be >= 0 (0 = JAX's default), got "
                      f"{r.host_devices}.")
+  if not (r.loss_explosion_factor == 0 or r.loss_explosion_factor > 1):
+    raise ValueError(f"config.runtime.loss_explosion_factor must be > 1 (or 0 = no limit), "
+                     f"got {r.loss_explosion_factor}.")
 
 
 def validate_config(config, num_devices: Optional[int] = None) -> None:

@@ -181,6 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
   # pipeline's position (a killed run resumes at that batch); 0 = at epoch ends only.
   c.runtime.checkpoint_every_steps = 0
   c.runtime.data_workers = 0        # grain worker processes decoding batches (streamed data)
+  # Training stops when the mean loss of a window of steps exceeds this many times the
+  # larger of the first step's loss and chance level ln(num_classes): the learning rate
+  # is too high (train.LossGuard); 0 = only a non-finite loss stops it.
+  c.runtime.loss_explosion_factor = 10.0
   # JAX's persistent compilation cache in a user cache directory (overinterp_jax/
   # compile_cache.py): a new run loads compiled programs instead of compiling them again.
   # False turns it off (so does OVERINTERP_JAX_COMPILATION_CACHE=0); never changes a result.

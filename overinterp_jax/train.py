@@ -7,8 +7,10 @@ the same work directory continues from the last checkpoint that reads back
 with those checksums; one that does not is named in an error log and
 deleted. Each epoch's shuffling and augmentation keys derive from
 ``(seed, epoch)`` only, so a run that was killed and resumed ends with the
-same parameters as one that was not. A non-finite training loss stops the run
-(``FloatingPointError`` naming the epoch and step), keeping the last checkpoint.
+same parameters as one that was not. A non-finite training loss, or one that explodes
+(``LossGuard``: a window's mean above ``config.runtime.loss_explosion_factor`` × the
+first step's loss or chance level), stops the run (``FloatingPointError`` naming the
+epoch, the steps and ``config.lr``), keeping the last checkpoint.
 
 The step functions are pure and compiled once; the batch is split over the
 data axis of ``sharding.data_mesh()`` and the state replicated, so the same
@@ -272,17 +274,59 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
   return jax.device_put(state, sharding.replicated(mesh))
 
 
-def _check_losses(losses, first_step: int, epoch: int, num_steps: int, workdir: str) -> None:
-  """Raises ``FloatingPointError`` at the first non-finite value of ``losses`` (the
-  training losses of steps ``first_step, first_step + 1, ...`` of ``epoch``, 1-based)."""
-  bad = np.flatnonzero(~np.isfinite(np.asarray(losses, np.float64)))
-  if bad.size:
+@dataclass
+class LossGuard:
+  """What stops a diverging run (``check``): a non-finite training loss, or a window of
+  steps whose mean loss exceeds ``factor`` × ``reference`` (``factor`` 0: no limit).
+
+  ``reference`` is the larger of chance level, ``ln(num_classes)`` (a fresh model's loss),
+  and the first training step's loss (``initial``, kept in ``metrics.jsonl`` so a resumed
+  run has the same limit). ``lr`` says what the message names: ``config.lr`` and the
+  schedule (``step -> learning rate``).
+  """
+  workdir: str
+  num_classes: int
+  factor: float
+  lr: float
+  schedule: Callable
+  initial: float | None = None
+
+  @property
+  def reference(self) -> float:
+    chance = float(np.log(self.num_classes))
+    return chance if self.initial is None else max(chance, self.initial)
+
+  def check(self, losses, first_step: int, epoch: int, num_steps: int, global_step: int
+            ) -> None:
+    """Raises ``FloatingPointError`` at the first non-finite value of ``losses`` (the
+    training losses of steps ``first_step, first_step + 1, ...`` of ``epoch``, 1-based;
+    ``global_step``: the optimiser's step after the last of them), or when their mean
+    exceeds the limit. Notes the first step's loss of a fresh run as ``initial``."""
+    losses = np.asarray(losses, np.float64)
     kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
             else "no checkpoint was written")
-    raise FloatingPointError(
-        f"Training {workdir} stopped: the loss is {float(losses[bad[0]])} at epoch {epoch}, "
-        f"step {first_step + int(bad[0])} of {num_steps}; {kept}. Lower config.lr, or check "
-        "config.num_classes and the data.")
+    rate = (f"config.lr={self.lr:g} (the learning rate at this step: "
+            f"{float(self.schedule(max(global_step - 1, 0))):.4g})")
+    bad = np.flatnonzero(~np.isfinite(losses))
+    finite = losses[:bad[0]] if bad.size else losses  # the steps before the first bad one
+    if self.initial is None and epoch == 1 and first_step == 1 and finite.size:
+      self.initial = float(finite[0])
+    mean = float(finite.mean()) if finite.size else 0.0
+    then = "" if not bad.size else (f", then {float(losses[bad[0]])} at step "
+                                    f"{first_step + int(bad[0])}")
+    if self.factor and mean > self.factor * self.reference:
+      raise FloatingPointError(
+          f"Training {self.workdir} stopped: the loss diverged. Its mean over steps "
+          f"{first_step}-{first_step + finite.size - 1} of {num_steps} in epoch {epoch} is "
+          f"{mean:.4g}{then}, more than {self.factor:g} × {self.reference:.4g} (the larger of "
+          f"the first step's loss and chance level ln {self.num_classes}); {kept}. The "
+          f"learning rate is too high for this model and batch: lower {rate} "
+          "(config.runtime.loss_explosion_factor sets this limit; 0 turns it off).")
+    if bad.size:
+      raise FloatingPointError(
+          f"Training {self.workdir} stopped: the loss is {float(losses[bad[0]])} at epoch "
+          f"{epoch}, step {first_step + int(bad[0])} of {num_steps}; {kept}. Lower {rate}, "
+          "or check config.num_classes and the data.")
 
 
 def check_batch(config, *, num_devices: int | None = None, num_train: int | None = None
@@ -391,6 +435,9 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   # Records are written before their checkpoint; drop any past the checkpoint.
   history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+  guard = LossGuard(workdir, int(config.num_classes), float(config.runtime.loss_explosion_factor),
+                    float(config.lr), learning_rate_schedule(config, steps_per_epoch),
+                    history[0].get("initial_loss") if history else None)
   test_metrics = {}
   end_epoch = config.num_epochs
   if max_epochs_this_run is not None:
@@ -422,8 +469,8 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
       state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
       unchecked.append(m["loss"])
       if i % 20 == 0 or i == num_steps - 1:
-        _check_losses(jax.device_get(unchecked), i + 2 - len(unchecked), epoch + 1, num_steps,
-                      workdir)
+        guard.check(jax.device_get(unchecked), i + 2 - len(unchecked), epoch + 1, num_steps,
+                    int(jax.device_get(state.step)))
         unchecked = []
         m = jax.device_get(m)
         bar.set_postfix(loss=f"{float(m['loss']):.3f}",
@@ -451,7 +498,8 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
               "test_accuracy": test_metrics.get("accuracy"),
               "train_height_width": list(train_hw), "epoch_seconds": seconds,
               "batch_size": batch_size,
-              "train_images_per_second": (num_steps - first) * batch_size / seconds}
+              "train_images_per_second": (num_steps - first) * batch_size / seconds,
+              "initial_loss": guard.initial}
     logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
                  workdir, epoch + 1, config.num_epochs, record["train_loss"],
                  "-" if record["test_accuracy"] is None

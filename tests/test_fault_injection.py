@@ -4,17 +4,22 @@ run before any work), never trusted.
 1. a corrupt model checkpoint is named and the model retrained;
 2. deleted or damaged outputs behind a finished stage's marker are recomputed;
 3. values that used to fail late fail before any work and leave no files;
-4. a non-finite training loss stops training, naming epoch and step;
+4. a non-finite or exploding training loss stops training, naming epoch, step and lr;
 5. a data load that fails its checks writes nothing;
-6. a second run on a directory in use stops; a holder killed with -9 frees it.
+6. a second run on a directory in use stops; a holder killed with -9 frees it;
+7. a resumed stage lists the files an uninterrupted one lists; a writer killed with -9
+   leaves no temporary file behind once the directory is written again.
 """
 import glob
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,8 +28,8 @@ import pytest
 from configs import smoke
 from overinterp_jax import data as data_lib
 from overinterp_jax import main, train
-from overinterp_jax.pipeline import trained
-from smoke_pipeline import outputs, run_main
+from overinterp_jax.pipeline import artifacts, trained
+from smoke_pipeline import REPO, command, env, outputs, run_main
 from test_data import encode, make_tar, make_tree, pixel_pattern
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -206,6 +211,46 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path):
   assert np.isfinite(metrics["loss"])
 
 
+def test_an_exploding_loss_stops_training_naming_the_learning_rate(tmp_path):
+  """The ImageNet smoke model's loss went 8 -> 94,832 and the run went on to report
+  accuracies: a loss far above where it started stops the run, naming config.lr."""
+  config, ds = _smoke(tmp_path, num_epochs=1, lr=50.0, schedule="cosine")
+  workdir = str(tmp_path / "absurd")
+  with pytest.raises(FloatingPointError,
+                     match=r"the loss diverged\. Its mean over steps 2-\d of 8 in epoch 1 is "
+                           r".*more than 10 × 2\.3.*lower config\.lr=50 "):
+    train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels,
+                             ds.test_images, ds.test_labels, prepare=ds.prepare)
+  assert not train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  sane, _ = _smoke(tmp_path, num_epochs=1)  # the smoke recipe's lr 0.05 trains
+  _, metrics = train.train_and_evaluate(sane, str(tmp_path / "sane"), ds.train_images,
+                                        ds.train_labels, ds.test_images, ds.test_labels,
+                                        prepare=ds.prepare)
+  assert np.isfinite(metrics["loss"])
+  record, = train.read_metrics(str(tmp_path / "sane" / "metrics.jsonl"))
+  assert record["initial_loss"] == pytest.approx(np.log(10), rel=0.2)
+
+
+def test_the_loss_limit_is_relative_to_the_first_step_or_chance():
+  guard = train.LossGuard("w", num_classes=10, factor=10.0, lr=0.1,
+                          schedule=lambda step: 0.1 / (1 + step))
+  guard.check([30.0], 1, 1, 8, 1)  # a model starting high: its first loss is the reference
+  assert guard.initial == 30.0
+  guard.check([299.0, 1.0], 2, 1, 8, 3)  # mean 150 < 10 × 30
+  with pytest.raises(FloatingPointError, match=r"is 301, more than 10 × 30 .*config\.lr=0\.1 "
+                                               r"\(the learning rate at this step: 0\.025\)"):
+    guard.check([301.0], 4, 1, 8, 4)
+  resumed = train.LossGuard("w", 10, 10.0, 0.1, lambda step: 0.1, initial=None)
+  with pytest.raises(FloatingPointError, match=r"more than 10 × 2\.303"):
+    resumed.check([25.0], 5, 2, 8, 13)  # no first step known: chance level, ln 10
+  train.LossGuard("w", 10, 0.0, 0.1, lambda step: 0.1).check([1e30], 1, 1, 8, 1)  # 0: off
+  with pytest.raises(FloatingPointError, match=r"the loss is inf at epoch 1, step 6 of 8"):
+    guard.check([1.0, np.inf], 5, 1, 8, 6)
+  with pytest.raises(FloatingPointError, match=r"steps 5-6 of 8 in epoch 1 is 400, then nan "
+                                               r"at step 7, more than 10 × 30"):
+    guard.check([400.0, 400.0, np.nan], 5, 1, 8, 7)  # exploded, then overflowed
+
+
 # ------------------------------------------------------------------ 5. failed data loads
 
 
@@ -265,3 +310,79 @@ def test_a_second_run_on_a_directory_in_use_stops_and_a_killed_holder_frees_it(
   monkeypatch.setattr(main.runner, "run_pipeline", lambda *a: {"train": {}})
   assert main.run(smoke.get_config(), str(workdir)) == {"train": {}}  # kill -9 freed it
   assert (workdir / "config.json").exists()
+
+
+# ------------------------------------------- 7. resumed stages and killed writers
+
+
+def test_a_restored_model_notes_the_files_a_trained_one_notes(tmp_path):
+  """A stage's marker lists the files it produced; a model restored by a resumed stage must
+  list what training it listed (fingerprint.json and metrics.jsonl were dropped: four
+  entries of results.json lost after a resumed sis stage with two models)."""
+  config, ds = _smoke(tmp_path, num_epochs=1)
+  model = tmp_path / "model"
+  with artifacts.recording() as trained_now:
+    _ensure(config, ds, model)
+  with artifacts.recording() as restored:
+    _ensure(config, ds, model)
+  described = [artifacts.describe_files(str(tmp_path), files) for files in (trained_now,
+                                                                            restored)]
+  assert described[0] == described[1]
+  assert {"model/fingerprint.json", "model/metrics.jsonl"} <= set(described[1])
+
+
+def _killed_writer(path):
+  """Kills (-9) a process inside ``artifacts.write_atomic(path, ...)``, its temporary file
+  created and still empty; returns the temporary file's path."""
+  writer = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; from overinterp_jax.pipeline import artifacts\n"
+      "artifacts.write_atomic(sys.argv[1], lambda fh: print('writing', flush=True) or "
+      "time.sleep(600), binary=True)\n"), str(path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert writer.stdout.readline().strip() == "writing"
+  finally:
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+  tmp, = glob.glob(f"{path}.*.tmp")
+  assert os.path.getsize(tmp) == 0 and not os.path.exists(path)
+  return tmp
+
+
+def test_a_killed_writers_tmp_file_is_deleted_by_the_next_write(tmp_path):
+  tmp = _killed_writer(tmp_path / "figure.png")
+  busy = tmp_path / f"other.png.{os.getppid()}.{artifacts._HOST_TAG}.0123abcd.tmp"
+  busy.write_bytes(b"")  # a live process's (this one's parent): never touched
+  artifacts.write_atomic(str(tmp_path / "report.md"), lambda fh: fh.write("done"))
+  assert not os.path.exists(tmp) and busy.exists()
+  assert sorted(os.listdir(tmp_path)) == sorted(["report.md", busy.name])
+
+
+def _manifests(workdir):
+  """``{stage: files its marker lists}`` from results.json, less the names of orbax's data
+  files (random per save)."""
+  results = json.loads((workdir / "results.json").read_text())
+  return {stage: sorted(f for f in summary["outputs"]
+                        if not re.search(r"/checkpoints/\d+/default/", f))
+          for stage, summary in results.items()}
+
+
+@pytest.mark.slow
+def test_kill_9_in_sis_and_report_then_resume_keeps_every_manifest_entry(finished, tmp_path):
+  """Killed (-9) in stage sis after two of its models were trained, then a writer of the
+  report's figures killed mid-write: the resumed run lists every file the uninterrupted one
+  lists, writes the same report, and leaves no temporary file."""
+  proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 900
+  while (not glob.glob(str(tmp_path / "sis" / "input_dropout.parts" / "part_*"))
+         and proc.poll() is None and time.time() < deadline):
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before stage sis wrote its last model's parts"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  _killed_writer(tmp_path / "figures" / "confidence_rise.png")
+  again = run_main(tmp_path)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _manifests(tmp_path) == _manifests(finished)
+  assert outputs(tmp_path) == outputs(finished)
+  assert not [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp")]

@@ -24,6 +24,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
 import uuid
 import zipfile
 from typing import IO, Any, Callable, Iterator, Mapping, Optional
@@ -86,12 +88,57 @@ def note(path: str) -> None:
     r.update(files)
 
 
+# Temporary files of write_atomic: <path>.<pid>.<host tag>.<random>.tmp, so that a later
+# process can tell one a killed writer left (``sweep_stale_tmp``) from one being written.
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_TMP_NAME = re.compile(r"\.(\d+)\.([0-9a-f]{6})\.[0-9a-f]{8}\.tmp$")
+_SWEPT_DIRS: set = set()
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+def sweep_stale_tmp(directory: str) -> list[str]:
+  """Deletes the temporary files of ``write_atomic`` in ``directory`` whose writer, a
+  process of this host, no longer runs (``kill -9`` between creating and renaming one);
+  returns their paths. Files of live writers, other hosts or other names are kept."""
+  removed = []
+  try:
+    entries = list(os.scandir(directory))
+  except (FileNotFoundError, NotADirectoryError):
+    return removed
+  for entry in entries:
+    m = _TMP_NAME.search(entry.name)
+    if m and m.group(2) == _HOST_TAG and not _pid_alive(int(m.group(1))):
+      try:
+        os.remove(entry.path)
+        removed.append(entry.path)
+      except OSError:  # swept by another process already, or not ours to delete
+        pass
+  return removed
+
+
 def write_atomic(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
   """Calls ``write(file)`` on a temporary file of its own, syncs it and renames it to
   ``path``: ``path`` is either its old self or complete, never partial, even when several
-  processes write it at once."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+  processes write it at once. The first write of a process into a directory deletes the
+  temporary files killed writers left there (``sweep_stale_tmp``)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  if directory not in _SWEPT_DIRS:
+    _SWEPT_DIRS.add(directory)
+    for stale in sweep_stale_tmp(directory):
+      logging.info("Deleted %s, left by a killed run.", stale)
+  tmp = f"{path}.{os.getpid()}.{_HOST_TAG}.{uuid.uuid4().hex[:8]}.tmp"
   try:
     with open(tmp, "xb" if binary else "x") as fh:
       write(fh)

@@ -126,8 +126,11 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
     summary = {"fingerprint": model_key(config, data_fp, paths), "config_reads": paths,
                "config_known": known, "metrics": metrics, "seconds": time.perf_counter() - t0}
     artifacts.save_json(summary_path, summary)
-  for path in [summary_path] + checkpoints.files(workdir, int(config.num_epochs)):
-    artifacts.note(path)  # what a finished stage checks before it is trusted
+  # What a finished stage checks before it is trusted: the same files whether the model
+  # was trained now or restored (a resumed stage lost fingerprint.json and metrics.jsonl).
+  for path in ([summary_path, marker_path, os.path.join(workdir, "metrics.jsonl")]
+               + checkpoints.files(workdir, int(config.num_epochs))):
+    artifacts.note(path)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(train.build_model(view), variables, summary["metrics"], summary["seconds"],
                  summary["fingerprint"], int(config.num_epochs))
