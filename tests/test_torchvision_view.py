@@ -20,6 +20,7 @@ from configs import cifar10, imagenet
 from overinterp_jax import config_checks, train
 from overinterp_jax.data import sources, transforms, view_for_config
 from overinterp_jax.models import torch_weights
+from overinterp_jax.pipeline import shipped_base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "..", "shared", "data", "imagenet_samples.tar.gz")
@@ -188,3 +189,18 @@ def test_transform_input_follows_the_timm_config_beside_the_weights(tmp_path):
   r.model.transform_input = "false"
   with pytest.raises(ValueError, match="only inception_v3 has transform_input"):
     train.build_model(r)
+
+
+def test_the_timm_config_beside_the_weights_keys_the_model(tmp_path):
+  """``transform_input="auto"`` reads the ``config.json`` beside the weights, so results
+  of a model loaded from them must not be reused once that file changes."""
+  weights = _weights_file(tmp_path)
+  alone = shipped_base.weights_fingerprint(weights, "data")
+  (tmp_path / "config.json").write_text(json.dumps(TIMM_CONFIG))
+  gluon = shipped_base.weights_fingerprint(weights, "data")
+  cfg = json.loads(json.dumps(TIMM_CONFIG))
+  cfg["pretrained_cfg"].update(mean=[0.5] * 3, std=[0.5] * 3)
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  tv = shipped_base.weights_fingerprint(weights, "data")
+  assert len({alone, gluon, tv}) == 3
+  assert shipped_base.weights_fingerprint(weights, "data") == tv

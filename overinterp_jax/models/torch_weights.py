@@ -231,6 +231,11 @@ TRANSFORM_INPUT = ("auto", "true", "false")  # config.model.transform_input
 _INCEPTION_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # timm's IMAGENET_INCEPTION_MEAN/STD
 
 
+def timm_config_path(weights: str | os.PathLike) -> pathlib.Path:
+  """The ``config.json`` that timm writes beside ``weights`` (it may not exist)."""
+  return pathlib.Path(weights).resolve().parent / "config.json"
+
+
 def timm_transform_input(weights: str | os.PathLike) -> tuple[bool, str] | None:
   """``(transform_input, why)`` that the timm ``config.json`` beside ``weights`` implies
   for an Inception v3 file, or None when there is no such file (or it describes
@@ -239,7 +244,7 @@ def timm_transform_input(weights: str | os.PathLike) -> tuple[bool, str] | None:
   Raises:
     ValueError: an unreadable ``config.json``, or a mean/std that neither setting gives.
   """
-  path = pathlib.Path(weights).resolve().parent / "config.json"
+  path = timm_config_path(weights)
   if not path.is_file():
     return None
   try:

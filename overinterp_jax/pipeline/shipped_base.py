@@ -83,11 +83,14 @@ def load(config, dataset, mesh=None) -> trained.Trained:
 
 def weights_fingerprint(path: str, data_fp: str) -> str:
   """What identifies ``config.model.weights``: the sha256 of the file (or of the
-  checkpoint directory's stored checksums), with the data's."""
+  checkpoint directory's stored checksums), with the data's; for a file, also that of
+  the timm ``config.json`` beside it, which ``model.transform_input="auto"`` reads."""
   if os.path.isdir(path):
     step, digests = _checkpoint_files(path)
     return artifacts.fingerprint("weights", step, artifacts.file_sha256(digests), data_fp)
-  return artifacts.fingerprint("weights", artifacts.file_sha256(path), data_fp)
+  sidecar = torch_weights.timm_config_path(path)
+  beside = (artifacts.file_sha256(str(sidecar)),) if sidecar.is_file() else ()
+  return artifacts.fingerprint("weights", artifacts.file_sha256(path), *beside, data_fp)
 
 
 def _checkpoint_files(workdir: str) -> tuple[int, str]:
