@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from overinterp_jax import cpu_budget, precision, train
 from overinterp_jax.data import NORMALIZATIONS, SOURCES, transforms, view_for_config
+from overinterp_jax.data import loader as data_loader
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import (backselect_stage, masked_data, retrain_stage, runner,
                                      sis_stage)
@@ -172,9 +173,18 @@ def _runtime(r) -> None:
   if int(r.host_devices) < 0:
     raise ValueError(f"config.runtime.host_devices must be >= 0 (0 = JAX's default), got "
                      f"{r.host_devices}.")
+  _one_of("runtime.bad_files", r.bad_files, data_loader.BAD_FILES)
+  _at_least(r, "runtime.", ("max_bad_files",), 0)
   if not (r.loss_explosion_factor == 0 or r.loss_explosion_factor > 1):
     raise ValueError(f"config.runtime.loss_explosion_factor must be > 1 (or 0 = no limit), "
                      f"got {r.loss_explosion_factor}.")
+
+
+def _bad_files(config) -> None:
+  if config.runtime.bad_files == "skip" and config.data.in_memory:
+    raise ValueError("config.runtime.bad_files='skip' leaves unreadable files out of streamed "
+                     "data (config.data.in_memory=False) only; data loaded in memory is decoded "
+                     "whole first, and every undecodable file is named.")
 
 
 def validate_config(config, num_devices: Optional[int] = None) -> None:
@@ -187,6 +197,7 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
     raise ValueError(f"config.stages is empty; known stages: {list(runner.STAGES)}.")
   _subset_of("stages", config.stages, runner.STAGES)
   _runtime(config.runtime)
+  _bad_files(config)
   _training(config, num_devices)
   _data(config.data)
   _stages(config)

@@ -185,6 +185,14 @@ def base_config() -> ml_collections.ConfigDict:
   # larger of the first step's loss and chance level ln(num_classes): the learning rate
   # is too high (train.LossGuard); 0 = only a non-finite loss stops it.
   c.runtime.loss_explosion_factor = 10.0
+  # Unreadable image files of streamed data (data.in_memory=False; data/loader.screened):
+  # "check": every file's size and headers are checked before any work, and any bad file
+  # stops the run naming all of them | "skip": the same check, bad files left out (each
+  # named) and images failing to decode later replaced by grey ones, at most
+  # max_bad_files in all | "off": no check (a bad file stops the run at its batch).
+  # In-memory data is always decoded whole first, naming every bad file.
+  c.runtime.bad_files = "check"
+  c.runtime.max_bad_files = 100
   # JAX's persistent compilation cache in a user cache directory (overinterp_jax/
   # compile_cache.py): a new run loads compiled programs instead of compiling them again.
   # False turns it off (so does OVERINTERP_JAX_COMPILATION_CACHE=0); never changes a result.

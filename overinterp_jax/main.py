@@ -54,7 +54,9 @@ def run(config, workdir: str) -> dict:
   compile_cache.use_persistent_cache(bool(config.runtime.compilation_cache))
   dataset = data_lib.load_for_config(config.data, workdir, progress=bool(config.runtime.progress),
                                      workers=int(config.runtime.data_workers),
-                                     view=data_lib.view_for_config(config))
+                                     view=data_lib.view_for_config(config),
+                                     bad_files=config.runtime.bad_files,
+                                     max_bad_files=int(config.runtime.max_bad_files))
   if int(config.batch_size) == 0:
     config.batch_size = train.memory_fitted_batch_size(
         config, dataset.image_shape, num_devices=jax.device_count(),

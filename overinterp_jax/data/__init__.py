@@ -247,8 +247,8 @@ def view_for_config(config) -> transforms.ViewSpec:
 
 
 def load_streaming(data_config, workdir: str, progress: bool = True,
-                   workers: int = 0, view: Optional[transforms.ViewSpec] = None
-                   ) -> StreamingDataset:
+                   workers: int = 0, view: Optional[transforms.ViewSpec] = None,
+                   bad_files: str = "check", max_bad_files: int = 100) -> StreamingDataset:
   """The splits of ``data_config`` as sources read on demand (``data.in_memory = False``).
 
   Image folders are listed (archives extracted once into ``cache_dir``), TFDS splits
@@ -256,7 +256,8 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
   Normalisation ``"train"`` (or ``"auto"`` for data other than CIFAR-10) uses the
   statistics of ``STATS_SAMPLE`` seeded random train images. ``view``: the analysis
   view (``view_for_config(config)``); None = ``data_config``'s sizes (``"auto"``
-  without a model).
+  without a model). ``bad_files``, ``max_bad_files``: what unreadable image files do
+  (``loader.screened``; ``config.runtime.bad_files``), checked before anything else.
   """
   if view is None:
     view = transforms.resolve_view(data_config.view, int(data_config.view_size),
@@ -277,6 +278,8 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
                      "streamed; use image_folder or tfds (synthetic data is always in memory).")
   _check_counts({"train": len(train_src), "test": len(test_src)},
                 {split: int(data_config[f"expected_{split}"]) for split in ("train", "test")})
+  train_src, test_src = (loader.screened(src, split, bad_files, max_bad_files, progress)
+                         for split, src in (("train", train_src), ("test", test_src)))
   kind = data_config.normalization
   cifar = train_src.class_names == CIFAR10_CLASSES and view.shape((32, 32, 3)) == (32, 32, 3)
   if kind == "auto":
@@ -292,16 +295,19 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
 
 
 def load_for_config(data_config, workdir: str, progress: bool = True,
-                    workers: int = 0, view: Optional[transforms.ViewSpec] = None) -> Dataset:
+                    workers: int = 0, view: Optional[transforms.ViewSpec] = None,
+                    bad_files: str = "check", max_bad_files: int = 100) -> Dataset:
   """``load_dataset`` from a ``config.data`` ConfigDict (keys in config_schema.py).
 
   ``cache_dir`` empty = ``<workdir>/data_cache``; ``expected_train``/``expected_test``
   0 = unchecked. ``progress``: show decoding progress bars (``config.runtime.progress``);
   ``workers``: grain worker processes of streamed data (``config.runtime.data_workers``);
-  ``view``: the analysis view of streamed data (``view_for_config(config)``).
+  ``view``: the analysis view of streamed data (``view_for_config(config)``);
+  ``bad_files``, ``max_bad_files``: ``config.runtime``'s, for streamed data.
   """
   if not data_config.in_memory and data_config.source != "synthetic":
-    return load_streaming(data_config, workdir, progress, workers, view)
+    return load_streaming(data_config, workdir, progress, workers, view, bad_files,
+                          max_bad_files)
   d = data_config
   cache_dir = d.cache_dir or os.path.join(workdir, "data_cache")
   expected = {split: int(d[f"expected_{split}"]) for split in ("train", "test")}

@@ -97,6 +97,50 @@ class _Decoder:
                      + "\n  ".join(listed) + (f"\n  ... and {more} more." if more else ""))
 
 
+# Bytes at the end of a file searched for its format's end marker (a JPEG's FF D9, a PNG's
+# IEND chunk); a file that lacks it is decoded in full to tell a truncated file from one
+# with trailing data.
+END_MARKER_WINDOW = 1024
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def image_file_problem(path: str) -> Optional[str]:
+  """Why the image file ``path`` cannot be used, or None: from its size and headers, a
+  cheap check that needs no decoding for a sound file (``config.data.bad_files``).
+
+  A file is bad when it is empty, when PIL cannot parse its header (not an image, a
+  corrupt header), or when it decodes with an error; it is decoded in full only when its
+  format's end marker is missing from its last ``END_MARKER_WINDOW`` bytes (JPEG, PNG:
+  truncated files lack it). Damage inside a sound file's compressed data is found only
+  when it is decoded for a batch.
+  """
+  try:
+    size = os.path.getsize(path)
+    if size == 0:
+      return "the file is empty (0 bytes)"
+    with open(path, "rb") as fh, Image.open(fh) as img:
+      marker = _END_MARKERS.get(img.format)
+      fh.seek(max(0, size - END_MARKER_WINDOW))
+      if marker is None or marker not in fh.read():
+        fh.seek(0)
+        img.load()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def find_bad_files(paths: Sequence[str], progress: bool = True, desc: str = "checking images"
+                   ) -> list[tuple[str, str]]:
+  """``[(path, problem)]`` of the ``paths`` that ``image_file_problem`` rejects, in the order
+  of ``paths``; the files are read by a pool of threads (the check waits on the disk)."""
+  from concurrent import futures  # pylint: disable=import-outside-toplevel
+  workers = min(32, 4 * (os.cpu_count() or 1))
+  with futures.ThreadPoolExecutor(workers) as pool:
+    problems = list(progress_bar(pool.map(image_file_problem, paths, chunksize=64),
+                                 total=len(paths), desc=desc, unit="img", show=progress))
+  return [(p, why) for p, why in zip(paths, problems) if why is not None]
+
+
 def _is_archive(path: str) -> bool:
   return os.path.isfile(path)
 

@@ -29,9 +29,10 @@ import os
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
 from overinterp_jax import sharding
-from overinterp_jax.data import transforms
+from overinterp_jax.data import image_folder, transforms
 from overinterp_jax.data.sources import ArraySource
 
 
@@ -261,6 +262,101 @@ class Subset:
 
   def example_id(self, i: int) -> str:
     return self.base.example_id(int(self.indices[i]))
+
+
+# config.runtime.bad_files: what streamed data does about unreadable image files (``screened``).
+BAD_FILES = ("check", "skip", "off")
+MAX_LISTED = 1000  # bad files named in one error
+
+
+def _listing(bad: Sequence[tuple[str, str]]) -> str:
+  listed = [f"{path}: {why}" for path, why in bad[:MAX_LISTED]]
+  more = len(bad) - len(listed)
+  return "\n  " + "\n  ".join(listed) + (f"\n  ... and {more} more." if more else "")
+
+
+def screened(source, split: str, policy: str, max_bad: int = 0, progress: bool = True):
+  """One split of streamed data (``source``) as ``config.runtime.bad_files = policy`` asks,
+  before any work:
+
+    * ``"check"``: every image file is checked (``image_folder.find_bad_files``: sizes and
+      headers, read by a pool of threads, no decoding for a sound file); any bad file
+      stops the run with one ValueError naming every one;
+    * ``"skip"``: the same check; the bad files are left out, each named in a warning,
+      and an image that still fails to decode in a batch is replaced
+      (``SkipUndecodable``); more than ``max_bad`` (``config.runtime.max_bad_files``) in all
+      stop the run naming them;
+    * ``"off"``: no check; a bad file stops the run when a batch decodes it.
+
+  Sources without files (TFDS records, written by TFDS's builder) are not checked ahead.
+  What is left out depends on the files only, so every run on them sees the same examples.
+  """
+  if policy not in BAD_FILES:
+    raise ValueError(f"config.runtime.bad_files must be one of {list(BAD_FILES)}, got {policy!r}.")
+  paths = getattr(source, "paths", None)
+  if policy == "off":
+    return source
+  bad = [] if paths is None else image_folder.find_bad_files(
+      paths, progress, desc=f"checking the {split} images")
+  if policy == "check":
+    if bad:
+      raise ValueError(
+          f"{len(bad)} of the {len(paths)} images of the {split} split cannot be read:"
+          f"{_listing(bad)}\nFix or remove them, or set config.runtime.bad_files='skip' to leave "
+          f"them out (at most config.runtime.max_bad_files={max_bad}).")
+    return source
+  if len(bad) > max_bad:
+    raise ValueError(
+        f"{len(bad)} of the {len(paths)} images of the {split} split cannot be read, more "
+        f"than config.runtime.max_bad_files={max_bad} allows:{_listing(bad)}")
+  for path, why in bad:
+    logging.warning("Leaving out %s of the %s split (config.runtime.bad_files='skip'): %s.",
+                    path, split, why)
+  if bad:
+    dropped = {path for path, _ in bad}
+    source = Subset(source, [i for i, p in enumerate(paths) if p not in dropped])
+  return SkipUndecodable(source, max_bad - len(bad), split)
+
+
+class SkipUndecodable:
+  """``source`` whose images that fail to decode are replaced by a uniform grey one (128,
+  the mean colour after normalisation, near enough) with their own label, each named in a
+  warning (``config.runtime.bad_files = "skip"``). More than ``allowed`` such files stop the
+  run, naming them; each process (grain worker) counts those it decodes."""
+  in_memory = False
+
+  def __init__(self, source, allowed: int, split: str):
+    self.base, self.allowed, self.split = source, int(allowed), split
+    self.class_names = source.class_names
+    self.image_shape = getattr(source, "image_shape", None)
+    self.failed: dict[str, str] = {}  # example id -> error, this process's
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.base.labels
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def example_id(self, i: int) -> str:
+    return self.base.example_id(i)
+
+  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    try:
+      return self.base[i]
+    except (ValueError, OSError) as e:
+      where = self.example_id(i)
+      if where not in self.failed:
+        self.failed[where] = str(e)
+        logging.warning("Replacing image %s of the %s split by a grey one "
+                        "(config.runtime.bad_files='skip'): %s", where, self.split, e)
+      if len(self.failed) > self.allowed:
+        raise ValueError(
+            f"{len(self.failed)} images of the {self.split} split failed to decode, more "
+            f"than the {self.allowed} config.runtime.max_bad_files leaves after the check:"
+            f"{_listing(sorted(self.failed.items()))}") from e
+      return (np.full(self.image_shape or (8, 8, 3), 128, np.uint8),
+              int(np.asarray(self.labels)[i]))
 
 
 class _BuildBatch:
