@@ -6,7 +6,8 @@ Two layers, both pure (no file I/O, no logging):
   ``SISResult``, ``make_empty_boolean_mask*``, ``produce_masked_inputs`` take
   the arguments and return the types of the ``sufficient_input_subsets``
   library (Carter et al. 2019), so switching is a change of import. ``f`` maps
-  a batch ``[B, *D]`` to scores ``[B]`` and must be JAX-traceable. Two
+  a batch ``[B, *D]`` to scores ``[B]``: a JAX-traceable ``f`` runs compiled, any
+  other (numpy, PyTorch, ...) on the host (``score_engine``). Two
   deliberate differences (docs/method.md §6): the starting check ``f >= τ`` is
   made on the input *with the initial mask applied*, and an empty SIS (the
   fully masked input already scores ``>= τ``) gets an all-False mask.
@@ -282,12 +283,6 @@ def _positive_int(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   return int(value)
-
-
-def _check_scores(name: str, scores) -> None:
-  scores = np.asarray(scores)
-  if not np.all(np.isfinite(scores)):
-    raise ValueError(f"{name} returned NaN or infinite scores; SIS needs finite scores.")
 
 
 def backselect(f: Callable, current_input, current_mask, fully_masked_input, *,
