@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from overinterp_jax.data import loader, sources, transforms  # noqa: E402
+from overinterp_jax.data import image_folder, loader, sources, transforms  # noqa: E402
 
 VIEW = transforms.ViewSpec(299, 342)
 BATCH = 32
@@ -50,7 +50,7 @@ def plain_loop(paths) -> int:
   """The reference: decode, convert to RGB, resize + centre crop, one file at a time."""
   for path in paths:
     with Image.open(path) as img:
-      transforms.view(sources.to_rgb(img), VIEW)
+      transforms.view(image_folder.to_rgb(img), VIEW)
   return len(paths)
 
 

@@ -1,8 +1,8 @@
 """Training: optax SGD-Nesterov, data-parallel pure steps, orbax checkpoints, resume.
 
-``train_and_evaluate(config, workdir, data)`` trains one model and is
-resumable: a checkpoint is written (atomically, by orbax, with the sha256 of
-each of its arrays: ``checkpoints.py``) after every epoch, and a re-run with
+``fit(config, workdir, train_feed, test_feed)`` trains one model on the batches
+of two ``data.loader.Feed`` and is resumable: a checkpoint is written (atomically,
+by orbax, with the sha256 of each of its arrays: ``store/checkpoints.py``) after every epoch, and a re-run with
 the same work directory continues from the last checkpoint that reads back
 with those checksums; one that does not is named in an error log and
 deleted. Each epoch's shuffling and augmentation keys derive from
@@ -34,12 +34,12 @@ import optax
 from absl import logging
 from flax import struct
 
-from overinterp_jax import checkpoints, cpu_budget, memory, precision, sharding
+from overinterp_jax import cpu_budget, memory, precision, sharding
 from overinterp_jax.data import augment, loader
 from overinterp_jax.models import InputDropout, create_model, torch_weights
 from overinterp_jax.models.batch_norm import DEFAULT_MOMENTUM
-from overinterp_jax.pipeline import artifacts
 from overinterp_jax.progress import progress_bar
+from overinterp_jax.store import atomic, checkpoints
 
 # Key of the input-dropout stream at evaluation: fixed, so evaluation (and SIS,
 # docs/method.md §6.4) is deterministic.
@@ -236,12 +236,9 @@ def evaluate(steps: Steps, state: TrainState, feed: loader.Feed, batch_size: int
           "count": int(totals["count"])}
 
 
-epoch_permutation = loader.epoch_permutation
-
-
 def _write_jsonl(path: str, records: list[dict]) -> None:
   """Replaces ``path`` atomically with one JSON object per line."""
-  artifacts.write_atomic(path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in records))
+  atomic.write_atomic(path, lambda fh: fh.writelines(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -254,7 +251,7 @@ def read_metrics(path: str) -> list[dict]:
 
 def restore_trained(config, workdir: str, image_shape, num_train: int,
                     mesh=None) -> TrainState | None:
-  """The final state of a finished ``train_and_evaluate`` run in ``workdir`` (verified
+  """The final state of a finished ``fit`` run in ``workdir`` (verified
   against its stored checksums), else None."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -517,12 +514,3 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   return state, test_metrics
 
 
-def train_and_evaluate(config, workdir: str, train_images: np.ndarray, train_labels: np.ndarray,
-                       test_images: np.ndarray, test_labels: np.ndarray, *,
-                       prepare: Callable = lambda x: x, augment_fn=None, mesh=None,
-                       max_epochs_this_run: int | None = None) -> tuple[TrainState, dict]:
-  """``fit`` on in-memory arrays ``[N, H, W, C]`` (turned into model inputs by ``prepare``
-  batch by batch) and labels ``[N]``."""
-  return fit(config, workdir, loader.array_feed(train_images, train_labels, prepare),
-             loader.array_feed(test_images, test_labels, prepare), augment_fn=augment_fn,
-             mesh=mesh, max_epochs_this_run=max_epochs_this_run)

@@ -27,8 +27,10 @@ import pytest
 
 from configs import smoke
 from overinterp_jax import data as data_lib
+from overinterp_jax.data import augment, loader
 from overinterp_jax import main, train
-from overinterp_jax.pipeline import artifacts, trained
+from overinterp_jax.pipeline import trained
+from overinterp_jax.store import atomic, locks
 from smoke_pipeline import REPO, command, env, outputs, run_main
 from test_data import encode, make_tar, make_tree, pixel_pattern
 
@@ -65,7 +67,7 @@ def _smoke(tmp_path, **overrides):
 
 def _ensure(config, ds, workdir):
   return trained.ensure_trained(config, str(workdir), ds.feed("train"), ds.feed("test"),
-                                augment_fn=ds.augment_fn, data_fp="data")
+                                augment_fn=augment.augment_images, data_fp="data")
 
 
 def _errors(caplog):
@@ -189,8 +191,7 @@ def test_a_late_value_fails_on_the_command_line_before_any_work(tmp_path):
 def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path):
   config, ds = _smoke(tmp_path, num_epochs=2)
   workdir = str(tmp_path / "model")
-  train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels, ds.test_images,
-                           ds.test_labels, prepare=ds.prepare, max_epochs_this_run=1)
+  train.fit(config, workdir, ds.feed("train"), ds.feed("test"), max_epochs_this_run=1)
   calls = []
 
   def nan_at_third_batch(images):
@@ -201,13 +202,12 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path):
   with pytest.raises(FloatingPointError,
                      match=r"the loss is nan at epoch 2, step 3 of 8; the checkpoint of epoch 1 "
                            r"is kept"):
-    train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels, ds.test_images,
-                             ds.test_labels, prepare=nan_at_third_batch)
+    train.fit(config, workdir, loader.Feed(ds.source("train"), nan_at_third_batch),
+              loader.Feed(ds.source("test"), nan_at_third_batch))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
   assert [r["epoch"] for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [1]
   # The kept checkpoint is intact: training resumes from it and finishes.
-  _, metrics = train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels,
-                                        ds.test_images, ds.test_labels, prepare=ds.prepare)
+  _, metrics = train.fit(config, workdir, ds.feed("train"), ds.feed("test"))
   assert np.isfinite(metrics["loss"])
 
 
@@ -219,13 +219,10 @@ def test_an_exploding_loss_stops_training_naming_the_learning_rate(tmp_path):
   with pytest.raises(FloatingPointError,
                      match=r"the loss diverged\. Its mean over steps 2-\d of 8 in epoch 1 is "
                            r".*more than 10 × 2\.3.*lower config\.lr=50 "):
-    train.train_and_evaluate(config, workdir, ds.train_images, ds.train_labels,
-                             ds.test_images, ds.test_labels, prepare=ds.prepare)
+    train.fit(config, workdir, ds.feed("train"), ds.feed("test"))
   assert not train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   sane, _ = _smoke(tmp_path, num_epochs=1)  # the smoke recipe's lr 0.05 trains
-  _, metrics = train.train_and_evaluate(sane, str(tmp_path / "sane"), ds.train_images,
-                                        ds.train_labels, ds.test_images, ds.test_labels,
-                                        prepare=ds.prepare)
+  _, metrics = train.fit(sane, str(tmp_path / "sane"), ds.feed("train"), ds.feed("test"))
   assert np.isfinite(metrics["loss"])
   record, = train.read_metrics(str(tmp_path / "sane" / "metrics.jsonl"))
   assert record["initial_loss"] == pytest.approx(np.log(10), rel=0.2)
@@ -294,8 +291,8 @@ def test_a_second_run_on_a_directory_in_use_stops_and_a_killed_holder_frees_it(
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from overinterp_jax.pipeline import artifacts\n"
-      "with artifacts.workdir_lock(sys.argv[1]):\n"
+      "import sys, time; from overinterp_jax.store import locks\n"
+      "with locks.workdir_lock(sys.argv[1]):\n"
       "  print('held', flush=True); time.sleep(600)\n"), str(workdir)],
       stdout=subprocess.PIPE, text=True)
   try:
@@ -321,22 +318,22 @@ def test_a_restored_model_notes_the_files_a_trained_one_notes(tmp_path):
   entries of results.json lost after a resumed sis stage with two models)."""
   config, ds = _smoke(tmp_path, num_epochs=1)
   model = tmp_path / "model"
-  with artifacts.recording() as trained_now:
+  with atomic.recording() as trained_now:
     _ensure(config, ds, model)
-  with artifacts.recording() as restored:
+  with atomic.recording() as restored:
     _ensure(config, ds, model)
-  described = [artifacts.describe_files(str(tmp_path), files) for files in (trained_now,
-                                                                            restored)]
+  described = [atomic.describe_files(str(tmp_path), files) for files in (trained_now,
+                                                                         restored)]
   assert described[0] == described[1]
   assert {"model/fingerprint.json", "model/metrics.jsonl"} <= set(described[1])
 
 
 def _killed_writer(path):
-  """Kills (-9) a process inside ``artifacts.write_atomic(path, ...)``, its temporary file
+  """Kills (-9) a process inside ``atomic.write_atomic(path, ...)``, its temporary file
   created and still empty; returns the temporary file's path."""
   writer = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from overinterp_jax.pipeline import artifacts\n"
-      "artifacts.write_atomic(sys.argv[1], lambda fh: print('writing', flush=True) or "
+      "import sys, time; from overinterp_jax.store import atomic\n"
+      "atomic.write_atomic(sys.argv[1], lambda fh: print('writing', flush=True) or "
       "time.sleep(600), binary=True)\n"), str(path)], stdout=subprocess.PIPE, text=True)
   try:
     assert writer.stdout.readline().strip() == "writing"
@@ -350,9 +347,9 @@ def _killed_writer(path):
 
 def test_a_killed_writers_tmp_file_is_deleted_by_the_next_write(tmp_path):
   tmp = _killed_writer(tmp_path / "figure.png")
-  busy = tmp_path / f"other.png.{os.getppid()}.{artifacts._HOST_TAG}.0123abcd.tmp"
+  busy = tmp_path / f"other.png.{os.getppid()}.{atomic._HOST_TAG}.0123abcd.tmp"
   busy.write_bytes(b"")  # a live process's (this one's parent): never touched
-  artifacts.write_atomic(str(tmp_path / "report.md"), lambda fh: fh.write("done"))
+  atomic.write_atomic(str(tmp_path / "report.md"), lambda fh: fh.write("done"))
   assert not os.path.exists(tmp) and busy.exists()
   assert sorted(os.listdir(tmp_path)) == sorted(["report.md", busy.name])
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from configs import cifar10, imagenet
 from overinterp_jax import config_checks, train
-from overinterp_jax.data import sources, transforms, view_for_config
+from overinterp_jax.data import image_folder, transforms, view_for_config
 from overinterp_jax.models import torch_weights
 from overinterp_jax.pipeline import shipped_base
 
@@ -81,7 +81,7 @@ def test_torchvision_view_is_bit_exact_on_real_jpegs(jpegs, resize, crop):
   spec = transforms.ViewSpec(crop, resize, torchvision=True)
   old_differs = []
   for name, jpeg in jpegs.items():
-    image = sources.decode(jpeg, name)  # grey JPEGs: PIL's convert("RGB")
+    image = image_folder.decode_image(jpeg, name)  # grey JPEGs: PIL's convert("RGB")
     want = torchvision_reference(jpeg, resize, crop)
     got = transforms.view(image, spec)
     assert got.shape == want.shape == (crop, crop, 3), name
@@ -95,7 +95,7 @@ def test_torchvision_view_is_bit_exact_on_real_jpegs(jpegs, resize, crop):
 def test_grey_jpeg_decodes_as_pil_convert_rgb(jpegs):
   jpeg = jpegs["n02692877_airship"]
   assert Image.open(io.BytesIO(jpeg)).mode == "L"
-  np.testing.assert_array_equal(sources.decode(jpeg, "airship"),
+  np.testing.assert_array_equal(image_folder.decode_image(jpeg, "airship"),
                                 np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
 
 

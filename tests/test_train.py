@@ -11,6 +11,7 @@ import pytest
 from config_perturb import perturbed_config
 from configs import smoke
 from overinterp_jax import data as data_lib
+from overinterp_jax.data import augment
 from overinterp_jax import config_reads, cpu_budget, sharding, train
 from overinterp_jax.pipeline import trained
 
@@ -68,9 +69,8 @@ def _smoke_data(tmp_path):
 
 
 def _train(config, ds, workdir, **kw):
-  kw.setdefault("augment_fn", ds.augment_fn)
-  return train.train_and_evaluate(config, str(workdir), ds.train_images, ds.train_labels,
-                                  ds.test_images, ds.test_labels, prepare=ds.prepare, **kw)
+  kw.setdefault("augment_fn", augment.augment_images)
+  return train.fit(config, str(workdir), ds.feed("train"), ds.feed("test"), **kw)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -172,7 +172,7 @@ def test_train_step_same_loss_on_one_and_four_devices(tmp_path, devices):
     state = train.create_train_state(model, tx, x.shape[1:], jax.random.key(1))
     init = jax.device_get(state.params)
     state = jax.device_put(state, sharding.replicated(mesh))
-    steps = steps or train.compile_steps(mesh, ds.augment_fn)
+    steps = steps or train.compile_steps(mesh, augment.augment_images)
     state, m1 = steps.train(state, x, y, key)
     state, m2 = steps.train(state, x, y, key)
     return (float(m1["loss"]), float(m2["loss"])), init, jax.device_get(state.params), steps
@@ -324,7 +324,7 @@ def test_bad_input_dropout_value_is_named():
 
 
 def _ensure(config, ds, workdir, data_fp="data", **kw):
-  kw.setdefault("augment_fn", ds.augment_fn)
+  kw.setdefault("augment_fn", augment.augment_images)
   return trained.ensure_trained(config, str(workdir), ds.feed("train"), ds.feed("test"),
                                 data_fp=data_fp, **kw)
 

@@ -2,9 +2,9 @@
 
 ``load_dataset(source, ...)`` (or ``load_for_config(config.data, workdir)``)
 returns a ``Dataset``: uint8 train/test images ``[N, H, W, C]``, int32 labels
-``[N]``, class names, the normalisation, and the two functions training needs:
-``prepare(images uint8) -> float32`` (normalised) and
-``augment_fn(key, images float32) -> images`` (random crop + flip, in JAX).
+``[N]``, class names, the normalisation, ``prepare(images uint8) -> float32``
+(normalised) and ``feed(split)``, the ``loader.Feed`` training reads (its device-side
+crop + flip is ``train.config_augment_fn(config)``, not part of the data).
 
 Sources:
   * ``'image_folder'``: ``path`` = directory or ``.tar.gz`` of ``<split>/<class>/<image>``
@@ -20,7 +20,6 @@ import dataclasses
 import os
 from typing import Optional
 
-import jax
 import numpy as np
 
 from overinterp_jax.data import (augment, cifar10_slice, image_folder, loader, normalize, sources,
@@ -32,6 +31,7 @@ from overinterp_jax.data.labelled import LabelledImages
 from overinterp_jax.data.normalize import CIFAR10, Normalization, channel_stats
 from overinterp_jax.data.synthetic import make_synthetic
 from overinterp_jax.data.tfds_source import load_tfds_arrays, tfds_data_source
+from overinterp_jax.store import hashing
 
 SOURCES = ("image_folder", "tfds", "synthetic")
 NORMALIZATIONS = ("auto", "cifar10", "imagenet", "train")
@@ -93,15 +93,9 @@ class Dataset:
     return (self.train_images.shape, self.test_images.shape,
             _labels_checksum(self.train_labels, self.test_labels))
 
-  @staticmethod
-  def augment_fn(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Random crop (4 px padding with 0) + flip of normalised ``[B, H, W, C]`` images."""
-    return augment_images(key, images)
-
 
 def _labels_checksum(train: np.ndarray, test: np.ndarray) -> str:
-  from overinterp_jax.pipeline import artifacts  # pylint: disable=import-outside-toplevel
-  return artifacts.checksum({"y": train, "t": test})
+  return hashing.checksum({"y": train, "t": test})
 
 
 @dataclasses.dataclass(eq=False)

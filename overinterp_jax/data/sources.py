@@ -35,10 +35,6 @@ from overinterp_jax.progress import progress_bar
 IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
 
 
-to_rgb = image_folder.to_rgb
-decode = image_folder.decode_image
-
-
 class ArraySource:
   """In-memory images ``[N, H, W, C]`` uint8 and labels ``[N]`` int32; ``ids``: ``[N]``
   example ids (e.g. TFDS's ``id``), None = ``"<split>/<index>"``."""
@@ -98,7 +94,7 @@ class FileSource:
   def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
     path = self.paths[i]
     with open(path, "rb") as fh:
-      return decode(fh.read(), path), int(self.labels[i])
+      return image_folder.decode_image(fh.read(), path), int(self.labels[i])
 
   def example_id(self, i: int) -> str:
     return os.path.relpath(self.paths[i], self.root)
@@ -203,7 +199,7 @@ class TfdsSource:
     ex = self._example(i)
     image = ex["image"]
     if isinstance(image, (bytes, np.bytes_)):
-      image = decode(bytes(image), f"{self.name}/{self.split}[{i}]")
+      image = image_folder.decode_image(bytes(image), f"{self.name}/{self.split}[{i}]")
     elif image.shape[-1] == 1:
       image = np.repeat(image, 3, -1)
     return np.asarray(image, np.uint8), int(ex["label"])

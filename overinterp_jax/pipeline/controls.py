@@ -23,12 +23,11 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import (artifacts, gradient_check, sis_stage, subsets_stage,
-                                     trained)
+from overinterp_jax.pipeline import gradient_check, sis_stage, subsets_stage, trained
 from overinterp_jax.pipeline.masked_data import dilate
 from overinterp_jax.selection import records
+from overinterp_jax.store import hashing, npz
 
-CONTROLS = ("smoothed", "targeted", "masking_values", "confidence_rise")
 # 2: the smoothed and masking-value controls use a seeded random sample of test images.
 _VERSION = 2
 
@@ -36,7 +35,7 @@ _VERSION = 2
 def smoothed_key(summary: dict) -> str:
   """The key of ``controls/smoothed.npz``: the smoothed control's summary (in the stage's
   marker) it belongs to."""
-  return artifacts.fingerprint(summary, _VERSION)
+  return hashing.fingerprint(summary, _VERSION)
 
 
 def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
@@ -189,7 +188,7 @@ def run(ctx) -> dict:
   out = {"threshold": float(ctx.config.sis.threshold)}
   if c.smoothed:
     out["smoothed"], arrays = smoothed(ctx)
-    artifacts.save(ctx.path("controls", "smoothed.npz"), arrays, smoothed_key(out["smoothed"]))
+    npz.save(ctx.path("controls", "smoothed.npz"), arrays, smoothed_key(out["smoothed"]))
   if c.targeted:
     out["targeted"] = targeted(ctx)
   if c.masking_values:

@@ -2,7 +2,7 @@
 
 Every model lives in its own directory under the work directory (orbax
 checkpoints with their checksums + ``metrics.jsonl`` from
-``train.train_and_evaluate``) with a ``summary.json`` holding its test metrics
+``train.fit``) with a ``summary.json`` holding its test metrics
 and the fingerprint of the config that trained it. A finished model is
 restored, not retrained, unless its checkpoint fails its checksums: then it is
 named in an error log and trained again from its last good checkpoint.
@@ -18,15 +18,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from overinterp_jax import checkpoints, config_reads, sharding, train
+from overinterp_jax import config_reads, sharding, train
 from overinterp_jax.data import loader
 from overinterp_jax.models import InputDropout, ensemble
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import atomic, checkpoints, hashing
 
 def model_key(config, data_fp: str, paths) -> str:
   """The key of a model trained on data ``data_fp`` by code that read ``paths`` of
   ``config``: equal keys, equal models."""
-  return artifacts.fingerprint(data_fp, config_reads.values_fingerprint(config, paths))
+  return hashing.fingerprint(data_fp, config_reads.values_fingerprint(config, paths))
 
 
 def _matches(record: Optional[dict], config, data_fp: str) -> bool:
@@ -40,7 +40,7 @@ def _matches(record: Optional[dict], config, data_fp: str) -> bool:
 
 def load_summary(config, workdir: str, data_fp: str) -> Optional[dict]:
   """``workdir/summary.json`` if it is of a finished model of ``config`` on ``data_fp``."""
-  summary = artifacts.load_json(os.path.join(workdir, "summary.json"))
+  summary = atomic.load_json(os.path.join(workdir, "summary.json"))
   return summary if _matches(summary, config, data_fp) else None
 
 
@@ -100,18 +100,18 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
   if state is None:
     stale = summary is None and (os.path.exists(summary_path) or (
         os.path.isdir(workdir) and os.listdir(workdir)
-        and not _matches(artifacts.load_json(marker_path), config, data_fp)))
+        and not _matches(atomic.load_json(marker_path), config, data_fp)))
     if stale and not replace_stale:
       raise ValueError(f"{workdir} holds a model trained under another config; use a new "
                        "--workdir or delete that directory.")
     if stale:
       logging.warning("Retraining %s: it holds a model of another config.", workdir)
-      if artifacts.is_writer():
+      if atomic.is_writer():
         shutil.rmtree(workdir)
 
     def mark(paths):
-      artifacts.save_json(marker_path, {"fingerprint": model_key(config, data_fp, paths),
-                                        "config_reads": sorted(paths), "config_known": known})
+      atomic.save_json(marker_path, {"fingerprint": model_key(config, data_fp, paths),
+                                     "config_reads": sorted(paths), "config_known": known})
 
     known = config_reads.leaf_paths(config)
     reads = config_reads.Reads() if reads is None else reads
@@ -125,12 +125,12 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
     paths = sorted(reads.paths)
     summary = {"fingerprint": model_key(config, data_fp, paths), "config_reads": paths,
                "config_known": known, "metrics": metrics, "seconds": time.perf_counter() - t0}
-    artifacts.save_json(summary_path, summary)
+    atomic.save_json(summary_path, summary)
   # What a finished stage checks before it is trusted: the same files whether the model
   # was trained now or restored (a resumed stage lost fingerprint.json and metrics.jsonl).
   for path in ([summary_path, marker_path, os.path.join(workdir, "metrics.jsonl")]
                + checkpoints.files(workdir, int(config.num_epochs))):
-    artifacts.note(path)
+    atomic.note(path)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(train.build_model(view), variables, summary["metrics"], summary["seconds"],
                  summary["fingerprint"], int(config.num_epochs))
