@@ -14,9 +14,12 @@ from collections import defaultdict
 
 from overinterp_jax.pipeline.figures import markdown_table
 
+# (report.json's table1 key, column heading); "{frac}" is the rows' subsets.frac_kept.
 COLUMNS = (("full", "full images"), ("full_same_budget", "full images (retrain budget)"),
-           ("bs_5pct", "5% BS"), ("random_5pct", "5% random"), ("bs_minus_random", "BS − random"),
-           ("mask_only_5pct", "5% BS mask only"))
+           ("bs", "{frac} BS"), ("random", "{frac} random"), ("bs_minus_random", "BS − random"),
+           ("mask_only", "{frac} BS mask only"))
+# table1 keys of reports written before the keys named the retrain models.
+_OLD_KEYS = ("bs_5pct", "random_5pct", "mask_only_5pct")
 
 
 def _pct(x) -> str:
@@ -31,6 +34,10 @@ def collect(workdirs) -> str:
       raise FileNotFoundError(f"{path} does not exist: run the pipeline's report stage in {w}.")
     with open(path) as fh:
       t1 = json.load(fh)["table1"]
+    if any(k in t1 for k in _OLD_KEYS):
+      raise ValueError(f"{path} has the table1 keys of an older version ({', '.join(_OLD_KEYS)}"
+                       f"): delete {os.path.join(w, 'stages', 'report.json')} and rerun the "
+                       "pipeline in that directory to rewrite its report.")
     rows.append([t1["model"], str(t1["seed"])] + [_pct(t1.get(k)) for k, _ in COLUMNS])
     by_model[t1["model"]].append(t1)
   for model, items in by_model.items():
@@ -40,7 +47,9 @@ def collect(workdirs) -> str:
         vals = [t[k] for t in items if t.get(k) is not None]
         means.append(_pct(sum(vals) / len(vals)) if vals else "—")
       rows.append([f"**{model}**", f"mean of {len(items)}"] + means)
-  return markdown_table(["model", "seed"] + [c for _, c in COLUMNS], rows)
+  fracs = {t["frac_kept"] for items in by_model.values() for t in items}
+  frac = f"{100 * fracs.pop():g}%" if len(fracs) == 1 else "mixed-fraction"
+  return markdown_table(["model", "seed"] + [c.format(frac=frac) for _, c in COLUMNS], rows)
 
 
 def main(argv) -> int:

@@ -28,8 +28,9 @@ def test_report_has_every_section_and_figure(finished):
   report = json.loads((finished / "report.json").read_text())
   t1 = report["table1"]
   assert t1["model"] == "cnn3"
-  for key in ("full", "full_same_budget", "bs_5pct", "random_5pct", "mask_only_5pct"):
+  for key in ("full", "full_same_budget", "bs", "random", "mask_only"):
     assert 0.0 <= t1[key] <= 1.0, key
+  assert t1["frac_kept"] == 0.05 and not any("pct" in key for key in t1)
   stages = report["stages"]
   assert set(stages["sis"]["models"]) == {"single", "ensemble", "input_dropout"}
   assert stages["subsets"]["pixels_kept"] == 13  # ceil(0.05 · 256)
@@ -100,6 +101,21 @@ def test_collect_builds_one_table_from_workdirs(finished, tmp_path):
   assert "| cnn3 | 0 |" in table and "mean of 2" in table
   with pytest.raises(FileNotFoundError, match="report.json"):
     collect.collect([str(tmp_path)])
+
+
+def test_collect_heads_columns_with_the_fraction_and_rejects_old_keys(tmp_path):
+  """report.json's table1 keys name the retrain models ("bs", not "bs_5pct" at any fraction);
+  collect heads its columns with the reports' subsets.frac_kept."""
+  from overinterp_jax import collect
+  row = {"model": "cnn3", "seed": 0, "frac_kept": 0.1, "full": 0.9, "full_same_budget": 0.8,
+         "bs": 0.5, "random": 0.25, "mask_only": 0.4, "bs_minus_random": 0.25}
+  for name, t1 in (("new", row), ("old", {**row, "bs_5pct": 0.5})):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "report.json").write_text(json.dumps({"table1": t1}))
+  header = collect.collect([str(tmp_path / "new")]).splitlines()[0]
+  assert "| 10% BS | 10% random |" in header and "5%" not in header
+  with pytest.raises(ValueError, match=r"bs_5pct.*stages/report\.json"):
+    collect.collect([str(tmp_path / "old")])
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import class_names
-from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, figures, sis_stage,
-                                     subsets_stage)
+from overinterp_jax.pipeline import backselect_stage, controls, figures, sis_stage, subsets_stage
+from overinterp_jax.pipeline.context import MARKER_KEYS
+from overinterp_jax.store import atomic, npz
 
 FIGURES = {"sis_examples": "figures/sis_examples.png",
            "confidence_curves": "figures/confidence_vs_pixels_removed.png",
@@ -27,7 +28,6 @@ EARLIER = ("train", "backselect", "subsets", "retrain", "sis", "controls")
 
 def _without_timings(x):
   """``x`` less timings and what the runner adds to a stage's marker (not results)."""
-  from overinterp_jax.pipeline.runner import MARKER_KEYS
   if isinstance(x, dict):
     return {k: _without_timings(v) for k, v in x.items()
             if "seconds" not in k and k not in MARKER_KEYS}
@@ -69,9 +69,11 @@ def table1(s: dict, config) -> tuple[str, dict]:
   border = models.get("border", {}).get("test_accuracy")
   full_retrained = models.get("full", {}).get("test_accuracy")
   reference = full_retrained if full_retrained is not None else full
-  row = {"model": config.model.name, "seed": int(config.seed), "full": full,
-         "full_same_budget": full_retrained, "bs_5pct": bs,
-         "random_5pct": rnd, "mask_only_5pct": mask_only, "border": border,
+  # Keys name the retrain models, not a fraction: "frac_kept" is the subsets' fraction.
+  row = {"model": config.model.name, "seed": int(config.seed),
+         "frac_kept": float(config.subsets.frac_kept), "full": full,
+         "full_same_budget": full_retrained, "bs": bs,
+         "random": rnd, "mask_only": mask_only, "border": border,
          "bs_minus_random": None if bs is None or rnd is None else bs - rnd,
          "reference_minus_bs": None if bs is None or reference is None else reference - bs}
   frac = fraction(config)
@@ -345,8 +347,8 @@ def draw_figures(ctx, s: dict) -> dict:
         ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
   border = (s.get("subsets") or {}).get("border_analysis")
   if border:
-    freq = artifacts.load(subsets_stage.analysis_path(ctx),
-                          subsets_stage.analysis_key(s["subsets"]["mask_sha256"]))
+    freq = npz.load(subsets_stage.analysis_path(ctx),
+                    subsets_stage.analysis_key(s["subsets"]["mask_sha256"]))
     if freq is not None:
       maps = {f"{fraction(ctx.config)} BS, {split} ({v['num_images']} images)":
               freq[f"bs_{split}/frequency"] / max(v["num_images"], 1)
@@ -355,8 +357,8 @@ def draw_figures(ctx, s: dict) -> dict:
           ctx.path(FIGURES["kept_positions"]), maps, band=int(s["subsets"]["border_width"]))
   c = s.get("controls", {})
   if "smoothed" in c:
-    arrays = artifacts.load(ctx.path("controls", "smoothed.npz"),
-                            controls.smoothed_key(c["smoothed"]))
+    arrays = npz.load(ctx.path("controls", "smoothed.npz"),
+                      controls.smoothed_key(c["smoothed"]))
     if arrays is not None:
       titles = _smoothed_titles(ctx, c["smoothed"])
       before = {titles[k]: arrays[f"{k}/sis"] for k in c["smoothed"]}
@@ -422,7 +424,7 @@ def run(ctx) -> dict:
     md += ["## SIS size", "", "Stage `sis` not run.", ""]
   if "controls" in s:
     md += ["## Controls", "", controls_md(s["controls"], fraction(c))]
-  figs = draw_figures(ctx, s) if artifacts.is_writer() else {}
+  figs = draw_figures(ctx, s) if atomic.is_writer() else {}
   md += ["## Figures", ""] + [f"- {k}: ![{k}]({v})" for k, v in figs.items()] + [""]
   if "sis_examples" in figs:
     md += ["In `sis_examples`, each row is one test image, labelled `true class → predicted "
@@ -430,10 +432,10 @@ def run(ctx) -> dict:
            f"`{next(iter(s['sis']['models']))}` model's on the full image. Each further column shows one model's SIS on a "
            "gray background (\"no SIS\": that model is below τ on the full image).", ""]
   report = {"table1": t1, "stages": _without_timings(s), "figures": figs}
-  artifacts.save_json(ctx.path("report.json"), report)
-  if not artifacts.is_writer():
+  atomic.save_json(ctx.path("report.json"), report)
+  if not atomic.is_writer():
     return {"report": "report.md", "figures": figs}
-  artifacts.write_atomic(ctx.path("report.md"), lambda fh: fh.write("\n".join(md)))
+  atomic.write_atomic(ctx.path("report.md"), lambda fh: fh.write("\n".join(md)))
   return {"report": "report.md", "figures": figs}
 
 
@@ -442,8 +444,8 @@ def headline(summaries: dict, config) -> list[str]:
   _, row = table1(summaries, config)
   frac = fraction(config)
   cells = [(f"full images ({config.num_epochs} ep)", row["full"]),
-           ("full images, retrained", row["full_same_budget"]), (f"{frac} BS", row["bs_5pct"]),
-           (f"{frac} random", row["random_5pct"]), ("BS − random", row["bs_minus_random"]),
-           (f"{frac} BS mask only", row["mask_only_5pct"])]
+           ("full images, retrained", row["full_same_budget"]), (f"{frac} BS", row["bs"]),
+           (f"{frac} random", row["random"]), ("BS − random", row["bs_minus_random"]),
+           (f"{frac} BS mask only", row["mask_only"])]
   cells = [f"{name} {_pct(value)}" for name, value in cells if value is not None]
   return [f"Test accuracy (%): {', '.join(cells)}."] if cells else []
