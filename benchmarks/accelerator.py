@@ -32,16 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import rate  # noqa: E402
+from timing import PEAK_BF16_FLOPS, rate  # noqa: E402
 
 from overinterp_jax import memory, precision, sharding, sis, train  # noqa: E402
 from overinterp_jax.config_schema import base_config  # noqa: E402
 from overinterp_jax.models import create_model  # noqa: E402
-
-# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
-                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 
 FULL = dict(infer_batch=1024, exact_images=8, exact_patch=1, grad_images=2048, grad_k=32,
             train_batch=128, r50_batch=128, r50_size=224, min_seconds=3.0)

@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accelerator import PEAK_BF16_FLOPS  # noqa: E402
 from backselect import best_seconds  # noqa: E402
+from timing import PEAK_BF16_FLOPS  # noqa: E402
 
 from overinterp_jax import precision, sharding, sis  # noqa: E402
 from overinterp_jax.models import create_model, torch_weights  # noqa: E402

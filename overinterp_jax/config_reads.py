@@ -15,7 +15,7 @@ and a key it never read does not, with no list kept by hand. A key added to the
 schema after a result was made could not be read by its producer: the result also
 stores the keys that existed (``leaf_paths``), and a newer key away from its
 schema default invalidates it (``changed_new_keys``). ``Key`` carries this for
-result files (``artifacts.save`` / ``artifacts.load``).
+result files (``npz.save`` / ``npz.load``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import ml_collections
 
 from overinterp_jax.config_schema import RUNTIME, base_config
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import hashing
 
 _MISSING = "<missing>"
 
@@ -191,7 +191,7 @@ def value_at(config, path: str) -> Any:
 def values_fingerprint(config, paths: Iterable[str]) -> str:
   """A hash of ``config``'s values at ``paths`` (``value_at``), runtime keys excluded."""
   paths = sorted(p for p in set(paths) if not _runtime(p))
-  return artifacts.fingerprint({p: value_at(config, p) for p in paths})
+  return hashing.fingerprint({p: value_at(config, p) for p in paths})
 
 
 def _runtime(path: str) -> bool:
@@ -227,21 +227,21 @@ def changed_new_keys(config, known: Iterable[str]) -> list[str]:
 class Key:
   """The key of a result file: ``base`` (a fingerprint of what the producer was given:
   upstream results, arguments) plus the config values the producer read so far
-  (``reads``, a live recording). ``artifacts.save`` stores ``stamp()``'s paths with the
-  file; ``artifacts.load`` accepts the file iff ``expected(stored paths)`` matches."""
+  (``reads``, a live recording). ``npz.save`` stores ``stamp()``'s paths with the
+  file; ``npz.load`` accepts the file iff ``expected(stored paths)`` matches."""
 
   def __init__(self, base: str, config, reads: Reads):
     self.base, self.config, self.reads = base, plain(config), reads
 
   def child(self, *parts) -> "Key":
     """The key of a part of this result (shares the recording)."""
-    return Key(artifacts.fingerprint(self.base, *parts), self.config, self.reads)
+    return Key(hashing.fingerprint(self.base, *parts), self.config, self.reads)
 
   def expected(self, stored: dict) -> str:
     """The fingerprint a result must carry, given what ``stamp`` stored with it."""
     if changed_new_keys(self.config, stored["known"]):
       return "<a newer config key is set>"
-    return artifacts.fingerprint(self.base, values_fingerprint(self.config, stored["reads"]))
+    return hashing.fingerprint(self.base, values_fingerprint(self.config, stored["reads"]))
 
   def used(self, stored: dict) -> None:
     """A result with ``stored`` was reused: its producer's reads count as read now."""

@@ -32,7 +32,8 @@ from overinterp_jax import compile_cache, config_checks
 from overinterp_jax import data as data_lib
 from overinterp_jax import train
 from overinterp_jax.config_checks import validate_config
-from overinterp_jax.pipeline import artifacts, report, runner
+from overinterp_jax.pipeline import report, runner
+from overinterp_jax.store import atomic, locks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
@@ -47,7 +48,7 @@ def run(config, workdir: str) -> dict:
   """Runs the configured stages in ``workdir``; returns the results written there.
 
   Nothing is written before the config and the loaded data have passed their checks.
-  Then one run at a time holds ``workdir`` (``artifacts.workdir_lock``). A finished
+  Then one run at a time holds ``workdir`` (``locks.workdir_lock``). A finished
   ``workdir`` on read-only storage is read as it is (a stage that must run stops).
   """
   validate_config(config)
@@ -65,13 +66,13 @@ def run(config, workdir: str) -> dict:
                  "memory (config.batch_size=0); config.lr is used as given.",
                  config.batch_size, config.batch_size // jax.device_count())
   config_checks.validate_with_data(config, dataset)
-  with artifacts.workdir_lock(workdir) as writable:
+  with locks.workdir_lock(workdir) as writable:
     if writable:
-      artifacts.save_json(os.path.join(workdir, "config.json"),
-                          json.loads(config.to_json_best_effort()))
+      atomic.save_json(os.path.join(workdir, "config.json"),
+                       json.loads(config.to_json_best_effort()))
     results = runner.run_pipeline(config, workdir, dataset)
     if writable:
-      artifacts.save_json(os.path.join(workdir, "results.json"), results)
+      atomic.save_json(os.path.join(workdir, "results.json"), results)
   return results
 
 
@@ -107,7 +108,7 @@ class _OwnLinesAndWarnings(py_logging.Filter):
 
 # Errors whose message says what to change (a value, a path, the disk, the work directory,
 # a diverging run): the message alone ends the program. Others are bugs: traceback kept.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, artifacts.WorkdirInUse)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, locks.WorkdirInUse)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -156,7 +157,7 @@ def _main(config, workdir: str) -> None:
     jax.distributed.initialize()
   logging.info("Devices: %s", jax.devices())
   results = run(config, workdir)
-  if artifacts.is_writer():
+  if atomic.is_writer():
     workdir = os.path.abspath(workdir)
     where = ("report.md" if "report" in results else "results.json")
     print(f"Done: {len(results)} stages. Results in {os.path.join(workdir, where)}")

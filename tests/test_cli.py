@@ -54,8 +54,8 @@ def test_verbosity_1_shows_the_traceback_of_an_error(tmp_path):
 
 def test_a_directory_in_use_ends_in_one_line(tmp_path):
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; from overinterp_jax.pipeline import artifacts\n"
-      "with artifacts.workdir_lock(sys.argv[1]):\n"
+      "import sys, time; from overinterp_jax.store import locks\n"
+      "with locks.workdir_lock(sys.argv[1]):\n"
       "  print('held', flush=True); time.sleep(600)\n"), str(tmp_path)],
       stdout=subprocess.PIPE, text=True, cwd=REPO, env=env())
   try:

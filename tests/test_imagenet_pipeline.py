@@ -11,7 +11,8 @@ from PIL import Image
 from configs import imagenet
 from overinterp_jax import config_checks, main
 from overinterp_jax.data import class_names, loader, view_for_config
-from overinterp_jax.pipeline import artifacts, record_shards, subsets_stage
+from overinterp_jax.pipeline import record_shards, subsets_stage
+from overinterp_jax.store import atomic, npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "..", "shared", "data", "imagenet_samples.tar.gz")
@@ -125,10 +126,10 @@ def test_a_299x299_record_takes_at_most_200_kb(tmp_path):
   shard = record_shards.encode(order, values, np.array([7], np.int32),
                                np.array([0.95], np.float32), ["n01440764/x.JPEG"], k)
   path = tmp_path / "shard.npz"
-  artifacts.save(str(path), shard, "fp")
+  npz.save(str(path), shard, "fp")
   size = os.path.getsize(path)
   assert size <= 200_000, size
-  back = record_shards.decode(artifacts.load(str(path), "fp"), k)
+  back = record_shards.decode(npz.load(str(path), "fp"), k)
   # Each pixel's removal step survives; the confidence per step to float16 precision.
   np.testing.assert_array_equal(np.argsort(back["order"][0], kind="stable") // k,
                                 np.argsort(order[0], kind="stable") // k)
@@ -177,11 +178,11 @@ def test_smoke_pipeline_on_real_imagenet_images(tmp_path):
                "gradient backward selection", "Sampled from the", "| border |",
                "kept_positions"):
     assert text in report, text
-  summary = artifacts.load_json(os.path.join(workdir, "stages", "subsets.json"))
+  summary = atomic.load_json(os.path.join(workdir, "stages", "subsets.json"))
   assert summary["pixels_kept"] == 103 and summary["border_width"] == 1
   assert set(summary["border_analysis"]) == {"train", "test"}
   assert os.path.exists(os.path.join(workdir, "figures", "kept_positions.png"))
-  sis = artifacts.load_json(os.path.join(workdir, "stages", "sis.json"))
+  sis = atomic.load_json(os.path.join(workdir, "stages", "sis.json"))
   assert sis["selection"] == "gradient" and sis["only_correct"]
 
 
@@ -206,7 +207,7 @@ def test_base_model_from_safetensors_weights(tmp_path):
   c.model.weights = path
   workdir = str(tmp_path / "run")
   main.run(c, workdir)
-  summary = artifacts.load_json(os.path.join(workdir, "stages", "train.json"))
+  summary = atomic.load_json(os.path.join(workdir, "stages", "train.json"))
   assert not os.path.exists(os.path.join(workdir, "base_model"))  # loaded, not trained
   # Weights from a torchvision/timm file: torchvision's arithmetic (at the config's 32×32).
   ds = load_for_config(c.data, workdir, progress=False, view=view_for_config(c))
@@ -226,11 +227,11 @@ def test_base_model_from_a_training_work_directory(tmp_path):
   c.stages = ("train",)
   first = str(tmp_path / "first")
   main.run(c, first)
-  trained_summary = artifacts.load_json(os.path.join(first, "stages", "train.json"))
+  trained_summary = atomic.load_json(os.path.join(first, "stages", "train.json"))
   c.model.weights = os.path.join(first, "base_model")
   second = str(tmp_path / "second")
   main.run(c, second)
-  loaded = artifacts.load_json(os.path.join(second, "stages", "train.json"))
+  loaded = atomic.load_json(os.path.join(second, "stages", "train.json"))
   assert not os.path.exists(os.path.join(second, "base_model"))
   assert loaded["test_accuracy"] == trained_summary["test_accuracy"]
   assert loaded["test_loss"] == pytest.approx(trained_summary["test_loss"], rel=1e-5)
@@ -243,14 +244,14 @@ def test_base_model_from_a_training_work_directory(tmp_path):
     main.run(c, str(tmp_path / "third"))
   # The newest checkpoint fails its checksums: a clear error, no fallback to an older
   # one, and nothing in the given directory deleted.
-  from overinterp_jax import checkpoints
+  from overinterp_jax.store import checkpoints
   base = os.path.join(first, "base_model")
   step = max(int(n) for n in os.listdir(os.path.join(base, "checkpoints")) if n.isdigit())
   digest_path = checkpoints.files(base, step)[1]
-  digests = artifacts.load_json(digest_path)
+  digests = atomic.load_json(digest_path)
   key = sorted(digests["sha256"])[0]
   digests["sha256"][key] = "0" * 64
-  artifacts.save_json(digest_path, digests)
+  atomic.save_json(digest_path, digests)
   before = sorted(os.listdir(os.path.join(base, "checkpoints")))
   c.model.weights = base
   with pytest.raises(ValueError, match=f"checkpoint {step} fails its checksums"):

@@ -150,8 +150,8 @@ def test_record_shards_round_trip(tmp_path, d, per_step):
         assert set(back["order"][i, sl]) == set(order[i, sl])
     np.testing.assert_allclose(back["values"], values, rtol=1e-3)
   path = str(tmp_path / "s.npz")
-  from overinterp_jax.pipeline import artifacts
-  artifacts.save(path, rec, "fp")
+  from overinterp_jax.store import npz
+  npz.save(path, rec, "fp")
   recs = record_shards.RecordSet([(path, "fp", slice(0, n))], d, per_step)
   rows = recs.rows(np.array([2, 0]))
   np.testing.assert_array_equal(rows["order"], back["order"][[2, 0]])

@@ -1,4 +1,4 @@
-"""Pipeline building blocks: atomic artifacts, masked images, controls' helpers, config checks."""
+"""Pipeline building blocks: validated array files, masked images, controls' helpers, config checks."""
 import os
 import types
 
@@ -11,45 +11,46 @@ from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import (artifacts, backselect_stage, controls, masked_data,
-                                     record_shards, report, retrain_stage, sis_stage, trained)
+from overinterp_jax.pipeline import (backselect_stage, controls, masked_data, record_shards, report,
+                                     retrain_stage, sis_stage, trained)
+from overinterp_jax.store import hashing, npz
 
 
-# ----------------------------------------------------------------------------- artifacts
+# ----------------------------------------------------------------------------- store
 
 def test_artifact_round_trip_and_rejections(tmp_path):
   path = str(tmp_path / "a.npz")
   arrays = {"x": np.arange(6).reshape(2, 3), "y": np.ones(2, np.float32)}
-  artifacts.save(path, arrays, "fp1")
-  got = artifacts.load(path, "fp1")
+  npz.save(path, arrays, "fp1")
+  got = npz.load(path, "fp1")
   assert set(got) == {"x", "y"} and np.array_equal(got["x"], arrays["x"])
-  assert artifacts.load(path, "other") is None                       # other config
-  assert artifacts.load(path, "fp1", lambda a: "too short") is None  # caller's check
-  assert artifacts.load(str(tmp_path / "missing.npz"), "fp1") is None
+  assert npz.load(path, "other") is None                       # other config
+  assert npz.load(path, "fp1", lambda a: "too short") is None  # caller's check
+  assert npz.load(str(tmp_path / "missing.npz"), "fp1") is None
   data = open(path, "rb").read()
   with open(path, "wb") as fh:                                       # truncated
     fh.write(data[:len(data) // 2])
-  assert artifacts.load(path, "fp1") is None
+  assert npz.load(path, "fp1") is None
   assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
   with pytest.raises(ValueError, match="reserved"):
-    artifacts.save(path, {"__checksum__": np.zeros(1)}, "fp1")
+    npz.save(path, {"__checksum__": np.zeros(1)}, "fp1")
 
 
 def test_checksum_catches_silent_corruption(tmp_path):
   path = str(tmp_path / "a.npz")
-  artifacts.save(path, {"x": np.zeros(4)}, "fp")
+  npz.save(path, {"x": np.zeros(4)}, "fp")
   with np.load(path) as f:
     stored = {k: f[k] for k in f.files}
   stored["x"] = np.ones(4)  # a file rewritten with other values but the old checksum
   np.savez(path, **stored)
-  assert artifacts.load(path, "fp") is None
+  assert npz.load(path, "fp") is None
 
 
 def test_fingerprint_is_stable_and_sensitive():
   c = cifar10.get_config()
-  assert artifacts.fingerprint(c.sis) == artifacts.fingerprint(cifar10.get_config().sis)
+  assert hashing.fingerprint(c.sis) == hashing.fingerprint(cifar10.get_config().sis)
   c.sis.threshold = 0.9
-  assert artifacts.fingerprint(c.sis) != artifacts.fingerprint(cifar10.get_config().sis)
+  assert hashing.fingerprint(c.sis) != hashing.fingerprint(cifar10.get_config().sis)
 
 
 # ------------------------------------------------------------------ backselect shards

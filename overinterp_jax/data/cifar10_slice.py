@@ -25,7 +25,7 @@ import numpy as np
 from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, ExpectedCounts,
                                               load_image_folder_splits)
 from overinterp_jax.data.labelled import LabelledImages
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import hashing
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slices",
                     "cifar10_test_1000.tar.gz")
@@ -57,7 +57,7 @@ def load(expected_counts: Optional[ExpectedCounts] = None) -> dict[str, Labelled
     ValueError: the file differs from the one shipped, or ``expected_counts``
       (per split, a total or ``{class: count}``) asks for other counts.
   """
-  digest = artifacts.file_sha256(PATH)
+  digest = hashing.file_sha256(PATH)
   if digest != SHA256:
     raise ValueError(f"{PATH} has sha256 {digest}, expected {SHA256}: the shipped data "
                      "slice is damaged; reinstall the package.")
@@ -92,7 +92,7 @@ def write(archive: str, out: str = PATH, per_class: int = PER_CLASS) -> str:
   with open(out, "wb") as fh:
     with gzip.GzipFile(fileobj=fh, mode="wb", compresslevel=9, mtime=0, filename="") as gz:
       gz.write(buffer.getvalue())
-  return artifacts.file_sha256(out)
+  return hashing.file_sha256(out)
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ Every undecodable (or empty) image of a load is listed in one error, up to
 Decoding 60k JPEGs takes a while, so each split is decoded once and cached as
 ``<cache_dir>/<source name>-<hash of its path>-<split>.npz`` (uint8 images,
 int32 labels, class names, a fingerprint of the source), written atomically
-(``artifacts.write_atomic``) and only once every requested split has passed
+(``atomic.write_atomic``) and only once every requested split has passed
 its checks, so a load that fails writes nothing. A cache file is used only if
 it passes validation (readable, consistent shapes and dtypes, counts, classes,
 the source's fingerprint, ``expected_counts``); otherwise it is rebuilt.
@@ -30,8 +30,8 @@ from absl import logging
 from PIL import Image
 
 from overinterp_jax.data.labelled import LabelledImages
-from overinterp_jax.pipeline import artifacts
 from overinterp_jax.progress import progress_bar
+from overinterp_jax.store import atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -349,8 +349,8 @@ def _read_cache(path: str, fingerprint: str, split: str, source: str,
 
 
 def _write_cache(path: str, data: LabelledImages, fingerprint: str) -> None:
-  """Writes ``path`` atomically (``artifacts.write_atomic``)."""
-  artifacts.write_atomic(path, lambda fh: np.savez(
+  """Writes ``path`` atomically (``atomic.write_atomic``)."""
+  atomic.write_atomic(path, lambda fh: np.savez(
       fh, images=data.images, labels=data.labels,
       class_names=np.array(data.class_names, dtype=np.str_),
       class_counts=np.bincount(data.labels, minlength=len(data.class_names)),

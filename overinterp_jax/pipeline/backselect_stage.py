@@ -23,8 +23,9 @@ from absl import logging
 
 from overinterp_jax import precision, sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import artifacts, record_shards
+from overinterp_jax.pipeline import record_shards
 from overinterp_jax.progress import progress_bar
+from overinterp_jax.store import atomic, npz
 
 SPLITS = ("train", "test")
 METHODS = ("exact", "gradient", "hybrid")  # config.backselect.method
@@ -99,24 +100,24 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
   """Backselect records of consecutive image rows, one resumable file per shard.
 
   ``shards``: ``(path, fingerprint, rows)`` per file, the rows in order and
-  together covering all images. A shard whose file is valid (``artifacts.load``
+  together covering all images. A shard whose file is valid (``npz.load``
   with ``record_shards.shard_check``) is kept; the others get ``compute(rows)`` (a
   ``record_shards.encode`` dict), saved atomically at once, so a killed run loses at
   most the shard it was computing. Returns the shards as a ``RecordSet``; no records
   stay in memory.
   """
   missing = [i for i, (path, fp, rows) in enumerate(shards)
-             if artifacts.load(path, fp, record_shards.shard_check(rows.stop - rows.start, d,
-                                                                   step)) is None]
+             if npz.load(path, fp, record_shards.shard_check(rows.stop - rows.start, d,
+                                                             step)) is None]
   if missing and len(missing) < len(shards):
     logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(shards))
   todo = sum(shards[i][2].stop - shards[i][2].start for i in missing)
   bar = progress_bar(total=todo, desc=desc, unit="img",
-                     show=progress and bool(todo) and artifacts.is_writer())
+                     show=progress and bool(todo) and atomic.is_writer())
   t0, done = time.perf_counter(), 0
   for i in missing:
     path, fp, rows = shards[i]
-    artifacts.save(path, compute(rows), fp)
+    npz.save(path, compute(rows), fp)
     done += rows.stop - rows.start
     bar.update(rows.stop - rows.start)
     bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}")

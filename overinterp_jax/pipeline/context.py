@@ -20,8 +20,13 @@ from overinterp_jax import sharding
 from overinterp_jax import sis
 from overinterp_jax import train
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import (artifacts, backselect_stage, masked_data, record_shards,
-                                     shipped_base, trained)
+from overinterp_jax.pipeline import (backselect_stage, masked_data, record_shards, shipped_base,
+                                     trained)
+from overinterp_jax.store import atomic, hashing
+
+# Written by the runner into each stage's marker (``stages/<stage>.json``), beside what the
+# stage returns; the report leaves them out of its results.
+MARKER_KEYS = ("fingerprint", "config_reads", "config_known", "upstream", "outputs")
 
 
 def check_train_split(config, dataset: data_lib.Dataset) -> None:
@@ -54,7 +59,7 @@ class Context:
     self.stage: Optional[str] = None  # the stage running now (set by the runner)
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.progress = bool(config.runtime.progress)
-    self.data_fp = artifacts.fingerprint(config.data, *dataset.fingerprint_parts())
+    self.data_fp = hashing.fingerprint(config.data, *dataset.fingerprint_parts())
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
@@ -104,7 +109,7 @@ class Context:
           config, self.path(name),
           self.training_feed(self.feed("train") if full else train_feed),
           self.feed("test") if full else test_feed, augment_fn=self.augment_fn,
-          data_fp=self.data_fp if full else artifacts.fingerprint(self.data_fp, name, data_fp),
+          data_fp=self.data_fp if full else hashing.fingerprint(self.data_fp, name, data_fp),
           mesh=self.mesh, replace_stale=name != "base_model", reads=reads)
 
   @functools.cached_property
@@ -142,7 +147,7 @@ class Context:
       where = np.arange(self.data.num_examples(split)) if chosen is None else chosen
       fm = lambda rows: self.fully_masked(split, masking, where[rows])
     with self.owned_by(owner), config_reads.recording() as reads:  # each shard is keyed by the reads made for it
-      key = config_reads.Key(artifacts.fingerprint(
+      key = config_reads.Key(hashing.fingerprint(
           self.base_fp, split, masking, sis.SELECTION_VERSION,
           *([] if indices is None else [list(indices)])), self.config, reads)
       records = backselect_stage.backselect_split(
@@ -173,4 +178,4 @@ class Context:
     return self.path("stages", f"{stage}.json")
 
   def load_summary(self, stage: str) -> Optional[dict]:
-    return artifacts.load_json(self.stage_summary_path(stage))
+    return atomic.load_json(self.stage_summary_path(stage))

@@ -3,7 +3,7 @@
 Pure helpers: each plotting function validates its inputs (raising
 ``ValueError`` that names the offending argument), draws one matplotlib figure
 with the Agg canvas (no pyplot, no global state), writes it as a PNG atomically
-(``artifacts.write_atomic``) and returns ``path`` as a string.
+(``atomic.write_atomic``) and returns ``path`` as a string.
 The PNG carries no software/version metadata, so the same inputs give the same
 bytes.
 
@@ -28,7 +28,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import atomic
+
 
 DPI = 120
 PANEL_INCHES = 1.6
@@ -106,7 +107,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: str | os.PathLike) -> str:
   """Writes ``fig`` to ``path`` as PNG atomically; returns ``path`` as a string. The PNG
-  is rendered in memory first, so the temporary file of ``artifacts.write_atomic`` is
+  is rendered in memory first, so the temporary file of ``atomic.write_atomic`` is
   open only while the finished bytes are written (a kill while rendering leaves none)."""
   path = os.fspath(path)
   buffer = io.BytesIO()
@@ -114,7 +115,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> str:
     fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
   finally:
     fig.clear()
-  artifacts.write_atomic(path, lambda fh: fh.write(buffer.getvalue()), binary=True)
+  atomic.write_atomic(path, lambda fh: fh.write(buffer.getvalue()), binary=True)
   return path
 
 

@@ -1,6 +1,6 @@
 """Backselect records in compact shards on disk, read back as a stream.
 
-One shard file (``artifacts.save``: fingerprint + checksum, atomic) holds the
+One shard file (``npz.save``: fingerprint + checksum, atomic) holds the
 records of consecutive images of a split:
 
   * ``rank [n, d]``: per feature, its removal position (0 = removed first), in
@@ -30,7 +30,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import hashing, npz
+
 
 LARGE_RECORD = 4096  # features above which confidences are stored as float16
 MAX_RANKS = 65536    # features above which steps replace ranks
@@ -81,7 +82,7 @@ def decode(shard: dict, per_step: int) -> dict:
 
 
 def shard_check(n: int, d: int, per_step: int):
-  """``artifacts.load`` check of one shard of ``n`` records of ``d`` features."""
+  """``npz.load`` check of one shard of ``n`` records of ``d`` features."""
   num_steps = -(-d // per_step)
   unit = rank_unit(d, per_step)
 
@@ -124,8 +125,8 @@ class RecordSet:
   def _load(self, i: int) -> dict:
     path, fp, rows = self._shards[i]
     with self.guard():
-      shard = artifacts.load(path, fp, shard_check(rows.stop - rows.start, self.num_features,
-                                                   self.per_step))
+      shard = npz.load(path, fp, shard_check(rows.stop - rows.start, self.num_features,
+                                             self.per_step))
     if shard is None:
       raise FileNotFoundError(f"Backselect shard {path} is missing or invalid; run the "
                               "backselect stage again.")
@@ -135,7 +136,7 @@ class RecordSet:
     """sha256 over every shard's arrays (read one shard at a time)."""
     h = hashlib.sha256()
     for i in range(len(self._shards)):
-      h.update(artifacts.checksum(self._load(i)).encode())
+      h.update(hashing.checksum(self._load(i)).encode())
     return h.hexdigest()
 
   def shards(self) -> Iterator[tuple[slice, dict]]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from overinterp_jax.pipeline import artifacts, subsets_stage, trained
+from overinterp_jax.pipeline import subsets_stage, trained
 from overinterp_jax.data import loader
+from overinterp_jax.store import hashing
 
 KINDS = ("bs", "random", "border", "mask_only", "full")
 
@@ -41,8 +42,8 @@ def masks_checksum(masks: dict, kind: str) -> str:
   """What identifies the masks of ``kind``'s train and test images ("full": none)."""
   if kind == "full":
     return "full"
-  return artifacts.fingerprint(*[masks[f"{_mask_source(kind)}_{split}"].digest
-                                  for split in ("train", "test")])
+  return hashing.fingerprint(*[masks[f"{_mask_source(kind)}_{split}"].digest
+                                for split in ("train", "test")])
 
 
 def retrain_config(ctx):

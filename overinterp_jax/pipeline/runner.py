@@ -7,7 +7,7 @@ fingerprints of the stages before it (every earlier stage of ``config.stages``:
 a linear chain), the data's identity and the values at those paths. The stage is
 done when the current config gives the same fingerprint and every file it
 produced is still as it was (the marker lists their sizes and sha256,
-``artifacts.describe_files``); a missing, truncated or changed file makes the
+``atomic.describe_files``); a missing, truncated or changed file makes the
 stage run again. So changing any value a stage read reruns it and every later
 stage; a value it never read does not. A file belongs to the first stage that
 wrote or read it, so re-running a stage never invalidates later ones' files.
@@ -26,9 +26,9 @@ from typing import Optional
 from absl import logging
 
 from overinterp_jax import config_reads
-from overinterp_jax.pipeline import (artifacts, controls, report, retrain_stage, sis_stage,
-                                     subsets_stage)
-from overinterp_jax.pipeline.context import Context
+from overinterp_jax.pipeline import controls, report, retrain_stage, sis_stage, subsets_stage
+from overinterp_jax.pipeline.context import MARKER_KEYS, Context
+from overinterp_jax.store import atomic, hashing, locks
 
 STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
 
@@ -52,19 +52,17 @@ def _backselect(ctx) -> dict:
 RUNNERS = {"train": _train, "backselect": _backselect, "subsets": subsets_stage.run,
            "retrain": retrain_stage.run, "sis": sis_stage.run, "controls": controls.run,
            "report": report.run}
-# Written by the runner into each stage's marker, beside what the stage returns.
-MARKER_KEYS = ("fingerprint", "config_reads", "config_known", "upstream", "outputs")
 
 
 def stage_fingerprint(config, upstream: dict, data_fp: str, paths) -> str:
   """The fingerprint of a stage that read ``paths`` of ``config``, after stages ``upstream``
   (``{stage: fingerprint}``) on the data ``data_fp``."""
-  return artifacts.fingerprint(upstream, data_fp, config_reads.values_fingerprint(config, paths))
+  return hashing.fingerprint(upstream, data_fp, config_reads.values_fingerprint(config, paths))
 
 
 def _finished(ctx, stage: str, upstream: dict) -> Optional[dict]:
   """The marker of ``stage`` if it is of this config and its files are intact, else None."""
-  summary = artifacts.load_json(ctx.stage_summary_path(stage))
+  summary = atomic.load_json(ctx.stage_summary_path(stage))
   if summary is None:
     return None
   if any(k not in summary for k in ("outputs", "config_reads", "config_known")):
@@ -79,7 +77,7 @@ def _finished(ctx, stage: str, upstream: dict) -> Optional[dict]:
   if newer:
     logging.info("Stage %s: keys newer than its run are set (%s).", stage, ", ".join(newer))
     return None
-  problems = artifacts.changed_files(ctx.workdir, summary["outputs"])
+  problems = atomic.changed_files(ctx.workdir, summary["outputs"])
   if problems:
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
                                       else "")
@@ -92,7 +90,7 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
   """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}`` (each with the
   ``outputs`` it owns and the ``config_reads`` its fingerprint covers)."""
   ctx = Context(config_reads.recording_view(config), workdir, dataset, mesh)
-  timings = artifacts.load_json(ctx.path("timings.json")) or {}
+  timings = atomic.load_json(ctx.path("timings.json")) or {}
   summaries = {}
   for stage in STAGES:
     if stage not in config.stages:
@@ -102,11 +100,11 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
     if summary is not None:
       logging.info("Stage %s: already done.", stage)
     else:
-      artifacts.require_writable(ctx.workdir, f"stage {stage} must run")
+      locks.require_writable(ctx.workdir, f"stage {stage} must run")
       logging.info("Stage %s: running.", stage)
       t0 = time.perf_counter()
       ctx.stage = stage
-      with artifacts.recording() as touched, config_reads.recording() as reads:
+      with atomic.recording() as touched, config_reads.recording() as reads:
         summary = RUNNERS[stage](ctx)
       ctx.stage = None
       owned = {os.path.abspath(ctx.path(rel)) for s in summaries.values()
@@ -116,10 +114,10 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
       summary["config_reads"] = paths
       summary["config_known"] = config_reads.leaf_paths(ctx.config)
       summary["upstream"] = upstream
-      summary["outputs"] = artifacts.describe_files(ctx.workdir, touched - owned)
-      artifacts.save_json(ctx.stage_summary_path(stage), summary)
+      summary["outputs"] = atomic.describe_files(ctx.workdir, touched - owned)
+      atomic.save_json(ctx.stage_summary_path(stage), summary)
       timings[stage] = round(time.perf_counter() - t0, 1)
-      artifacts.save_json(ctx.path("timings.json"), timings)
+      atomic.save_json(ctx.path("timings.json"), timings)
       logging.info("Stage %s: done in %.1f s.", stage, timings[stage])
     summaries[stage] = summary
   return summaries

@@ -15,13 +15,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from overinterp_jax import checkpoints, config_reads, train
+from overinterp_jax import config_reads, train
 from overinterp_jax.models import shipped, torch_weights
-from overinterp_jax.pipeline import artifacts, trained
+from overinterp_jax.pipeline import trained
+from overinterp_jax.store import checkpoints, hashing
 
 
 def fingerprint(name: str, data_fp: str) -> str:
-  return artifacts.fingerprint("pretrained", name, shipped.info(name)["sha256"], data_fp)
+  return hashing.fingerprint("pretrained", name, shipped.info(name)["sha256"], data_fp)
 
 
 # Keys of a record's ``train_settings`` exported before the config moved them: the
@@ -87,10 +88,10 @@ def weights_fingerprint(path: str, data_fp: str) -> str:
   the timm ``config.json`` beside it, which ``model.transform_input="auto"`` reads."""
   if os.path.isdir(path):
     step, digests = _checkpoint_files(path)
-    return artifacts.fingerprint("weights", step, artifacts.file_sha256(digests), data_fp)
+    return hashing.fingerprint("weights", step, hashing.file_sha256(digests), data_fp)
   sidecar = torch_weights.timm_config_path(path)
-  beside = (artifacts.file_sha256(str(sidecar)),) if sidecar.is_file() else ()
-  return artifacts.fingerprint("weights", artifacts.file_sha256(path), *beside, data_fp)
+  beside = (hashing.file_sha256(str(sidecar)),) if sidecar.is_file() else ()
+  return hashing.fingerprint("weights", hashing.file_sha256(path), *beside, data_fp)
 
 
 def _checkpoint_files(workdir: str) -> tuple[int, str]:

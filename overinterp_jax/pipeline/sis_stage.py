@@ -31,8 +31,8 @@ import numpy as np
 from absl import logging
 
 from overinterp_jax import config_reads, sis
-from overinterp_jax.pipeline import (artifacts, backselect_stage, record_shards, sis_stats,
-                                     trained)
+from overinterp_jax.pipeline import backselect_stage, record_shards, sis_stats, trained
+from overinterp_jax.store import hashing, npz
 
 MODELS = ("single", "ensemble", "input_dropout")
 SELECTIONS = ("exact", "backselect")
@@ -151,21 +151,21 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   images, the targets and the config values read while making it (``config_reads``).
   """
   with config_reads.recording() as reads:
-    key = config_reads.Key(artifacts.fingerprint(
+    key = config_reads.Key(hashing.fingerprint(
         fp, masking, indices.tolist(),
         None if target_classes is None else np.asarray(target_classes).tolist(),
         sis.SELECTION_VERSION), ctx.config, reads)
     fmap = feature_map(ctx)
     d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
     path = ctx.path("sis", f"{name}.npz")
-    rec = artifacts.load(path, key, dense_check(len(indices), d))
+    rec = npz.load(path, key, dense_check(len(indices), d))
     if rec is None:
       logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices),
                    d)
       fully_masked = ctx.fully_masked("test", masking, indices)
       rec = _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d,
                             fully_masked, target_classes)
-      artifacts.save(path, rec, key)
+      npz.save(path, rec, key)
       shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
   return rec
 
@@ -184,7 +184,7 @@ def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
     rec = ctx.backselect("test").rows(indices)
     return {k: v for k, v in rec.items() if k != "ids"}
   with config_reads.recording() as reads:
-    key = config_reads.Key(artifacts.fingerprint(
+    key = config_reads.Key(hashing.fingerprint(
         fp, masking, indices.tolist(),
         None if target_classes is None else np.asarray(target_classes).tolist(),
         sis.SELECTION_VERSION), ctx.config, reads)
@@ -232,7 +232,7 @@ def _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d, fully_ma
 
 
 def dense_check(n: int, d: int) -> Callable[[dict], Optional[str]]:
-  """``artifacts.load`` check of ``n`` decoded records (``order``, ``values [n, d]``,
+  """``npz.load`` check of ``n`` decoded records (``order``, ``values [n, d]``,
   ``targets``, ``original_scores``)."""
   def check(a: dict) -> Optional[str]:
     for key, shape in (("order", (n, d)), ("values", (n, d)), ("targets", (n,)),
@@ -302,7 +302,7 @@ def _build_predictor(ctx, name: str):
     key = ("ensemble", ctx.base.apply)
     apply = _APPLY_CACHE.setdefault(key, trained.ensemble_apply(ctx.base.apply))
     stacked = trained.stack_variables(members)
-    fp = artifacts.fingerprint("ensemble", [m.key for m in members])
+    fp = hashing.fingerprint("ensemble", [m.key for m in members])
     logits = trained.predict_logits(apply, stacked, ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
     acc = _keep_predictions(ctx, name, logits)
@@ -315,8 +315,8 @@ def _build_predictor(ctx, name: str):
                                                       int(c.input_dropout_key))
     apply = _APPLY_CACHE[key]
     # the model's key and the arguments of its apply function
-    fp = artifacts.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
-                               int(c.input_dropout_key))
+    fp = hashing.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
+                             int(c.input_dropout_key))
     logits = trained.predict_logits(apply, model.variables,
                                     ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)

@@ -28,8 +28,9 @@ from absl import logging
 
 from overinterp_jax import config_reads
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import artifacts, backselect_stage, record_shards
+from overinterp_jax.pipeline import backselect_stage, record_shards
 from overinterp_jax.selection import records
+from overinterp_jax.store import atomic, hashing, npz
 
 KINDS = ("bs", "random")  # per-image mask files; "border" is one mask for every image
 ALL_KINDS = KINDS + ("border",)
@@ -52,12 +53,12 @@ def mask_path(ctx, kind: str, split: str) -> str:
 def _valid(path: str, key: config_reads.Key, shape: tuple) -> bool:
   """Whether ``path`` holds masks of this key (config values read, rankings) and shape whose
   bytes still have their stored sha256."""
-  meta = artifacts.load_json(path[:-4] + ".json")
+  meta = atomic.load_json(path[:-4] + ".json")
   if (meta is None or not os.path.exists(path) or "stored" not in meta
       or meta.get("fingerprint") != key.expected(meta["stored"])
       or tuple(meta.get("shape", ())) != shape):
     return False
-  if artifacts.file_sha256(path) != meta["sha256"]:
+  if hashing.file_sha256(path) != meta["sha256"]:
     logging.warning("Subset masks %s differ from their stored checksum: rebuilt.", path)
     return False
   key.used(meta["stored"])
@@ -72,7 +73,7 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
   n = len(recs)
   shape = (n, h, -(-w // 8))
   paths = {kind: mask_path(ctx, kind, split) for kind in KINDS}
-  if not artifacts.is_writer():
+  if not atomic.is_writer():
     return
   os.makedirs(ctx.path("subsets"), exist_ok=True)
   tmp = {kind: f"{p}.{os.getpid()}.tmp" for kind, p in paths.items()}
@@ -94,9 +95,9 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
     out[kind].flush()
     del out[kind]
     os.replace(tmp[kind], paths[kind])
-    artifacts.save_json(paths[kind][:-4] + ".json",
-                        {"fingerprint": fp, "stored": stored, "shape": list(shape),
-                         "sha256": artifacts.file_sha256(paths[kind])})
+    atomic.save_json(paths[kind][:-4] + ".json",
+                     {"fingerprint": fp, "stored": stored, "shape": list(shape),
+                      "sha256": hashing.file_sha256(paths[kind])})
 
 
 def edge_distance(height: int, width: int) -> np.ndarray:
@@ -160,7 +161,7 @@ def load_or_compute(ctx) -> dict:
   masks = {}
   # Keyed by the rankings (a checksum of the backselect records) and what it reads.
   with ctx.owned_by("subsets"), config_reads.recording() as reads:
-    key = config_reads.Key(artifacts.fingerprint(
+    key = config_reads.Key(hashing.fingerprint(
         *[ctx.backselect(split).checksum() for split in ("train", "test")]), ctx.config, reads)
     for split in ("train", "test"):
       shape = (ctx.data.num_examples(split), h, -(-w // 8))
@@ -168,10 +169,10 @@ def load_or_compute(ctx) -> dict:
         _write_masks(ctx, split, key)
       for kind in KINDS:
         path = mask_path(ctx, kind, split)
-        artifacts.note(path)
-        artifacts.note(path[:-4] + ".json")
+        atomic.note(path)
+        atomic.note(path[:-4] + ".json")
         masks[f"{kind}_{split}"] = loader.PackedMasks(path, w)
-        masks[f"{kind}_{split}"].digest = artifacts.load_json(path[:-4] + ".json")["sha256"]
+        masks[f"{kind}_{split}"].digest = atomic.load_json(path[:-4] + ".json")["sha256"]
     frame = border_mask(h, w, kept_count(ctx))
     for split in ("train", "test"):
       masks[f"border_{split}"] = loader.ConstantMask(frame, ctx.data.num_examples(split))
@@ -211,7 +212,7 @@ def analysis_path(ctx) -> str:
 def analysis_key(mask_sha256: dict) -> str:
   """The key of ``analysis_path``'s file: the masks it counts (the summary's
   ``mask_sha256``)."""
-  return artifacts.fingerprint(mask_sha256)
+  return hashing.fingerprint(mask_sha256)
 
 
 def run(ctx) -> dict:
@@ -236,9 +237,9 @@ def run(ctx) -> dict:
     if f"bs_{split}" in frequency:
       analysis[split] = border_analysis(frequency[f"bs_{split}"], len(masks[f"bs_{split}"]), band)
   path = analysis_path(ctx)
-  artifacts.save(path, {f"{k}/frequency": v for k, v in frequency.items() if k.startswith("bs_")},
-                 analysis_key(digests))
-  artifacts.note(path)
+  npz.save(path, {f"{k}/frequency": v for k, v in frequency.items() if k.startswith("bs_")},
+           analysis_key(digests))
+  atomic.note(path)
   return {"pixels_kept": kept, "num_pixels": d,
           "frac_kept": float(ctx.config.subsets.frac_kept),
           "border_width": band, "border_analysis": analysis,

@@ -1,67 +1,29 @@
-"""Atomic, self-validating result files: what a killed run leaves is never trusted.
+"""Atomic files: a file either is its old self or complete, never partial.
 
-Every artifact is an ``.npz`` written to a temporary name and renamed into
-place (``os.replace`` is atomic on POSIX), so a file either is complete or
-does not exist. Each file also records the *fingerprint* of the config that
-produced it and a checksum of its arrays; ``load`` returns None (and the
-caller recomputes) when the file is missing, unreadable, truncated, written
-under another config, or fails the caller's shape checks.
+``write_atomic`` is the one atomic writer of the package: it writes to a temporary name
+and renames it into place (``os.replace`` is atomic on POSIX). Stage summaries are JSON
+files written the same way (``save_json`` / ``load_json``). On multi-host runs every
+process computes the same results and only process 0 writes (``is_writer``).
 
-Stage summaries are JSON files written the same way. On multi-host runs every
-process computes the same results and only process 0 writes.
-
-``write_atomic`` is the one atomic writer of the package. Inside ``recording()``
-every file written through it, or read back valid by ``load``, is noted (plus
-files named to ``note``), so the runner can tell which files a stage produced
-and later check them cheaply (``describe_files`` / ``changed_files``: size and
-sha256) before trusting the stage's marker.
+Inside ``recording()`` every file written through ``write_atomic``, or read back valid
+by ``npz.load``, is noted (plus files named to ``note``), so the runner can tell which
+files a stage produced and later check them cheaply (``describe_files`` /
+``changed_files``: size and sha256) before trusting the stage's marker.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
 import uuid
-import zipfile
 from typing import IO, Any, Callable, Iterator, Mapping, Optional
 
-import numpy as np
 from absl import logging
 
-_META_KEYS = ("__fingerprint__", "__checksum__", "__reads__")
-
-
-def fingerprint(*parts: Any) -> str:
-  """A short stable hash of JSON-able config parts (ConfigDicts are converted)."""
-  def plain(x):
-    if hasattr(x, "to_dict"):
-      return plain(x.to_dict())
-    if isinstance(x, Mapping):
-      return {str(k): plain(v) for k, v in sorted(x.items())}
-    if isinstance(x, (list, tuple)):
-      return [plain(v) for v in x]
-    if isinstance(x, (np.integer, np.floating)):
-      return x.item()
-    return x
-  text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def checksum(arrays: Mapping[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for name in sorted(arrays):
-    a = np.ascontiguousarray(arrays[name])
-    h.update(name.encode())
-    h.update(str(a.dtype).encode())
-    h.update(str(a.shape).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
+from overinterp_jax.store import hashing
 
 _RECORDINGS: list[set] = []
 
@@ -157,128 +119,6 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-class WorkdirInUse(RuntimeError):
-  """Another run holds the work directory (``workdir_lock``)."""
-
-
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[bool]:
-  """Holds ``workdir/.lock`` (an exclusive ``flock``) on the writing process while a run
-  uses ``workdir``: a second run started on the same directory stops at once with the
-  first one's pid instead of writing beside it. The operating system releases the lock
-  when the holder exits, however it ends (``kill -9`` included), so a killed run never
-  blocks its own resumption. Where the file system has no locks, a warning and no lock.
-
-  Yields whether the run may write ``workdir``: False for an existing directory that
-  cannot be written (read-only storage), where no lock is taken: a finished run's
-  results can be read, and ``require_writable`` stops work that must write."""
-  if not is_writer():
-    yield True
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, ".lock")
-  try:
-    f = open(path, "a+")
-  except OSError as e:
-    if e.errno not in _NOT_WRITABLE:
-      raise
-    logging.warning("%s is not writable (%s): reading its results without a lock; a stage "
-                    "that must run stops.", workdir, e.strerror)
-    f = None
-  if f is None:
-    yield False
-    return
-  with f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno in (errno.EAGAIN, errno.EACCES):
-        f.seek(0)
-        raise WorkdirInUse(f"{workdir} is in use by another run (pid "
-                           f"{f.read().strip() or 'unknown'}, holding {path}); wait for it "
-                           "to end or stop it.") from None
-      logging.warning("No lock on %s (%s): make sure no other run uses this directory.",
-                      workdir, e)
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
-      yield True
-    finally:
-      f.seek(0)
-      f.truncate()
-
-
-def require_writable(workdir: str, why: str) -> None:
-  """PermissionError naming ``workdir`` when the writing process cannot write there
-  (read-only storage), before work whose results it would have to write (``why``)."""
-  if is_writer() and os.path.isdir(workdir) and not os.access(workdir, os.W_OK):
-    raise PermissionError(f"{workdir} is not writable, but {why}: give a writable "
-                          "--workdir (a copy of this one keeps its results).")
-
-
-def _stamp(fp) -> tuple[str, Any]:
-  """``(fingerprint, what to store for its check)`` of ``fp``: a string, or a
-  ``config_reads.Key`` (the config paths its producer read)."""
-  return (fp, None) if isinstance(fp, str) else fp.stamp()
-
-
-def save(path: str, arrays: Mapping[str, np.ndarray], fp) -> None:
-  """Writes ``arrays`` (name -> array) to ``path`` atomically, tagged with ``fp`` (a string,
-  or a ``config_reads.Key``: then also the config paths its producer read)."""
-  bad = [k for k in arrays if k in _META_KEYS]
-  if bad:
-    raise ValueError(f"Array names {bad} are reserved.")
-  if not is_writer():
-    return
-  arrays = {k: np.asarray(v) for k, v in arrays.items()}
-  fingerprint_, reads = _stamp(fp)
-  meta = {} if reads is None else {"__reads__": np.array(json.dumps(reads))}
-  write_atomic(path, lambda fh: np.savez(fh, __fingerprint__=np.array(fingerprint_),
-                                         __checksum__=np.array(checksum(arrays)), **meta,
-                                         **arrays),
-               binary=True)
-
-
-def load(path: str, fp, check: Optional[Callable[[dict], Optional[str]]] = None
-         ) -> Optional[dict]:
-  """The arrays of ``path``, or None if it is missing or fails validation.
-
-  ``check(arrays)`` returns an error string for content the caller rejects
-  (wrong shapes, counts); a rejected file is logged and treated as missing.
-  """
-  if not os.path.exists(path):
-    return None
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    logging.warning("Ignoring unreadable %s (%s); it will be recomputed.", path, e)
-    return None
-  problem = None
-  reads = json.loads(str(arrays.pop("__reads__"))) if "__reads__" in arrays else None
-  expected = fp if isinstance(fp, str) else None if reads is None else fp.expected(reads)
-  if any(k not in arrays for k in _META_KEYS[:2]):
-    problem = "no fingerprint/checksum"
-  elif str(arrays.pop("__fingerprint__")) != expected:
-    problem = "written under a different config"
-  elif str(arrays.pop("__checksum__")) != checksum(arrays):
-    problem = "checksum mismatch"
-  elif check is not None:
-    problem = check(arrays)
-  if problem:
-    logging.warning("Ignoring %s (%s); it will be recomputed.", path, problem)
-    return None
-  if not isinstance(fp, str):
-    fp.used(reads)
-  note(path)
-  return arrays
-
-
 def save_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as JSON to ``path`` atomically (process 0 only)."""
   if not is_writer():
@@ -302,14 +142,6 @@ def load_json(path: str, fp: Optional[str] = None) -> Optional[dict]:
   return obj
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as fh:
-    for block in iter(lambda: fh.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def describe_files(root: str, paths) -> dict:
   """``{path relative to root: [bytes, sha256]}`` of the existing files among ``paths``
   (absolute) under ``root``, sorted."""
@@ -318,7 +150,7 @@ def describe_files(root: str, paths) -> dict:
   for p in sorted(paths):
     rel = os.path.relpath(p, root)
     if os.path.isfile(p) and not rel.startswith(os.pardir):
-      out[rel] = [os.path.getsize(p), file_sha256(p)]
+      out[rel] = [os.path.getsize(p), hashing.file_sha256(p)]
   return out
 
 
@@ -332,6 +164,6 @@ def changed_files(root: str, described: Mapping[str, Any]) -> list[str]:
       problems.append(f"{rel} is missing")
     elif os.path.getsize(p) != size:
       problems.append(f"{rel} has {os.path.getsize(p)} bytes, not {size}")
-    elif file_sha256(p) != digest:
+    elif hashing.file_sha256(p) != digest:
       problems.append(f"{rel} changed (sha256 differs)")
   return problems

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from overinterp_jax import sharding
-from overinterp_jax.pipeline import artifacts
+from overinterp_jax.store import atomic, hashing
 
 
 def manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -31,7 +31,7 @@ def manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
 def state_digests(state: Any) -> dict[str, str]:
   """sha256 of every array of ``state`` (a pytree: step, params, batch_stats, opt_state)
   by tree path."""
-  return {jax.tree_util.keystr(path): artifacts.checksum({"": sharding.to_host(leaf)})
+  return {jax.tree_util.keystr(path): hashing.checksum({"": sharding.to_host(leaf)})
           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
@@ -48,10 +48,10 @@ def save(mgr: ocp.CheckpointManager, workdir: str, step: int, state: Any,
   """Checksums first, then the orbax checkpoint; checksums of steps orbax no longer keeps
   are removed."""
   digest_path = files(workdir, step, name)[1]
-  artifacts.save_json(digest_path, {"step": step, "sha256": state_digests(state)})
+  atomic.save_json(digest_path, {"step": step, "sha256": state_digests(state)})
   mgr.save(step, args=ocp.args.StandardSave(state))
   mgr.wait_until_finished()
-  if artifacts.is_writer():
+  if atomic.is_writer():
     kept = {f"{s}.json" for s in mgr.all_steps()}
     for name in os.listdir(os.path.dirname(digest_path)):
       if name.endswith(".json") and name not in kept:
@@ -70,14 +70,14 @@ def restore_verified(mgr: ocp.CheckpointManager, workdir: str, step: int, templa
                   str(e).splitlines()[0] if str(e) else "")
     return None
   digests = state_digests(state)
-  stored = artifacts.load_json(digest_path)
+  stored = atomic.load_json(digest_path)
   if stored is None and os.path.exists(digest_path):
     logging.error("Checkpoint %s: its checksums %s cannot be read.", where, digest_path)
     return None
   if stored is None:
     logging.warning("Checkpoint %s has no stored checksums (written by an older version): "
                     "used unverified; its checksums are stored now.", where)
-    artifacts.save_json(digest_path, {"step": step, "sha256": digests})
+    atomic.save_json(digest_path, {"step": step, "sha256": digests})
     return state
   bad = sorted(k for k in set(digests) | set(stored["sha256"])
                if digests.get(k) != stored["sha256"].get(k))
@@ -99,7 +99,7 @@ def restore_latest(mgr: ocp.CheckpointManager, workdir: str, template: Any,
       return step, state
     mgr.delete(step)
     where, digest_path = files(workdir, step, name)
-    if artifacts.is_writer() and os.path.exists(digest_path):
+    if atomic.is_writer() and os.path.exists(digest_path):
       os.remove(digest_path)
     logging.error("Deleted checkpoint %s; training again from %s.", where,
                   "the previous checkpoint" if mgr.all_steps() else "scratch")
