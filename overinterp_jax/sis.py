@@ -571,7 +571,7 @@ def log_target_probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
   the model is near-certain: at a logit margin of 20, ``softmax(z)[t]`` rounds
   to exactly 1.0, every candidate removal ties, and the gradient of the
   probability is rounding noise (measured on ResNet-20 / CIFAR-10:
-  ``benchmarks/gradient_vs_exact.py``).
+  docs/results/gradient_vs_exact.md).
   """
   z = logits.astype(jnp.float32)
   is_target = jnp.arange(z.shape[1])[None, :] == targets[:, None]
