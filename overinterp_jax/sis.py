@@ -411,46 +411,60 @@ def _flops_per_input(score_fn: traced.Traced) -> float:
     return math.inf
 
 
-def parallel_calls(mesh=None) -> int:
-  """Concurrent model calls per call of a step (``exact.split_calls``): on a CPU, its
-  cores per local device of ``mesh`` (default: the default device alone); 1 elsewhere,
-  where one call uses the whole device."""
-  devices = list(mesh.local_devices) if mesh is not None else jax.local_devices()[:1]
-  if devices[0].platform != "cpu":
-    return 1
+def steps_on_host() -> bool:
+  """Whether ``backselect`` drives the steps of a costly score from the host
+  (``exact.stepped_backselect``): on a CPU with more than one core, where a model call
+  inside a compiled loop runs on one thread and at top level on all of them."""
+  if jax.local_devices()[0].platform != "cpu":
+    return False
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, (cores or 1) // len(devices))
+  return (cores or 1) > 1
 
 
 def _compiled_start_and_backselect(f, score_fn: traced.Traced, problem: _Problem, tau: float,
                                    eval_batch: int):
   mask = problem.mask
   d, m = int(mask.size), int(mask.sum())
-  parallel = parallel_calls()
+  stepped = steps_on_host()
 
   def build():
     # A score of a few thousand FLOPs costs less than a step's bookkeeping per
-    # call: one padded call per step (not split) beats several exact ones.
-    sizes, split = exact.chunk_sizes(eval_batch), parallel
-    if _flops_per_input(score_fn) < CHEAP_SCORE_FLOPS:
-      sizes, split = sizes[:1], 1
-    score = _row_scores(f, score_fn, exact.score_batch_sizes(sizes, split))
-    core = exact.exact_backselect_program(
-        score, eval_batch=eval_batch, num_steps=d, mask_shape=problem.padded,
-        use_feature_map=False, shared_fully_masked=True, sizes=sizes, parallel=split)
+    # call: one padded call per step, in one compiled loop, beats several exact ones.
+    sizes = exact.chunk_sizes(eval_batch)
+    cheap = _flops_per_input(score_fn) < CHEAP_SCORE_FLOPS
+    if cheap:
+      sizes = sizes[:1]
+    score = _row_scores(f, score_fn, sizes)
+    args = dict(eval_batch=eval_batch, mask_shape=problem.padded, use_feature_map=False,
+                shared_fully_masked=True, sizes=sizes)
+    core = exact.exact_backselect_program(score, num_steps=d, **args)
 
-    def program(consts, x, fm, present, tau):
+    def start_check(consts, x, fm, present, tau):
       # tau comes in the dtype of the recorded scores: the check is made there, once.
       start = score(consts, jnp.where(present.reshape((1,) + problem.padded), x, fm),
                     None, None)[0].astype(tau.dtype)
-      selects = start >= tau
+      return start, start >= tau
+
+    def program(consts, x, fm, present, tau):
+      start, selects = start_check(consts, x, fm, present, tau)
       run = lambda _: core(consts, x, fm, present, jnp.zeros((1,), jnp.int32), None)
       skip = lambda _: jax.tree.map(jnp.zeros_like, jax.eval_shape(run, None))
       return (start, selects) + tuple(lax.cond(selects, run, skip, None))
 
-    return jax.jit(program)
+    if cheap or not stepped:
+      return jax.jit(program)
+    start_check = jax.jit(start_check)
+    steps = exact.stepped_backselect(score, **args)
 
-  program = _PROGRAMS.get(("backselect", score_fn.key, eval_batch, d, problem.padded, parallel),
+    def host_driven(consts, x, fm, present, tau):
+      start, selects = start_check(consts, x, fm, present, tau)
+      if not selects:
+        return start, selects, None, None, np.zeros((1,), bool)
+      return (start, selects) + steps(consts, x, fm, present, jnp.zeros((1,), jnp.int32), None)
+
+    return host_driven
+
+  program = _PROGRAMS.get(("backselect", score_fn.key, eval_batch, d, problem.padded, stepped),
                           build)
   dtype = exact.values_dtype(score_fn.jaxprs[0].outvars[0].aval.dtype)
   start, selects, order, values, nonfinite = jax.device_get(program(
@@ -645,35 +659,30 @@ def _model_predict(model: traced.Traced):
 
 
 def _batched_exact_program(model: traced.Traced, apply_softmax, eval_batch, group, d,
-                           pixel_shape, shared_fully_masked, mesh, num_steps=None,
-                           parallel=1):
+                           pixel_shape, shared_fully_masked, mesh, num_steps=None):
   """Sharded exact program, called with ``(params, model.consts)`` as its parameters.
 
   Images come with ``present0 [n, d]`` bool, the features present at the start
   (all of them in ``batched_backselect``; those the gradient phase left in
   ``hybrid_backselect``); each of ``num_steps`` (default ``d``) steps removes one.
   ``pixel_shape`` ``(H, W)`` for pixel features (no gather), None for a feature map;
-  ``shared_fully_masked`` when every image has the same masked values; ``parallel``
-  concurrent parts per model call (``parallel_calls``; ``model`` traced at
-  ``exact.score_batch_sizes``). Cached on ``model.key`` (what the model computes),
-  never on the Python function.
+  ``shared_fully_masked`` when every image has the same masked values. Cached
+  on ``model.key`` (what the model computes), never on the Python function.
   """
   num_steps = d if num_steps is None else num_steps
   return _PROGRAMS.get(
       ("batched_exact", model.key, apply_softmax, eval_batch, group, d, num_steps,
-       pixel_shape, shared_fully_masked, mesh, parallel),
+       pixel_shape, shared_fully_masked, mesh),
       lambda: _build_batched_exact_program(model, apply_softmax, eval_batch, group, d,
-                                           num_steps, pixel_shape, shared_fully_masked, mesh,
-                                           parallel))
+                                           num_steps, pixel_shape, shared_fully_masked, mesh))
 
 
 def _build_batched_exact_program(model, apply_softmax, eval_batch, group, d, num_steps,
-                                 pixel_shape, shared_fully_masked, mesh, parallel):
+                                 pixel_shape, shared_fully_masked, mesh):
   class_scores, score, to_value = _class_score_fn(_model_predict(model), True, apply_softmax)
   core = exact.exact_backselect_program(
       score, eval_batch=eval_batch, num_steps=num_steps, mask_shape=_mask_shape(pixel_shape),
-      use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked,
-      parallel=parallel)
+      use_feature_map=pixel_shape is None, shared_fully_masked=shared_fully_masked)
 
   def per_group(params, feature_map, images, fully_masked, targets_in, present0):
     targets, start = _targets_and_start(class_scores, params, images, targets_in)
@@ -906,12 +915,11 @@ def _exact_phase(predict_fn, params, prepared: _Images, present0, num_steps: int
     # Enough images that a step's partly filled last chunk wastes <= ~1/16 of the work.
     images_per_group = min(n, -(-16 * eval_batch_size // num_steps))
   group = _positive_int("images_per_group", images_per_group)
-  parallel = parallel_calls(mesh)
-  model = _traced_model(predict_fn, params, images, (group,) + exact.score_batch_sizes(
-      exact.chunk_sizes(eval_batch_size), parallel))
+  model = _traced_model(predict_fn, params, images,
+                        (group,) + exact.chunk_sizes(eval_batch_size))
   program = _batched_exact_program(model, bool(apply_softmax), eval_batch_size, group, d,
                                    prepared.pixel_shape, prepared.shared_fully_masked, mesh,
-                                   num_steps, parallel)
+                                   num_steps)
   present0 = np.ones((n, d), bool) if present0 is None else present0
   return _run_sharded(program, mesh, group,
                       sharding.put_replicated(mesh, (params, model.consts)),

@@ -145,8 +145,7 @@ def test_targeted_backselect_uses_given_class():
   np.testing.assert_allclose(res.original_scores, [probs[0, 4], probs[1, 0]], rtol=1e-5)
 
 
-def test_each_step_evaluates_only_remaining_candidates(monkeypatch):
-  monkeypatch.setattr(sis, "parallel_calls", lambda mesh=None: 1)  # calls not split
+def test_each_step_evaluates_only_remaining_candidates():
   calls = []
   params = tiny_mlp_params()
 
