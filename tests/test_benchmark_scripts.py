@@ -116,3 +116,17 @@ def test_mitigations_page_times_each_exact_sis_run_of_stage_sis(tmp_path):
   calls = page.sis_calls(lines)
   assert calls == [{"name": "single", "images": 100, "seconds": 60.0},
                    {"name": "ensemble", "images": 100, "seconds": 120.0}]
+
+
+@pytest.mark.slow
+def test_sis_api_first_calls_cold_and_warm(tmp_path):
+  """``benchmarks/sis_api.py --parts first``: cold, warm and cache-off first calls, each in a
+  fresh process (3 processes, ~15 s)."""
+  bench = _load("sis_api")
+  out = tmp_path / "sis_api.json"
+  result = bench.main(["--parts", "first", "--first_runs", "1", "--cases", "linear_10",
+                       "--out", str(out)])
+  row = result["first"]["linear_10"]
+  for key in ("cold", "warm", "off", "second", "reference"):
+    assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+  assert json.loads(out.read_text())["first"]["linear_10"] == row
