@@ -69,18 +69,15 @@ def test_backselect_on_the_host_path_and_in_one_program_agree(cnn, monkeypatch):
   assert below_loop is None and below_host is None  # log-probabilities never reach 0
 
 
-def test_steps_on_host_only_on_a_cpu_with_several_cores(monkeypatch):
+def test_steps_on_host_only_when_asked_on_a_cpu_with_several_cores(monkeypatch):
   monkeypatch.delenv(sis.STEPS_ON_HOST_ENV, raising=False)
+  monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  monkeypatch.setattr("os.cpu_count", lambda: 2)
+  assert not sis.steps_on_host()  # the compiled loop by default
+  monkeypatch.setenv(sis.STEPS_ON_HOST_ENV, "1")
+  assert sis.steps_on_host() == (jax.local_devices()[0].platform == "cpu")
   monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
   monkeypatch.setattr("os.cpu_count", lambda: 1)
   assert not sis.steps_on_host()
-  monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
-  monkeypatch.setattr("os.cpu_count", lambda: 2)
-  assert sis.steps_on_host() == (jax.local_devices()[0].platform == "cpu")
-
-
-def test_steps_on_host_can_be_chosen(monkeypatch):
   monkeypatch.setenv(sis.STEPS_ON_HOST_ENV, "0")
   assert not sis.steps_on_host()
-  monkeypatch.setenv(sis.STEPS_ON_HOST_ENV, "1")
-  assert sis.steps_on_host()
