@@ -106,7 +106,7 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 
 def image_file_problem(path: str) -> Optional[str]:
   """Why the image file ``path`` cannot be used, or None: from its size and headers, a
-  cheap check that needs no decoding for a sound file (``config.data.bad_files``).
+  cheap check that needs no decoding for a sound file (``config.runtime.bad_files``).
 
   A file is bad when it is empty, when PIL cannot parse its header (not an image, a
   corrupt header), or when it decodes with an error; it is decoded in full only when its
