@@ -1,7 +1,8 @@
 """Every config value and cross-key constraint, checked before any work starts.
 
 ``validate_config(config, num_devices)`` needs nothing but the config (and the
-device count); ``validate_with_data(config, dataset)`` checks what depends on
+device count; the stages are the registry's, the allowed values the schema's);
+``validate_with_data(config, dataset)`` checks what depends on
 the loaded data (its classes, image size and count) and runs right after the
 data load, before anything is written to the work directory. Both raise
 ``ValueError`` naming the offending key. ``unknown_override(config, argv)``
@@ -14,12 +15,11 @@ import os
 import re
 from typing import Optional, Sequence
 
-from overinterp_jax import cpu_budget, precision, train
+from overinterp_jax import config_schema, cpu_budget, precision
 from overinterp_jax.data import NORMALIZATIONS, SOURCES, transforms, view_for_config
 from overinterp_jax.data import loader as data_loader
 from overinterp_jax.models import shipped
-from overinterp_jax.pipeline import (backselect_stage, masked_data, retrain_stage, runner,
-                                     sis_stage)
+from overinterp_jax.pipeline import registry
 
 CROPS = ("device", "inception")  # config.augment.crop
 
@@ -56,6 +56,7 @@ def _booleans(section, prefix: str, keys: Sequence[str]) -> None:
 
 
 def _training(config, num_devices: int) -> None:
+  from overinterp_jax import train  # here: importing the checks loads no orbax
   _at_least(config, "", ("num_epochs", "eval_batch_size", "eval_every",
                          "checkpoints_to_keep"), 1)
   # 0 = the largest per-device batch that fits the device's memory (main.run resolves it).
@@ -121,7 +122,7 @@ def _data(d) -> None:
 
 def _stages(config) -> None:
   b = config.backselect
-  _one_of("backselect.method", b.method, backselect_stage.METHODS)
+  _one_of("backselect.method", b.method, config_schema.BACKSELECT_METHODS)
   _in_range("backselect.switch_fraction", b.switch_fraction, 0, 1)
   _at_least(b, "backselect.", ("remove_per_step", "shard_size"), 1)
   # 0 = as many images per pass as fit the device's memory (overinterp_jax/memory.py).
@@ -129,12 +130,12 @@ def _stages(config) -> None:
   if not b.noise_std >= 0:
     raise ValueError(f"config.backselect.noise_std must be >= 0, got {b.noise_std}.")
   _in_range("subsets.frac_kept", config.subsets.frac_kept, 0, 1)
-  _subset_of("retrain.kinds", config.retrain.kinds, retrain_stage.KINDS)
+  _subset_of("retrain.kinds", config.retrain.kinds, config_schema.RETRAIN_KINDS)
   _at_least(config.retrain, "retrain.", ("num_epochs",), 0)
   s = config.sis
   _in_range("sis.threshold", s.threshold, 0, 1)
   _in_range("sis.min_confidence", s.min_confidence, 0, 1, low_open=False)
-  _one_of("sis.selection", s.selection, sis_stage.SELECTIONS)
+  _one_of("sis.selection", s.selection, config_schema.SIS_SELECTIONS)
   _booleans(s, "sis.", ("only_correct", "sample_all_models"))
   _at_least(s, "sis.", ("bootstrap_samples",), 100)
   if s.selection == "backselect" and int(s.patch_size) != 1:
@@ -146,7 +147,7 @@ def _stages(config) -> None:
   if config.pretrained and config.pretrained not in shipped.available():
     raise ValueError(f"config.pretrained={config.pretrained!r} is not a shipped model; "
                      f"shipped: {shipped.available()}.")
-  _subset_of("sis.models", s.models, sis_stage.MODELS)
+  _subset_of("sis.models", s.models, config_schema.SIS_MODELS)
   if not s.models and any(st in config.stages for st in ("sis", "controls", "report")):
     raise ValueError("config.sis.models is empty, but stages sis, controls and report "
                      "need at least one model.")
@@ -155,7 +156,7 @@ def _stages(config) -> None:
   _at_least(s, "sis.", ("num_images",), 0)
   _at_least(s, "sis.", ("images_per_call", "ensemble_epochs", "input_dropout_epochs"), 0)
   c = config.controls
-  _subset_of("controls.masking_values", c.masking_values, masked_data.MASKING_VALUES)
+  _subset_of("controls.masking_values", c.masking_values, config_schema.MASKING_VALUES)
   if int(c.dilation) < 1 or int(c.dilation) % 2 == 0:
     raise ValueError(f"config.controls.dilation must be a positive odd integer, got "
                      f"{c.dilation}.")
@@ -194,8 +195,8 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
     import jax
     num_devices = jax.device_count()
   if not config.stages:
-    raise ValueError(f"config.stages is empty; known stages: {list(runner.STAGES)}.")
-  _subset_of("stages", config.stages, runner.STAGES)
+    raise ValueError(f"config.stages is empty; known stages: {list(registry.names())}.")
+  _subset_of("stages", config.stages, registry.names())
   _runtime(config.runtime)
   _bad_files(config)
   _training(config, num_devices)
@@ -206,6 +207,9 @@ def validate_config(config, num_devices: Optional[int] = None) -> None:
 def validate_with_data(config, dataset) -> None:
   """The constraints between ``config`` and the loaded ``dataset``; run before any file of
   the run is written."""
+  # Here: importing the checks loads neither orbax nor matplotlib.
+  from overinterp_jax import train
+  from overinterp_jax.pipeline import sis_stage
   if int(config.num_classes) != dataset.num_classes:
     raise ValueError(f"config.num_classes={config.num_classes}, but the data has "
                      f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:12])}"

@@ -12,6 +12,14 @@ import ml_collections
 # Keys that change how a run executes, not its results (kept out of every fingerprint).
 RUNTIME = "runtime"
 
+# The values that keys naming a choice accept (checked in config_checks; the stages that
+# read the keys take them from here, so the checks import no stage).
+BACKSELECT_METHODS = ("exact", "gradient", "hybrid")              # backselect.method
+RETRAIN_KINDS = ("bs", "random", "border", "mask_only", "full")   # retrain.kinds
+SIS_SELECTIONS = ("exact", "backselect")                          # sis.selection
+SIS_MODELS = ("single", "ensemble", "input_dropout")               # sis.models
+MASKING_VALUES = ("mean", "blur", "noise")                        # controls.masking_values
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The schema: every key with its default."""

@@ -9,7 +9,7 @@ from configs import smoke
 from overinterp_jax import config_reads
 from overinterp_jax import data as data_lib
 from overinterp_jax.config_schema import base_config
-from overinterp_jax.pipeline import runner
+from overinterp_jax.pipeline import registry, runner
 from overinterp_jax.pipeline.context import Context
 
 
@@ -71,7 +71,7 @@ def test_a_key_newer_than_a_result_counts_only_away_from_its_default():
 
 def _markers(workdir):
   return {stage: json.loads((workdir / "stages" / f"{stage}.json").read_text())
-          for stage in runner.STAGES}
+          for stage in registry.names()}
 
 
 def _ctx(config, workdir, data_fp):
@@ -93,7 +93,7 @@ def test_changing_any_value_a_stage_read_makes_it_run_again(finished):
   assert {"lr", "num_epochs", "augment.padding", "seed"} <= set(reads["train"])
   assert "backselect.remove_per_step" in reads["backselect"]
   for stage, marker in markers.items():
-    upstream = {s: markers[s]["fingerprint"] for s in runner.STAGES[:runner.STAGES.index(stage)]}
+    upstream = {s: markers[s]["fingerprint"] for s in registry.earlier(stage)}
     assert marker["upstream"] == upstream, stage
     assert runner._finished(_ctx(config, finished, data_fp), stage, upstream) is not None, stage
     assert not [p for p in reads[stage] if p.startswith("runtime")], stage

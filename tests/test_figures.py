@@ -242,10 +242,10 @@ def test_smoothed_panels_name_their_sample_size(monkeypatch):
 @pytest.mark.parametrize("tau, columns", [(0.99, 4), (0.9, 5)])
 def test_base_on_subsets_table_has_no_repeated_column(tau, columns):
   """At τ = 0.99 the "≥ τ" column would repeat the "≥ 0.99" one: it is left out."""
-  from overinterp_jax.pipeline import report
+  from overinterp_jax.pipeline import report_sections
   base = {"bs": {"accuracy": 0.5, "mean_confidence": 0.7, "fraction_confident_99": 0.25,
                  "fraction_confident_tau": 0.25 if tau == 0.99 else 0.5}}
-  header, _, row = report.base_on_subsets_table(base, tau).splitlines()
+  header, _, row = report_sections.base_on_subsets_table(base, tau).splitlines()
   assert len(header.strip("|").split(" | ")) == columns
   assert len(row.strip("|").split(" | ")) == columns
   assert ("≥ τ" in header) == (tau != 0.99)

@@ -11,8 +11,8 @@ from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import (backselect_stage, controls, masked_data, record_shards, report,
-                                     retrain_stage, sis_stage, trained)
+from overinterp_jax.pipeline import (backselect_stage, controls, masked_data, record_shards,
+                                     report_sections, retrain_stage, sis_stage, trained)
 from overinterp_jax.store import hashing, npz
 
 
@@ -257,7 +257,7 @@ def test_rise_fraction():
 
 def test_sis_table_shows_one_dash_for_an_empty_iqr():
   no_sis = sis_stage.size_stats(np.array([10, 20]), np.array([False, False]), 256)
-  table = report.sis_table({"models": {"single": {"test_accuracy": 0.5, **no_sis}}})
+  table = report_sections.sis_table({"models": {"single": {"test_accuracy": 0.5, **no_sis}}})
   assert table.splitlines()[-1] == "| single | 50.00 | — | — | 0 | 0.00 | — | — | — | — |"
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from overinterp_jax.pipeline import report, sis_stats
+from overinterp_jax.pipeline import report_sections, sis_stats
 
 
 def test_median_interval_contains_the_median_and_narrows_with_more_images():
@@ -37,9 +37,9 @@ def test_report_states_each_claim_from_the_interval():
                        "input_dropout": {"difference": 1.0, "low": -6.0, "high": 9.0,
                                          "count": 50, "median_paired_difference": 0.0,
                                          "fraction_larger": 0.5}}}
-  text = "\n".join(report.differences_md(s))
+  text = "\n".join(report_sections.differences_md(s))
   assert "Ensembles reduce overinterpretation (larger SISes): **supported**" in text
   assert "Input dropout reduces overinterpretation (larger SISes): **not shown**" in text
   assert "20 [8, 31]" in text
   s["differences"]["ensemble"].update(difference=-5.0, low=-9.0, high=-1.0)
-  assert "**contradicted**" in "\n".join(report.differences_md(s))
+  assert "**contradicted**" in "\n".join(report_sections.differences_md(s))

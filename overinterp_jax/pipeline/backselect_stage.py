@@ -21,14 +21,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from overinterp_jax import precision, sis
+from overinterp_jax import config_reads, config_schema, precision, sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import record_shards
+from overinterp_jax.pipeline import record_shards, registry
 from overinterp_jax.progress import progress_bar
-from overinterp_jax.store import atomic, npz
+from overinterp_jax.store import atomic, hashing, npz
 
 SPLITS = ("train", "test")
-METHODS = ("exact", "gradient", "hybrid")  # config.backselect.method
+METHODS = config_schema.BACKSELECT_METHODS  # config.backselect.method
 
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
@@ -161,3 +161,57 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
                                 [feed.source.example_id(int(i)) for i in idx], step)
 
   return records_in_shards(shards, compute, d, step, desc=desc, progress=progress)
+
+
+def records(ctx, split: str, indices: Optional[tuple] = None,
+            masking: str = "mean") -> record_shards.RecordSet:
+  """Backward selection of images ``indices`` (a tuple; default all) of ``split`` with the
+  context's base model, masked value ``masking`` (``masked_data.MASKING_VALUES``): the
+  records in shards under ``backselect/``, computed where missing. The whole split with the
+  mean is this stage's result; other selections are the calling stage's (the controls')."""
+  directory = ctx.path("backselect", split if masking == "mean" else f"{split}_{masking}")
+  whole = masking == "mean" and indices is None
+  owner = "backselect" if whole else ctx.stage
+  chosen = None if indices is None else np.asarray(indices, np.int64)
+  fm = None
+  if masking != "mean":
+    where = np.arange(ctx.data.num_examples(split)) if chosen is None else chosen
+    fm = lambda rows: ctx.fully_masked(split, masking, where[rows])
+  # Each shard is keyed by the reads made for it.
+  with ctx.owned_by(owner), config_reads.recording() as reads:
+    key = config_reads.Key(hashing.fingerprint(
+        ctx.base_fp, split, masking, sis.SELECTION_VERSION,
+        *([] if indices is None else [list(indices)])), ctx.config, reads)
+    result = backselect_split(
+        directory, ctx.base.apply, ctx.base.variables, ctx.feed(split),
+        ctx.config.backselect, key,
+        seed=int(ctx.config.backselect.seed) + (0 if split == "train" else 10**7),
+        indices=chosen, fully_masked=fm, progress=ctx.progress,
+        desc=f"backselect {split} ({masking})", mesh=ctx.mesh,
+        compute_dtype=ctx.config.precision)
+  # Shards read later (by this or another stage) count as the owner's reads.
+  result.guard = lambda: ctx.owned_by(owner)
+  return result
+
+
+def run(ctx) -> dict:
+  out = {"method": ctx.config.backselect.method}
+  for split in SPLITS:
+    r = ctx.backselect(split)
+    n = len(r)
+    out[split] = {"count": n, "num_features": r.num_features,
+                  "mean_original_score": float(r.original_scores.mean()) if n else None}
+  return out
+
+
+def report_section(ctx, s: dict) -> list[str]:
+  """One line: how the pixels were ranked."""
+  if "backselect" not in s:
+    return []
+  b = s["backselect"]
+  return [f"Pixel ranking: {b['method']} backward selection of {b['train']['count']} train and "
+          f"{b['test']['count']} test images"
+          + (f", {step_words(ctx.config.backselect)}." if b["method"] != "exact" else "."), ""]
+
+
+STAGE = registry.Unit("backselect", "backselect", run, report_section)

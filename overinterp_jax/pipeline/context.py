@@ -17,11 +17,10 @@ import numpy as np
 from overinterp_jax import config_reads
 from overinterp_jax import data as data_lib
 from overinterp_jax import sharding
-from overinterp_jax import sis
 from overinterp_jax import train
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (backselect_stage, masked_data, record_shards, shipped_base,
-                                     trained)
+                                     train_stage, trained)
 from overinterp_jax.store import atomic, hashing
 
 # Written by the runner into each stage's marker (``stages/<stage>.json``), beside what the
@@ -60,6 +59,12 @@ class Context:
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.progress = bool(config.runtime.progress)
     self.data_fp = hashing.fingerprint(config.data, *dataset.fingerprint_parts())
+    # The SIS models, built once per run and shared by stages sis, controls and report
+    # (``sis_stage.predictor``): {name: (apply, variables, fingerprint, test accuracy)};
+    # and their predictions on the full test images (``sis_stage.model_predictions``):
+    # {name: ([N] predicted class, [N] softmax confidence in it)}.
+    self.sis_predictors: dict[str, tuple] = {}
+    self.sis_predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
@@ -114,18 +119,8 @@ class Context:
 
   @functools.cached_property
   def base(self) -> trained.Trained:
-    """The base model: trained in ``base_model/``, the shipped ``config.pretrained``, or
-    ``config.model.name`` with the weights at ``config.model.weights``."""
-    with self.owned_by("train"):
-      if self.config.model.weights:
-        base = shipped_base.load_weights(self.config, self.data, self.mesh)
-        base.key = shipped_base.weights_fingerprint(self.config.model.weights, self.data_fp)
-        return base
-      if self.config.pretrained:
-        base = shipped_base.load(self.config, self.data, self.mesh)
-        base.key = shipped_base.fingerprint(self.config.pretrained, self.data_fp)
-        return base
-      return self.train_model("base_model", self.config)
+    """The base model (stage train's, ``train_stage.base_model``)."""
+    return train_stage.base_model(self)
 
   @property
   def base_fp(self) -> str:
@@ -138,28 +133,7 @@ class Context:
     """Backward selection of images ``indices`` (a tuple; default all) of ``split`` with the
     base model, masked value ``masking`` (``masked_data.MASKING_VALUES``): the records in
     shards (``record_shards.RecordSet``), computed where missing."""
-    directory = self.path("backselect", split if masking == "mean" else f"{split}_{masking}")
-    whole = masking == "mean" and indices is None  # stage backselect's, else the controls'
-    owner = "backselect" if whole else self.stage
-    chosen = None if indices is None else np.asarray(indices, np.int64)
-    fm = None
-    if masking != "mean":
-      where = np.arange(self.data.num_examples(split)) if chosen is None else chosen
-      fm = lambda rows: self.fully_masked(split, masking, where[rows])
-    with self.owned_by(owner), config_reads.recording() as reads:  # each shard is keyed by the reads made for it
-      key = config_reads.Key(hashing.fingerprint(
-          self.base_fp, split, masking, sis.SELECTION_VERSION,
-          *([] if indices is None else [list(indices)])), self.config, reads)
-      records = backselect_stage.backselect_split(
-          directory, self.base.apply, self.base.variables, self.feed(split),
-          self.config.backselect, key,
-          seed=int(self.config.backselect.seed) + (0 if split == "train" else 10**7),
-          indices=chosen, fully_masked=fm, progress=self.progress,
-          desc=f"backselect {split} ({masking})", mesh=self.mesh,
-          compute_dtype=self.config.precision)
-    # Shards read later (by this or another stage) count as the owner's reads.
-    records.guard = lambda: self.owned_by(owner)
-    return records
+    return backselect_stage.records(self, split, indices, masking)
 
   def fully_masked(self, split: str, kind: str, indices) -> Optional[np.ndarray]:
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` of ``split``; None

@@ -23,7 +23,8 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import gradient_check, sis_stage, subsets_stage, trained
+from overinterp_jax.pipeline import (gradient_check, registry, report_sections, sis_stage,
+                                     subsets_stage, trained)
 from overinterp_jax.pipeline.masked_data import dilate
 from overinterp_jax.selection import records
 from overinterp_jax.store import hashing, npz
@@ -198,3 +199,6 @@ def run(ctx) -> dict:
   if c.gradient_vs_exact and ctx.config.sis.selection == "exact":
     out["gradient_vs_exact"] = gradient_check.run(ctx)
   return out
+
+
+STAGE = registry.Unit("controls", "controls", run, report_sections.controls_section)

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MASKING_VALUES = ("mean", "blur", "noise")
+from overinterp_jax import config_schema
+
+MASKING_VALUES = config_schema.MASKING_VALUES
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Runs the configured stages in order, skipping those already done.
+"""Runs the configured stages in order (``registry``), skipping those already done.
 
 A stage's dependencies are derived, not listed: it runs with a recording
 config (``config_reads``), and its marker ``stages/<stage>.json`` stores the
@@ -26,32 +26,9 @@ from typing import Optional
 from absl import logging
 
 from overinterp_jax import config_reads
-from overinterp_jax.pipeline import controls, report, retrain_stage, sis_stage, subsets_stage
+from overinterp_jax.pipeline import registry
 from overinterp_jax.pipeline.context import MARKER_KEYS, Context
 from overinterp_jax.store import atomic, hashing, locks
-
-STAGES = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
-
-
-def _train(ctx) -> dict:
-  return {"model": ctx.config.model.name,
-          "test_accuracy": ctx.base.metrics["accuracy"], "test_loss": ctx.base.metrics["loss"],
-          "num_epochs": int(ctx.config.num_epochs)}
-
-
-def _backselect(ctx) -> dict:
-  out = {"method": ctx.config.backselect.method}
-  for split in ("train", "test"):
-    r = ctx.backselect(split)
-    n = len(r)
-    out[split] = {"count": n, "num_features": r.num_features,
-                  "mean_original_score": float(r.original_scores.mean()) if n else None}
-  return out
-
-
-RUNNERS = {"train": _train, "backselect": _backselect, "subsets": subsets_stage.run,
-           "retrain": retrain_stage.run, "sis": sis_stage.run, "controls": controls.run,
-           "report": report.run}
 
 
 def stage_fingerprint(config, upstream: dict, data_fp: str, paths) -> str:
@@ -87,12 +64,13 @@ def _finished(ctx, stage: str, upstream: dict) -> Optional[dict]:
 
 
 def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
-  """Runs ``config.stages`` in pipeline order; returns ``{stage: summary}`` (each with the
-  ``outputs`` it owns and the ``config_reads`` its fingerprint covers)."""
+  """Runs ``config.stages`` in pipeline order (``registry.names()``); returns ``{stage:
+  summary}`` (each with the ``outputs`` it owns and the ``config_reads`` its fingerprint
+  covers)."""
   ctx = Context(config_reads.recording_view(config), workdir, dataset, mesh)
   timings = atomic.load_json(ctx.path("timings.json")) or {}
   summaries = {}
-  for stage in STAGES:
+  for stage in registry.names():
     if stage not in config.stages:
       continue
     upstream = {s: summary["fingerprint"] for s, summary in summaries.items()}
@@ -105,7 +83,7 @@ def run_pipeline(config, workdir: str, dataset, mesh=None) -> dict:
       t0 = time.perf_counter()
       ctx.stage = stage
       with atomic.recording() as touched, config_reads.recording() as reads:
-        summary = RUNNERS[stage](ctx)
+        summary = registry.get(stage).run(ctx)
       ctx.stage = None
       owned = {os.path.abspath(ctx.path(rel)) for s in summaries.values()
                for rel in s["outputs"]}

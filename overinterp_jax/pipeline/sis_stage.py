@@ -30,12 +30,13 @@ from typing import Callable, Optional
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads, sis
-from overinterp_jax.pipeline import backselect_stage, record_shards, sis_stats, trained
+from overinterp_jax import config_reads, config_schema, sis
+from overinterp_jax.pipeline import (backselect_stage, record_shards, registry, report_sections,
+                                     sis_stats, trained)
 from overinterp_jax.store import hashing, npz
 
-MODELS = ("single", "ensemble", "input_dropout")
-SELECTIONS = ("exact", "backselect")
+MODELS = config_schema.SIS_MODELS
+SELECTIONS = config_schema.SIS_SELECTIONS
 
 
 def selection_name(ctx) -> str:
@@ -101,14 +102,13 @@ def base_predictions(ctx) -> tuple[np.ndarray, np.ndarray]:
   if reuses_backselect(ctx):
     small = ctx.backselect("test").small()
     return small["targets"], small["original_scores"]
-  cache = ctx.__dict__.setdefault("_sis_predictors", {})
-  if "base_predictions" not in cache:
+  if "single" not in ctx.sis_predictions:
     logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
                                     ctx.feed("test"),
                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
     p = trained.softmax(logits.astype(np.float64))
-    cache["base_predictions"] = (p.argmax(-1), p.max(axis=-1))
-  return cache["base_predictions"]
+    ctx.sis_predictions["single"] = (p.argmax(-1), p.max(axis=-1))
+  return ctx.sis_predictions["single"]
 
 
 def model_predictions(ctx, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +117,7 @@ def model_predictions(ctx, name: str) -> tuple[np.ndarray, np.ndarray]:
   if name == "single":
     return base_predictions(ctx)
   predictor(ctx, name)  # computes them with the model's test accuracy
-  return ctx.__dict__["_sis_predictors"][f"{name}/predictions"]
+  return ctx.sis_predictions[name]
 
 
 def feature_map(ctx) -> Optional[np.ndarray]:
@@ -287,10 +287,9 @@ _APPLY_CACHE: dict = {}
 def predictor(ctx, name: str):
   """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``, built once per run
   (the ensemble's and input-dropout model's test-set evaluation is not repeated)."""
-  cache = ctx.__dict__.setdefault("_sis_predictors", {})
-  if name not in cache:
-    cache[name] = _build_predictor(ctx, name)
-  return cache[name]
+  if name not in ctx.sis_predictors:
+    ctx.sis_predictors[name] = _build_predictor(ctx, name)
+  return ctx.sis_predictors[name]
 
 
 def _build_predictor(ctx, name: str):
@@ -329,8 +328,7 @@ def _keep_predictions(ctx, name: str, logits: np.ndarray) -> float:
   """Caches model ``name``'s predictions and confidences on the test images from its
   ``logits [N, K]``; returns its test accuracy."""
   p = trained.softmax(logits.astype(np.float64))
-  ctx.__dict__.setdefault("_sis_predictors", {})[f"{name}/predictions"] = (
-      p.argmax(-1), p.max(axis=-1))
+  ctx.sis_predictions[name] = (p.argmax(-1), p.max(axis=-1))
   return float((p.argmax(-1) == ctx.labels("test")).mean())
 
 
@@ -383,3 +381,6 @@ def run(ctx) -> dict:
       out["differences"][name] = sis_stats.paired_difference(
           sizes[name][both], sizes["single"][both], **boot)
   return out
+
+
+STAGE = registry.Unit("sis", "sis", run, report_sections.sis_section)

@@ -28,7 +28,7 @@ from absl import logging
 
 from overinterp_jax import config_reads
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import backselect_stage, record_shards
+from overinterp_jax.pipeline import backselect_stage, record_shards, registry, report_sections
 from overinterp_jax.selection import records
 from overinterp_jax.store import atomic, hashing, npz
 
@@ -244,3 +244,6 @@ def run(ctx) -> dict:
           "frac_kept": float(ctx.config.subsets.frac_kept),
           "border_width": band, "border_analysis": analysis,
           "mask_sha256": digests}
+
+
+STAGE = registry.Unit("subsets", "subsets", run, report_sections.subsets_section)
