@@ -156,7 +156,7 @@ def main(argv=None):
     fmap = None if patch == 1 else patch_map(32, patch)
     d = 1024 // patch ** 2
     images = x[:n]
-    eval_batch = sis._cached_eval_batch_size(
+    eval_batch = sis.programs.cached_eval_batch_size(
         apply, variables, images[:1], jax.ShapeDtypeStruct((1,), jnp.int32),
         budget_bytes=budget, cap=n * d)
     seconds = timed(lambda: sis.batched_backselect(apply, images, params=variables,

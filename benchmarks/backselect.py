@@ -36,6 +36,7 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.models import create_model
+from overinterp_jax.selection import exact
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -87,9 +88,9 @@ def fwd_bwd_rate(predict, variables, batch: int, repeats: int) -> float:
 
 def default_eval_batch(predict, variables) -> int:
   """The eval batch ``sis.batched_backselect`` picks by default (memory budget)."""
-  return sis._cached_eval_batch_size(predict, variables, jnp.zeros((1,) + IMAGE_SHAPE),
-                                     jax.ShapeDtypeStruct((1,), jnp.int32),
-                                     budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)
+  return sis.programs.cached_eval_batch_size(
+      predict, variables, jnp.zeros((1,) + IMAGE_SHAPE), jax.ShapeDtypeStruct((1,), jnp.int32),
+      budget_bytes=sis.DEFAULT_MEMORY_BUDGET_BYTES, cap=1 << 30)
 
 
 def patch_map(num_features: int) -> np.ndarray:
@@ -126,11 +127,11 @@ def reference_structured_backselect(predict, variables, image, target, fmap, bat
 
 
 def program_temp_bytes(predict, variables, images, eval_batch, group, d) -> int | None:
-  model = sis._traced_model(predict, variables, images,
-                            (group,) + sis.exact.chunk_sizes(eval_batch))
-  program = sis._batched_exact_program(model, True, eval_batch, group, d,
-                                       (32, 32) if d == 1024 else None, True,
-                                       jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
+  model = sis.programs.traced_model(predict, variables, images,
+                                    (group,) + exact.chunk_sizes(eval_batch))
+  program = sis.programs.batched_exact_program(
+      model, True, eval_batch, group, d, (32, 32) if d == 1024 else None, True,
+      jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)))
   fmap = jnp.asarray(patch_map(d) if d != 1024 else np.arange(1024).reshape(32, 32))[..., None]
   n = images.shape[0]
   try:

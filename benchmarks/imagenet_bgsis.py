@@ -8,7 +8,7 @@ mean-colour masking (zeros after normalisation), as the paper's ImageNet runs:
   (a) plain forward+backward: gradient of the summed target softmax w.r.t. the
       input, images/s (best of ``--steps`` calls after one warm-up);
   (b) BGSIS steps: forward+backward passes/s (images·steps/s) of the real
-      per-step program of ``sis.gradient_backselect`` (``sis._batched_gradient_programs``:
+      per-step program of ``sis.gradient_backselect`` (``sis.programs.batched_gradient_programs``:
       gradient w.r.t. the removal mask, top-k, mask update), best of ``--steps``
       steps after one warm-up step;
   (c) b / a (the target is >= 0.8);
@@ -132,13 +132,13 @@ def bgsis_steps(predict, variables, x, repeats: int) -> tuple[float, float, int]
   Runs ``init`` and ``1 + repeats`` steps of the compiled per-step programs of
   ``sis.gradient_backselect`` (the same calls, on a one-device mesh).
   """
-  images, fully_masked, _, fmap, d, pixel_shape, targets = sis._prepare_images(
+  images, fully_masked, _, fmap, d, pixel_shape, targets = sis.batched.prepare_images(
       x, None, None, None)
   b = images.shape[0]
   mesh = sharding.data_mesh(jax.devices()[:1])
-  model = sis._traced_model(predict, variables, images, (b,))
-  init, step, _ = sis._batched_gradient_programs(model, True, REMOVE_PER_STEP, d, 0.0,
-                                                  pixel_shape, mesh)
+  model = sis.programs.traced_model(predict, variables, images, (b,))
+  init, step, _ = sis.programs.batched_gradient_programs(model, True, REMOVE_PER_STEP, d, 0.0,
+                                                         pixel_shape, mesh)
   keys = jax.random.key_data(jax.random.split(jax.random.key(0), b))  # unused: no noise
   const, state = init((variables, model.consts), fmap,
                       *(sharding.shard_rows(mesh, a) for a in (images, fully_masked, targets,

@@ -218,14 +218,14 @@ def repeat_calls(repeats: int) -> dict:
 # ------------------------------------------------------------------ backselect throughput
 
 def with_steps_on_host(on_host: bool, fn):
-  """``fn`` run with ``sis.steps_on_host`` fixed to ``on_host``."""
+  """``fn`` run with ``sis.engines.steps_on_host`` fixed to ``on_host``."""
   def run():
-    chosen = sis.steps_on_host
-    sis.steps_on_host = lambda: on_host
+    chosen = sis.engines.steps_on_host
+    sis.engines.steps_on_host = lambda: on_host
     try:
       return fn()
     finally:
-      sis.steps_on_host = chosen
+      sis.engines.steps_on_host = chosen
   return run
 
 

@@ -58,7 +58,7 @@ def test_backselect_on_the_host_path_and_in_one_program_agree(cnn, monkeypatch):
   mask[:2] = False
   results = []
   for on_host in (False, True):
-    monkeypatch.setattr(sis, "steps_on_host", lambda on_host=on_host: on_host)
+    monkeypatch.setattr(sis.engines, "steps_on_host", lambda on_host=on_host: on_host)
     results.append((sis.backselect(f, images[0], mask, np.zeros((8, 8, 3), np.float32),
                                    eval_batch_size=32),
                     sis.find_sis(f, 0.0, images[0], mask, np.zeros((8, 8, 3), np.float32),

@@ -31,7 +31,7 @@ LAYERS = (
     ("store", ("overinterp_jax/store/",)),
     ("config_reads", ("overinterp_jax/config_reads.py",)),
     ("selection", ("overinterp_jax/selection/",)),
-    ("sis", ("overinterp_jax/sis.py",)),
+    ("sis", ("overinterp_jax/sis/",)),
     ("models", ("overinterp_jax/models/",)),
     ("data", ("overinterp_jax/data/",)),
     ("train", ("overinterp_jax/train.py",)),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from overinterp_jax import sharding, sis
+from overinterp_jax.selection import exact, traced
 
 H, W, C, K = 4, 4, 3, 5
 
@@ -171,24 +172,24 @@ def test_each_step_evaluates_only_remaining_candidates():
 def test_program_compiles_once_for_repeated_calls():
   params = tiny_mlp_params()
   sis.batched_backselect(tiny_mlp, images(4, seed=2), params=params, eval_batch_size=8)
-  misses = sis._PROGRAMS.misses
+  misses = sis.programs.PROGRAMS.misses
   sis.batched_backselect(tiny_mlp, images(4, seed=3), params=params, eval_batch_size=8)
   # A new function object computing the same thing reuses the program too.
   sis.batched_backselect(lambda p, x: tiny_mlp(p, x), images(4, seed=3), params=params,
                          eval_batch_size=8)
-  assert sis._PROGRAMS.misses == misses
-  model = sis._traced_model(tiny_mlp, params, images(4), (4,) + sis.exact.chunk_sizes(8))
-  program = sis._batched_exact_program(model, True, 8, 4, H * W, (H, W), True,
-                                       sharding.data_mesh())
+  assert sis.programs.PROGRAMS.misses == misses
+  model = sis.programs.traced_model(tiny_mlp, params, images(4), (4,) + exact.chunk_sizes(8))
+  program = sis.programs.batched_exact_program(model, True, 8, 4, H * W, (H, W), True,
+                                               sharding.data_mesh())
   assert program._cache_size() == 1
 
 
 def test_eval_batch_shrinks_with_memory_budget():
   params = tiny_mlp_params()
-  _, score, _ = sis._class_score_fn(tiny_mlp, True, True)
-  args = (score, sis.traced.abstract(params), images(1), jax.ShapeDtypeStruct((1,), jnp.int32))
-  small = sis._eval_batch_size(*args, budget_bytes=20_000, cap=10_000)
-  large = sis._eval_batch_size(*args, budget_bytes=2_000_000, cap=10_000)
+  _, score, _ = sis.programs.class_score_fn(tiny_mlp, True, True)
+  args = (score, traced.abstract(params), images(1), jax.ShapeDtypeStruct((1,), jnp.int32))
+  small = sis.programs.eval_batch_size(*args, budget_bytes=20_000, cap=10_000)
+  large = sis.programs.eval_batch_size(*args, budget_bytes=2_000_000, cap=10_000)
   assert 1 <= small < large
 
 

@@ -69,11 +69,11 @@ def test_backselect_sees_in_place_mutation_without_recompiling():
   f = lambda b: b @ theta
   x, mask = np.ones(3), np.ones(3, bool)
   np.testing.assert_array_equal(sis.backselect(f, x, mask, FM3)[0].ravel(), [0, 1, 2])
-  misses = sis._PROGRAMS.misses
+  misses = sis.programs.PROGRAMS.misses
   theta[:] = [3.0, 2.0, 1.0]
   np.testing.assert_array_equal(sis.backselect(f, x, mask, FM3)[0].ravel(), [2, 1, 0])
   # The array is a program argument: same computation, same program.
-  assert sis._PROGRAMS.misses == misses
+  assert sis.programs.PROGRAMS.misses == misses
 
 
 def test_jit_wrapped_score_with_nested_constant_is_not_stale():

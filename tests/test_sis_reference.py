@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from overinterp_jax import sis
+from overinterp_jax.selection import records
 
 T, F = True, False
 F_L2 = lambda b: jnp.linalg.norm(b, axis=-1)
@@ -102,12 +103,12 @@ def _with_sis(s):
 
 
 def test_assert_sis_collection_disjoint():
-  sis._assert_sis_collection_disjoint([_with_sis([[0], [1]]), _with_sis([[2], [3]])])
+  sis.reference.assert_sis_collection_disjoint([_with_sis([[0], [1]]), _with_sis([[2], [3]])])
 
 
 def test_assert_sis_collection_disjoint_raises_error():
   with pytest.raises(AssertionError):
-    sis._assert_sis_collection_disjoint([_with_sis([[0], [1]]), _with_sis([[1], [2]])])
+    sis.reference.assert_sis_collection_disjoint([_with_sis([[0], [1]]), _with_sis([[1], [2]])])
 
 
 # T12, T13: masked inputs --------------------------------------------------------
@@ -166,7 +167,7 @@ def test_backselect(f, x, mask, expected):
 def test_find_sis_from_backselect(tau, expected):
   order = np.array([0, 2, 1, 3])
   values = np.array([1.0, 0.9, 0.7, 0.6])
-  k = int(sis.records.sis_length(values, tau))
+  k = int(records.sis_length(values, tau))
   np.testing.assert_array_equal(order[len(order) - k:][::-1], expected)
 
 
