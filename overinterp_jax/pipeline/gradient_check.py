@@ -71,8 +71,7 @@ def run(ctx) -> dict:
                                  feature_map=fmap, remove_per_step=1, target_classes=targets,
                                  mesh=ctx.mesh)
   kept = records.pixels_to_keep(d, frac)
-  keep_exact, keep_grad = (records.keep_last_removed(o, kept, d)
-                           for o in (exact["order"], grad.order))
+  keep_exact, keep_grad = (sis.keep_mask(o, frac) for o in (exact["order"], grad.order))
   rnd = sis.random_keep_mask(n, d, frac, int(ctx.config.subsets.random_seed_test))
 
   def stats(mask):

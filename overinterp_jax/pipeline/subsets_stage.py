@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads
+from overinterp_jax import config_reads, sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import backselect_stage, record_shards, registry, report_sections
 from overinterp_jax.selection import records
@@ -84,10 +84,7 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
                                   c.random_seed_test))
   for rows, shard in recs.shards():
     bs = records.keep_last_removed(shard["order"], kept, h * w).reshape(-1, h, w)
-    scores = rng.random((len(bs), h * w))
-    chosen = np.argpartition(scores, h * w - kept, axis=1)[:, h * w - kept:]
-    rand = np.zeros((len(bs), h * w), bool)
-    np.put_along_axis(rand, chosen, True, axis=1)
+    rand = sis.draw_random_keep_mask(rng, len(bs), h * w, kept)
     out["bs"][rows] = np.packbits(bs, axis=-1)
     out["random"][rows] = np.packbits(rand.reshape(-1, h, w), axis=-1)
   fp, stored = key.stamp()
