@@ -14,7 +14,8 @@ Two layers, both pure (no file I/O, no logging):
 * **Batched API for models** — ``batched_backselect`` (exact, ``batched``),
   ``gradient_backselect`` (Batched Gradient SIS, ``gradient``) and
   ``hybrid_backselect`` (the gradient, then exact selection of the last features,
-  ``hybrid``) run backward selection for N images at once, sharded over all local
+  ``hybrid``) and ``coarse_to_fine_backselect`` (exact selection on patches placing exact
+  selection on pixels, ``coarse_to_fine``) run backward selection for N images at once, sharded over all local
   devices, and return a ``BackselectResult``; ``sis_from_backselect``,
   ``keep_mask`` and ``apply_feature_mask`` (``subsets``) turn results into SISes
   and pixel-subsets.
@@ -26,6 +27,7 @@ directly. To replace ``steps_on_host`` (tests, benchmarks), replace
 ``engines.steps_on_host``: the name here is a copy.
 """
 from overinterp_jax.sis.batched import BackselectResult, batched_backselect
+from overinterp_jax.sis.coarse_to_fine import coarse_to_fine_backselect
 from overinterp_jax.sis.engines import (CHEAP_SCORE_FLOPS, ENGINES, STEPS_ON_HOST_ENV,
                                         score_engine, steps_on_host)
 from overinterp_jax.sis.gradient import gradient_backselect, gradient_batch_size
@@ -43,7 +45,8 @@ from overinterp_jax.sis.subsets import (SISBatch, apply_feature_mask, draw_rando
 __all__ = [
     "BackselectResult", "CHEAP_SCORE_FLOPS", "DEFAULT_MEMORY_BUDGET_BYTES", "ENGINES",
     "MAX_EVAL_BATCH", "SELECTION_VERSION", "SISBatch", "SISResult", "STEPS_ON_HOST_ENV",
-    "apply_feature_mask", "backselect", "batched_backselect", "draw_random_keep_mask",
+    "apply_feature_mask", "backselect", "batched_backselect", "coarse_to_fine_backselect",
+    "draw_random_keep_mask",
     "exact_features", "feature_mask_to_pixels", "find_sis", "gradient_backselect",
     "gradient_batch_size", "hybrid_backselect", "keep_mask", "log_target_probability",
     "make_empty_boolean_mask", "make_empty_boolean_mask_broadcast_over_axis",
