@@ -120,6 +120,19 @@ def _data(d) -> None:
     _at_least(d, "data.", ("num_classes",), 2)
 
 
+def _coarse_to_fine(c) -> None:
+  sizes = tuple(c.patch_sizes)
+  if not (sizes and all(isinstance(p, int) and not isinstance(p, bool) and p >= 1
+                        for p in sizes)
+          and sizes[-1] == 1 and all(a > b and a % b == 0 for a, b in zip(sizes, sizes[1:]))):
+    raise ValueError(f"config.coarse_to_fine.patch_sizes={c.patch_sizes!r} must be positive "
+                     "integers, strictly decreasing, each dividing the one before, ending "
+                     "with 1 (pixels).")
+  if not c.margin >= 1:
+    raise ValueError(f"config.coarse_to_fine.margin must be >= 1, got {c.margin}.")
+  _at_least(c, "coarse_to_fine.", ("min_pixels",), 0)
+
+
 def _stages(config) -> None:
   b = config.backselect
   _one_of("backselect.method", b.method, config_schema.BACKSELECT_METHODS)
@@ -141,6 +154,11 @@ def _stages(config) -> None:
   if s.selection == "backselect" and int(s.patch_size) != 1:
     raise ValueError(f"config.sis.patch_size={s.patch_size}: sis.selection='backselect' "
                      "reuses stage backselect's pixel records (patch_size must be 1).")
+  if s.selection == "coarse_to_fine" and int(s.patch_size) != 1:
+    raise ValueError(f"config.sis.patch_size={s.patch_size}: sis.selection='coarse_to_fine' "
+                     "selects pixels (patch_size must be 1; its levels' patches are "
+                     "config.coarse_to_fine.patch_sizes).")
+  _coarse_to_fine(config.coarse_to_fine)
   if config.pretrained and config.model.weights:
     raise ValueError(f"config.pretrained={config.pretrained!r} and config.model.weights="
                      f"{config.model.weights!r} both give the base model; set one.")

@@ -14,9 +14,9 @@ RUNTIME = "runtime"
 
 # The values that keys naming a choice accept (checked in config_checks; the stages that
 # read the keys take them from here, so the checks import no stage).
-BACKSELECT_METHODS = ("exact", "gradient", "hybrid")              # backselect.method
+BACKSELECT_METHODS = ("exact", "gradient", "hybrid", "coarse_to_fine")  # backselect.method
 RETRAIN_KINDS = ("bs", "random", "border", "mask_only", "full")   # retrain.kinds
-SIS_SELECTIONS = ("exact", "backselect")                          # sis.selection
+SIS_SELECTIONS = ("exact", "coarse_to_fine", "backselect")        # sis.selection
 SIS_MODELS = ("single", "ensemble", "input_dropout")               # sis.models
 MASKING_VALUES = ("mean", "blur", "noise")                        # controls.masking_values
 
@@ -107,10 +107,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 5e-4
   c.checkpoints_to_keep = 2
 
+  # Coarse-to-fine backward selection (backselect.method or sis.selection "coarse_to_fine";
+  # sis.coarse_to_fine_backselect, docs/method.md §4): exact selection on patch_sizes[0]-sided
+  # patches of the whole image; each finer level runs exact selection on the coarser level's
+  # SIS at sis.threshold (times margin, at least min_pixels pixels) down to pixels.
+  c.coarse_to_fine = ml_collections.ConfigDict()
+  c.coarse_to_fine.patch_sizes = (4, 2, 1)  # decreasing, each dividing the one before; last 1
+  c.coarse_to_fine.margin = 1.0     # >= 1: the next level's start as a multiple of the SIS
+  c.coarse_to_fine.min_pixels = 64  # the least pixels a finer level starts with (5% = 52)
+
   # Stage backselect: rank every pixel of every train and test image.
   c.backselect = ml_collections.ConfigDict()
   # "exact" | "gradient" (Batched Gradient SIS) | "hybrid" (Batched Gradient SIS, then exact
-  # backward selection of the last switch_fraction of the pixels: docs/method.md §4).
+  # backward selection of the last switch_fraction of the pixels: docs/method.md §4) |
+  # "coarse_to_fine" (config.coarse_to_fine, levels placed at sis.threshold).
   c.backselect.method = "exact"
   c.backselect.remove_per_step = 1  # gradient and hybrid: pixels removed per gradient step
   c.backselect.noise_std = 0.0      # gradient and hybrid: tie-breaking noise
@@ -136,8 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Stage sis: SISes of a sample of test images per model.
   c.sis = ml_collections.ConfigDict()
-  # "exact" backward selection | "backselect": stage backselect's selection (config.
-  # backselect, e.g. Batched Gradient SIS at ImageNet size), reusing its test records.
+  # "exact" backward selection | "coarse_to_fine" (per pixel, config.coarse_to_fine; needs
+  # patch_size 1) | "backselect": stage backselect's selection (config.backselect, e.g.
+  # Batched Gradient SIS at ImageNet size), reusing its test records.
   c.sis.selection = "exact"
   c.sis.threshold = 0.99
   c.sis.num_images = 100            # 0 = every qualifying test image

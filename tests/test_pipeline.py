@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from overinterp_jax import train
@@ -176,3 +177,32 @@ def test_changing_frac_kept_recomputes_every_stage_that_reads_it(finished, tmp_p
   after = json.loads((workdir / "stages" / "controls.json").read_text())
   assert (after["masking_values"]["mean"]["base_on_bs_subsets"]
           != before["masking_values"]["mean"]["base_on_bs_subsets"])
+
+
+def test_coarse_to_fine_selection_recomputes_sis_controls_and_report_only(finished, tmp_path):
+  """sis.selection = "coarse_to_fine" gives per-pixel SISes placed by exact selection on
+  patches: stage sis, the controls (their selections) and the report rerun, nothing else;
+  report.md and report.json say which method and levels produced the SISes."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  proc = run_main(workdir, "--config.sis.selection=coarse_to_fine", "--config.sis.patch_size=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for stage in ("train", "backselect", "subsets", "retrain"):
+    assert f"Stage {stage}: already done." in proc.stderr, stage
+  for stage in ("sis", "controls", "report"):
+    assert f"Stage {stage}: running." in proc.stderr, stage
+  assert ": epoch" not in proc.stderr  # no model is trained again
+  report = json.loads((workdir / "report.json").read_text())
+  s = report["stages"]["sis"]
+  assert s["selection"] == "coarse_to_fine" and s["patch_size"] == 1
+  assert s["coarse_to_fine"]["patch_sizes"] == [4, 2, 1]
+  assert set(s["coarse_to_fine"]["median_start"]) == set(s["models"])
+  assert all(64 <= v <= 256 for v in s["coarse_to_fine"]["median_start"].values())
+  md = (workdir / "report.md").read_text()
+  assert "coarse-to-fine backward selection: exact selection on 4×4 and 2×2 patches" in md
+  with np.load(workdir / "sis" / "single.coarse_to_fine.npz") as rec:
+    assert np.all(rec["fine_start"] >= 64)  # config.coarse_to_fine.min_pixels
+  # Back to exact selection on 2x2 patches: the first run's SIS records are reused.
+  proc = run_main(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Exact backward selection" not in proc.stderr

@@ -33,13 +33,16 @@ METHODS = config_schema.BACKSELECT_METHODS  # config.backselect.method
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
                    seed: int, fully_masked=None, target_classes=None, mesh=None,
-                   compute_dtype: str = "float32") -> sis.BackselectResult:
+                   compute_dtype: str = "float32", coarse=None) -> sis.BackselectResult:
   """One backward selection of ``images [n, H, W, C]`` (normalised) per ``bs_config``
-  (``method``: ``sis.batched_backselect``, ``gradient_backselect`` or ``hybrid_backselect``)."""
+  (``method``: ``sis.batched_backselect``, ``gradient_backselect``, ``hybrid_backselect`` or
+  ``coarse_to_fine_backselect``, which takes ``coarse``: ``(threshold, config.coarse_to_fine)``)."""
   common = dict(params=variables, fully_masked=fully_masked, target_classes=target_classes,
                 mesh=mesh, compute_dtype=compute_dtype)
   if bs_config.method == "exact":
     return sis.batched_backselect(apply, images, **common)
+  if bs_config.method == "coarse_to_fine":
+    return coarse_to_fine(apply, images, coarse, **common)
   if bs_config.method not in METHODS:
     raise ValueError(f"config.backselect.method must be one of {list(METHODS)}, got "
                      f"{bs_config.method!r}.")
@@ -51,6 +54,27 @@ def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
     return sis.gradient_backselect(apply, images, **gradient)
   return sis.hybrid_backselect(apply, images, switch_fraction=float(bs_config.switch_fraction),
                                **gradient)
+
+
+def coarse_to_fine(apply: Callable, images: np.ndarray, coarse, *,
+                   return_level_counts: bool = False, **common):
+  """``sis.coarse_to_fine_backselect`` of ``images`` with ``coarse = (threshold,
+  config.coarse_to_fine)``; ``common``: ``params``, ``fully_masked``, ... as for the others."""
+  if coarse is None:
+    raise ValueError("coarse_to_fine selection needs its threshold and config.coarse_to_fine.")
+  threshold, c = coarse
+  return sis.coarse_to_fine_backselect(
+      apply, images, threshold=float(threshold), patch_sizes=tuple(c.patch_sizes),
+      margin=float(c.margin), min_pixels=int(c.min_pixels),
+      return_level_counts=return_level_counts, **common)
+
+
+def coarse_words(c) -> str:
+  """How coarse-to-fine selection runs, for reports: ``"exact selection on 4×4 and 2×2
+  patches placing exact selection on pixels (margin 1, at least 64 pixels)"``."""
+  coarse = [f"{p}×{p}" for p in tuple(c.patch_sizes)[:-1]]
+  return (f"exact selection on {' and '.join(coarse) or 'no'} patches placing exact selection "
+          f"on pixels (margin {float(c.margin):g}, at least {int(c.min_pixels)} pixels)")
 
 
 # Memory-fitted batch per (image shape, parameter shapes, precision): measuring it
@@ -94,6 +118,13 @@ def step_words(bs_config) -> str:
   return ""
 
 
+def method_words(config) -> str:
+  """``step_words`` of ``config.backselect``, or ``coarse_words`` for coarse-to-fine."""
+  if config.backselect.method == "coarse_to_fine":
+    return coarse_words(config.coarse_to_fine)
+  return step_words(config.backselect)
+
+
 def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],
                       d: int, step: int, *, desc: str, progress: bool = True
                       ) -> record_shards.RecordSet:
@@ -130,7 +161,7 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
                      fully_masked: Optional[Callable] = None,
                      target_classes: Optional[np.ndarray] = None, progress: bool = True,
                      desc: str = "backselect", mesh=None,
-                     compute_dtype: str = "float32") -> record_shards.RecordSet:
+                     compute_dtype: str = "float32", coarse=None) -> record_shards.RecordSet:
   """Backward selection of images ``indices`` (default all) of ``feed`` into
   ``directory/shard_XXXXX.npz``, ``bs_config.shard_size`` images per shard.
 
@@ -154,7 +185,7 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
     x = np.concatenate([feed.batch(idx[i:i + read])[0] for i in range(0, len(idx), read)])
     fm = None if fully_masked is None else fully_masked(rows)
     r = run_backselect(apply, variables, x, bs_config, seed=seed + rows.start,
-                       fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype,
+                       fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype, coarse=coarse,
                        target_classes=None if target_classes is None else
                        np.asarray(target_classes)[rows])
     return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
@@ -188,10 +219,18 @@ def records(ctx, split: str, indices: Optional[tuple] = None,
         seed=int(ctx.config.backselect.seed) + (0 if split == "train" else 10**7),
         indices=chosen, fully_masked=fm, progress=ctx.progress,
         desc=f"backselect {split} ({masking})", mesh=ctx.mesh,
-        compute_dtype=ctx.config.precision)
+        compute_dtype=ctx.config.precision, coarse=coarse_args(ctx.config))
   # Shards read later (by this or another stage) count as the owner's reads.
   result.guard = lambda: ctx.owned_by(owner)
   return result
+
+
+def coarse_args(config):
+  """``(sis.threshold, config.coarse_to_fine)`` when ``backselect.method`` is coarse-to-fine,
+  else None (and neither is read, so other methods' results do not depend on them)."""
+  if config.backselect.method != "coarse_to_fine":
+    return None
+  return float(config.sis.threshold), config.coarse_to_fine
 
 
 def run(ctx) -> dict:
@@ -211,7 +250,7 @@ def report_section(ctx, s: dict) -> list[str]:
   b = s["backselect"]
   return [f"Pixel ranking: {b['method']} backward selection of {b['train']['count']} train and "
           f"{b['test']['count']} test images"
-          + (f", {step_words(ctx.config.backselect)}." if b["method"] != "exact" else "."), ""]
+          + (f", {method_words(ctx.config)}." if b["method"] != "exact" else "."), ""]
 
 
 STAGE = registry.Unit("backselect", "backselect", run, report_section)

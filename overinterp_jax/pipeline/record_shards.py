@@ -51,10 +51,12 @@ def rank_unit(d: int, per_step: int) -> int:
 
 
 def encode(order: np.ndarray, values: np.ndarray, targets: np.ndarray,
-           original_scores: np.ndarray, ids: Sequence[str], per_step: int) -> dict:
+           original_scores: np.ndarray, ids: Sequence[str], per_step: int,
+           fine_start: Optional[np.ndarray] = None) -> dict:
   """The compact record of ``order [n, d]`` (feature ids, first removed first) and
   ``values [n, d]`` (confidence after each removal; constant within each step of
-  ``per_step`` removals)."""
+  ``per_step`` removals); ``fine_start [n]``: for coarse-to-fine records, the pixels the
+  exact selection on pixels started from (kept as is)."""
   n, d = order.shape
   unit = rank_unit(d, per_step)
   rank = np.empty((n, d), np.int64)
@@ -62,11 +64,14 @@ def encode(order: np.ndarray, values: np.ndarray, targets: np.ndarray,
   rank //= unit
   num_steps = -(-d // per_step)
   step_values = values[:, np.minimum(np.arange(num_steps) * per_step + per_step - 1, d - 1)]
-  return {"rank": rank.astype(rank_dtype((d - 1) // unit)),
-          "step_values": step_values.astype(np.float16 if d > LARGE_RECORD else np.float32),
-          "targets": np.asarray(targets, np.int32),
-          "original_scores": np.asarray(original_scores, np.float32),
-          "ids": np.asarray(list(ids), dtype=str)}
+  out = {"rank": rank.astype(rank_dtype((d - 1) // unit)),
+         "step_values": step_values.astype(np.float16 if d > LARGE_RECORD else np.float32),
+         "targets": np.asarray(targets, np.int32),
+         "original_scores": np.asarray(original_scores, np.float32),
+         "ids": np.asarray(list(ids), dtype=str)}
+  if fine_start is not None:
+    out["fine_start"] = np.asarray(fine_start, np.int32)
+  return out
 
 
 def decode(shard: dict, per_step: int) -> dict:
@@ -77,8 +82,11 @@ def decode(shard: dict, per_step: int) -> dict:
   n, d = rank.shape
   order = np.argsort(rank, axis=1, kind="stable").astype(np.int32)
   values = np.repeat(shard["step_values"].astype(np.float32), per_step, axis=1)[:, :d]
-  return {"order": order, "values": values, "targets": shard["targets"],
-          "original_scores": shard["original_scores"], "ids": shard["ids"]}
+  out = {"order": order, "values": values, "targets": shard["targets"],
+         "original_scores": shard["original_scores"], "ids": shard["ids"]}
+  if "fine_start" in shard:
+    out["fine_start"] = shard["fine_start"]
+  return out
 
 
 def shard_check(n: int, d: int, per_step: int):

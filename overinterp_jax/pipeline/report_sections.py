@@ -181,12 +181,20 @@ def border_md(s: dict, frac: str) -> list[str]:
 def sis_md(s: dict, config) -> list[str]:
   """The SIS section: heading, which images, the table."""
   selection = s.get("selection", "exact")
-  how = ("exact backward selection" if selection == "exact" else
-         f"{selection} backward selection ({backselect_stage.step_words(config.backselect)}, "
-         "stage backselect's records)")
+  if selection == "exact":
+    how = "exact backward selection"
+  elif "coarse_to_fine" in s:
+    how = f"coarse-to-fine backward selection: {s['coarse_to_fine']['how']}"
+  else:
+    how = (f"{selection} backward selection ("
+           f"{backselect_stage.step_words(config.backselect)}, stage backselect's records)")
   p = s["patch_size"]
   out = [f"## SIS size at τ = {s['threshold']} ({s['num_images']} test images, {how}, "
          f"{p}×{p}-pixel features)", ""]
+  if "coarse_to_fine" in s:
+    starts = ", ".join(f"{name} {v:g}" for name, v in s["coarse_to_fine"]["median_start"].items())
+    out += ["Median pixels the exact selection on pixels started from, per model: "
+            f"{starts} (the rest of each image was ranked on patches).", ""]
   if "qualifying" in s:
     which = " and classifies correctly" if s["only_correct"] else ""
     who = "every model" if s.get("all_models") else "the base model"

@@ -39,9 +39,16 @@ MODELS = config_schema.SIS_MODELS
 SELECTIONS = config_schema.SIS_SELECTIONS
 
 
+def coarse(ctx) -> bool:
+  """Whether SISes come from coarse-to-fine selection (``sis.selection``)."""
+  return ctx.config.sis.selection == "coarse_to_fine"
+
+
 def selection_name(ctx) -> str:
   """How the SIS records were selected, as figures and tables label them."""
-  return "exact" if ctx.config.sis.selection == "exact" else ctx.config.backselect.method
+  if ctx.config.sis.selection in ("exact", "coarse_to_fine"):
+    return ctx.config.sis.selection
+  return ctx.config.backselect.method
 
 
 def reuses_backselect(ctx) -> bool:
@@ -151,20 +158,28 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   images, the targets and the config values read while making it (``config_reads``).
   """
   with config_reads.recording() as reads:
+    method = ctx.config.sis.selection
+    # Exact records keep their key; other methods' differ from them and from each other.
     key = config_reads.Key(hashing.fingerprint(
         fp, masking, indices.tolist(),
         None if target_classes is None else np.asarray(target_classes).tolist(),
-        sis.SELECTION_VERSION), ctx.config, reads)
+        sis.SELECTION_VERSION, *([] if method == "exact" else [method])), ctx.config, reads)
+    coarse_args = None
+    if method == "coarse_to_fine":
+      coarse_args = (float(ctx.config.sis.threshold), ctx.config.coarse_to_fine)
     fmap = feature_map(ctx)
     d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
+    # Each method's records have their own file: switching back reuses the other's.
+    if method != "exact":
+      name = f"{name}.{method}"
     path = ctx.path("sis", f"{name}.npz")
     rec = npz.load(path, key, dense_check(len(indices), d))
     if rec is None:
-      logging.info("Exact backward selection %s: %d images, %d features.", name, len(indices),
-                   d)
+      logging.info("%s backward selection %s: %d images, %d features.",
+                   "Exact" if method == "exact" else "Coarse-to-fine", name, len(indices), d)
       fully_masked = ctx.fully_masked("test", masking, indices)
       rec = _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d,
-                            fully_masked, target_classes)
+                            fully_masked, target_classes, coarse_args)
       npz.save(path, rec, key)
       shutil.rmtree(_parts_dir(ctx, name), ignore_errors=True)
   return rec
@@ -174,10 +189,11 @@ def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
                       indices: np.ndarray, *, masking: str = "mean",
                       target_classes=None) -> dict:
   """Backward selection records (dense: ``order``, ``values [n, d]``, ``targets``,
-  ``original_scores``) of test images ``indices`` per ``sis.selection``: ``exact_records``,
-  or stage backselect's selection (``config.backselect``), whose own test records serve
-  the base model toward its predictions with the mean as masked value."""
-  if ctx.config.sis.selection == "exact":
+  ``original_scores``) of test images ``indices`` per ``sis.selection``: ``exact_records``
+  (exact or coarse-to-fine), or stage backselect's selection (``config.backselect``), whose
+  own test records serve the base model toward its predictions with the mean as masked
+  value."""
+  if ctx.config.sis.selection in ("exact", "coarse_to_fine"):
     return exact_records(ctx, name, apply, variables, fp, indices, masking=masking,
                          target_classes=target_classes)
   if name == "single" and masking == "mean" and target_classes is None:
@@ -204,9 +220,10 @@ def _parts_dir(ctx, name: str) -> str:
 
 
 def _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d, fully_masked,
-                    target_classes) -> dict:
-  """Exact backselect, ``config.sis.images_per_call`` images per compiled call; each call's
-  record is saved in ``sis/<name>.parts/`` so a killed run loses at most one call."""
+                    target_classes, coarse_args=None) -> dict:
+  """Exact backselect (coarse-to-fine with ``coarse_args = (threshold,
+  config.coarse_to_fine)``), ``config.sis.images_per_call`` images per compiled call; each
+  call's record is saved in ``sis/<name>.parts/`` so a killed run loses at most one call."""
   per_call = int(ctx.config.sis.images_per_call) or len(indices)
   fm = None if fully_masked is None else np.asarray(fully_masked)
   per_image_fm = fm is not None and fm.ndim == 4
@@ -219,12 +236,19 @@ def _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d, fully_ma
   feed = ctx.feed("test")
 
   def compute(rows: slice) -> dict:
-    r = sis.batched_backselect(
-        apply, feed.batch(indices[rows])[0], params=variables,
-        feature_map=fmap, fully_masked=fm[rows] if per_image_fm else fm,
-        target_classes=None if targets is None else targets[rows], mesh=ctx.mesh)
+    common = dict(params=variables, fully_masked=fm[rows] if per_image_fm else fm,
+                  target_classes=None if targets is None else targets[rows], mesh=ctx.mesh)
+    images = feed.batch(indices[rows])[0]
+    fine = None
+    if coarse_args is not None:
+      r, counts = backselect_stage.coarse_to_fine(apply, images, coarse_args,
+                                                  return_level_counts=True, **common)
+      fine = counts[:, -1]
+    else:
+      r = sis.batched_backselect(apply, images, feature_map=fmap, **common)
     return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
-                                [feed.source.example_id(int(i)) for i in indices[rows]], 1)
+                                [feed.source.example_id(int(i)) for i in indices[rows]], 1,
+                                fine_start=fine)
 
   recs = backselect_stage.records_in_shards(shards, compute, d, 1,
                                             desc=f"exact SIS ({name})", progress=ctx.progress)
@@ -357,6 +381,11 @@ def run(ctx) -> dict:
   num_pixels = int(np.prod(ctx.height_width))
   out = {"threshold": tau, "num_images": int(len(indices)), "selection": selection_name(ctx),
          "patch_size": int(c.patch_size), "models": {}}
+  if coarse(ctx):
+    cf = ctx.config.coarse_to_fine
+    out["coarse_to_fine"] = {"patch_sizes": [int(p) for p in cf.patch_sizes],
+                             "margin": float(cf.margin), "min_pixels": int(cf.min_pixels),
+                             "how": backselect_stage.coarse_words(cf), "median_start": {}}
   if _restricted(c):
     out["qualifying"] = int(qualifying(ctx).sum())
     out["only_correct"], out["min_confidence"] = bool(c.only_correct), float(c.min_confidence)
@@ -368,6 +397,8 @@ def run(ctx) -> dict:
     rec = selection_records(ctx, name, apply, variables, fp, indices)
     batch = sis_of(rec, tau)
     sizes[name], exists[name] = batch.size * pixels_per_feature(ctx), batch.exists
+    if coarse(ctx):
+      out["coarse_to_fine"]["median_start"][name] = float(np.median(rec["fine_start"]))
     _, confidence = model_predictions(ctx, name)
     out["models"][name] = {
         "test_accuracy": acc, "epochs": training_epochs(ctx, name),
