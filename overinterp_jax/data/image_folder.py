@@ -45,7 +45,9 @@ MAX_LISTED_BAD_FILES = 20
 ExpectedCounts = Mapping[str, Union[int, Mapping[str, int]]]
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+  """Whether ``name`` (a file or archive member) is an image file: not hidden, an
+  ``IMAGE_EXTENSIONS`` suffix (any case)."""
   base = os.path.basename(name)
   return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -145,7 +147,8 @@ def _is_archive(path: str) -> bool:
   return os.path.isfile(path)
 
 
-def _check_source(path: str) -> None:
+def check_source(path: str) -> None:
+  """FileNotFoundError if ``path`` is missing; ValueError if it is a file but no tar archive."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"Image folder or archive not found: {path}")
   if os.path.isfile(path) and not tarfile.is_tarfile(path):
@@ -156,7 +159,7 @@ def _check_source(path: str) -> None:
 # ----------------------------------------------------------------------------- listing and reading
 
 
-def _directory_files(path: str, split: str) -> dict[str, list[str]]:
+def split_files(path: str, split: str) -> dict[str, list[str]]:
   """``{class: [image paths, sorted]}`` of ``path/split``; errors for a missing split/empty class."""
   split_dir = os.path.join(path, split)
   if not os.path.isdir(split_dir):
@@ -171,7 +174,7 @@ def _directory_files(path: str, split: str) -> dict[str, list[str]]:
   files = {}
   for c in classes:
     class_dir = os.path.join(split_dir, c)
-    names = sorted(n for n in os.listdir(class_dir) if _is_image_name(n))
+    names = sorted(n for n in os.listdir(class_dir) if is_image_name(n))
     if not names:
       raise ValueError(f"Class folder {class_dir} has no images ({'|'.join(IMAGE_EXTENSIONS)}).")
     files[c] = [os.path.join(class_dir, n) for n in names]
@@ -187,7 +190,10 @@ def _directory_fingerprint(files: Mapping[str, Sequence[str]]) -> str:
   return h.hexdigest()
 
 
-def _archive_fingerprint(path: str) -> str:
+def archive_fingerprint(path: str) -> str:
+  """What identifies the archive file ``path`` (40 hex digits): its real path, size and
+  modification time. The one rule of both data paths: the decoded-array cache stores it,
+  the extracted folder of streamed data is named by its first 16 digits."""
   st = os.stat(path)
   return hashlib.sha1(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()
                       ).hexdigest()
@@ -221,7 +227,7 @@ def _iter_archive(path: str, splits: Sequence[str], progress: bool, total: Optio
           if len(parts) >= 2 and parts[-2] in class_dirs and not parts[-1].startswith("."):
             class_dirs[parts[-2]].add(parts[-1])
           continue
-        if not member.isfile() or not _is_image_name(member.name):
+        if not member.isfile() or not is_image_name(member.name):
           continue
         split_class = _split_class_of(member.name)
         if split_class is None:
@@ -388,16 +394,16 @@ def load_image_folder_splits(path: str, splits: Sequence[str] = ("train", "test"
   splits = tuple(splits)
   if not splits or len(set(splits)) != len(splits):
     raise ValueError(f"splits must be non-empty and distinct, got {splits}.")
-  _check_source(path)
+  check_source(path)
   archive = _is_archive(path)
   out: dict[str, LabelledImages] = {}
   dir_files = {}
   fingerprints = {}
   for split in splits:
     if archive:
-      fingerprints[split] = _archive_fingerprint(path)
+      fingerprints[split] = archive_fingerprint(path)
     else:
-      dir_files[split] = _directory_files(path, split)
+      dir_files[split] = split_files(path, split)
       fingerprints[split] = _directory_fingerprint(dir_files[split])
     if cache_dir:
       cached = _read_cache(cache_path(cache_dir, path, split), fingerprints[split], split, path,

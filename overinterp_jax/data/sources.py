@@ -20,7 +20,6 @@ Sources are picklable, so grain's worker processes can read them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -82,7 +81,7 @@ class FileSource:
   def from_folder(cls, root: str, split: str, image_shape: Optional[tuple] = None
                   ) -> "FileSource":
     """``root/split/<class>/<image>``, classes sorted by name (= label order), files sorted."""
-    files = image_folder._directory_files(root, split)  # pylint: disable=protected-access
+    files = image_folder.split_files(root, split)
     classes = tuple(sorted(files))
     paths = [p for c in classes for p in files[c]]
     labels = [i for i, c in enumerate(classes) for _ in files[c]]
@@ -100,12 +99,6 @@ class FileSource:
     return os.path.relpath(self.paths[i], self.root)
 
 
-def archive_fingerprint(path: str) -> str:
-  st = os.stat(path)
-  return hashlib.sha1(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-                      ).hexdigest()[:16]
-
-
 def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
   """The image members of tar archive ``path`` extracted under ``cache_dir``; returns the
   folder holding ``<split>/<class>/<image>``.
@@ -115,9 +108,9 @@ def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
   A folder is reused only if the archive's path, size and modification time match.
   Members are stored as ``<split>/<class>/<image>`` whatever top folder they had.
   """
-  image_folder._check_source(path)  # pylint: disable=protected-access
+  image_folder.check_source(path)
   target = os.path.join(cache_dir, f"{os.path.basename(path).split('.')[0]}-"
-                                    f"{archive_fingerprint(path)}")
+                                    f"{image_folder.archive_fingerprint(path)[:16]}")
   if os.path.isdir(target):
     return target
   tmp = f"{target}.tmp{os.getpid()}"
@@ -129,7 +122,7 @@ def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
                                  unit="file", show=progress):
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
         if (not member.isfile() or ".." in parts or len(parts) < 3
-            or not image_folder._is_image_name(member.name)):  # pylint: disable=protected-access
+            or not image_folder.is_image_name(member.name)):
           continue
         out = os.path.join(tmp, *parts[-3:])  # <split>/<class>/<image>, any top folder dropped
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -145,7 +138,7 @@ def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
 def folder_source(path: str, split: str, cache_dir: str, progress: bool = True,
                   image_shape: Optional[tuple] = None) -> FileSource:
   """A ``FileSource`` of ``split`` of an image folder or tar archive at ``path``."""
-  image_folder._check_source(path)  # pylint: disable=protected-access
+  image_folder.check_source(path)
   root = extract_archive(path, cache_dir, progress) if os.path.isfile(path) else path
   return FileSource.from_folder(root, split, image_shape)
 
