@@ -151,6 +151,70 @@ def _show_image(ax, image: np.ndarray) -> None:
   ax.set_yticks([])
 
 
+def _grid_masks(masks_by_model: Mapping[str, ArrayLike], shape: tuple[int, int, int]) -> dict:
+  """Each model's mask as bool ``shape`` = ``[N, H, W]``, checked against the images."""
+  masks = {}
+  for model, mask in _nonempty_dict("masks_by_model", masks_by_model).items():
+    name = f"masks_by_model[{model!r}]"
+    mask = _array(name, mask, ndim=3, kind="bool")
+    if mask.shape != shape:
+      raise ValueError(f"{name} must have shape {shape} to match images, got {mask.shape}")
+    masks[model] = mask
+  return masks
+
+
+def _grid_exists(exists_by_model: Mapping[str, ArrayLike] | None, masks: Mapping,
+                 n_total: int) -> dict:
+  """model -> bool ``[N]``, True where the image has an SIS (all True where not listed)."""
+  exists = {model: np.ones(n_total, bool) for model in masks}
+  for model, flags in (exists_by_model or {}).items():
+    name = f"exists_by_model[{model!r}]"
+    if model not in masks:
+      raise ValueError(f"{name}: {model!r} is not a key of masks_by_model")
+    flags = _array(name, flags, ndim=1, kind="bool")
+    if flags.shape != (n_total,):
+      raise ValueError(f"{name} must have shape {(n_total,)}, got {flags.shape}")
+    exists[model] = flags
+  return exists
+
+
+def _grid_background(background: ArrayLike | None, channels: int) -> np.ndarray:
+  """The uint8 ``[C]`` colour of pixels outside the SIS (mid-gray 128 when None)."""
+  if background is None:
+    return np.full(channels, 128, np.uint8)
+  background = _array("background", background, ndim=1, kind="int")
+  if background.shape != (channels,):
+    raise ValueError(f"background must have shape {(channels,)}, got {background.shape}")
+  if background.min() < 0 or background.max() > 255:
+    raise ValueError(f"background must lie in [0, 255], got {background.tolist()}")
+  return background.astype(np.uint8)
+
+
+def _draw_grid(fig: Figure, images: np.ndarray, masks: Mapping[str, np.ndarray],
+               exists: Mapping[str, np.ndarray], background: np.ndarray,
+               titles: list | None) -> None:
+  """Draws the rows of ``sis_grid`` (one per image of ``images``, uint8 ``[n, H, W, C]``)
+  on ``fig``: the original, then each model's SIS on ``background`` or "no SIS"."""
+  n, height, width, channels = images.shape
+  axes = fig.subplots(n, 1 + len(masks), squeeze=False)
+  blank = np.broadcast_to(background, (height, width, channels))
+  for i in range(n):
+    _show_image(axes[i, 0], images[i])
+    if titles is not None:
+      axes[i, 0].set_ylabel(str(titles[i]), fontsize=7)
+    for col, model in enumerate(masks, start=1):
+      ax = axes[i, col]
+      if exists[model][i]:
+        _show_image(ax, np.where(masks[model][i][..., None], images[i], blank))
+      else:
+        _show_image(ax, blank)
+        ax.text(0.5, 0.5, "no SIS", transform=ax.transAxes, ha="center", va="center",
+                fontsize=8)
+  axes[0, 0].set_title("image", fontsize=8)
+  for col, model in enumerate(masks, start=1):
+    axes[0, col].set_title(str(model), fontsize=8)
+
+
 def sis_grid(path: str | os.PathLike, images: ArrayLike,
              masks_by_model: Mapping[str, ArrayLike], *,
              titles: Sequence[str] | None = None,
@@ -183,62 +247,18 @@ def sis_grid(path: str | os.PathLike, images: ArrayLike,
     raise ValueError(f"images must have 1 or 3 channels, got shape {images.shape}")
   if not isinstance(max_images, int) or max_images < 1:
     raise ValueError(f"max_images must be a positive int, got {max_images!r}")
-
-  masks = {}
-  for model, mask in _nonempty_dict("masks_by_model", masks_by_model).items():
-    name = f"masks_by_model[{model!r}]"
-    mask = _array(name, mask, ndim=3, kind="bool")
-    if mask.shape != (n_total, height, width):
-      raise ValueError(f"{name} must have shape {(n_total, height, width)} to match "
-                       f"images, got {mask.shape}")
-    masks[model] = mask
-
-  exists = {model: np.ones(n_total, bool) for model in masks}
-  for model, flags in (exists_by_model or {}).items():
-    name = f"exists_by_model[{model!r}]"
-    if model not in masks:
-      raise ValueError(f"{name}: {model!r} is not a key of masks_by_model")
-    flags = _array(name, flags, ndim=1, kind="bool")
-    if flags.shape != (n_total,):
-      raise ValueError(f"{name} must have shape {(n_total,)}, got {flags.shape}")
-    exists[model] = flags
-
-  if background is None:
-    background = np.full(channels, 128, np.uint8)
-  else:
-    background = _array("background", background, ndim=1, kind="int")
-    if background.shape != (channels,):
-      raise ValueError(f"background must have shape {(channels,)}, got {background.shape}")
-    if background.min() < 0 or background.max() > 255:
-      raise ValueError(f"background must lie in [0, 255], got {background.tolist()}")
-    background = background.astype(np.uint8)
-
+  masks = _grid_masks(masks_by_model, (n_total, height, width))
+  exists = _grid_exists(exists_by_model, masks, n_total)
+  background = _grid_background(background, channels)
   if titles is not None:
     titles = list(titles)
     if len(titles) != n_total:
       raise ValueError(f"titles must have {n_total} entries (one per image), got {len(titles)}")
 
   n = min(n_total, max_images)
-  ncols = 1 + len(masks)
   panel = max(PANEL_INCHES, 1.1 * max(height, width) / DPI)
-  fig = _new_figure(panel * ncols + (1.0 if titles else 0.0), panel * n + 0.3)
-  axes = fig.subplots(n, ncols, squeeze=False)
-  blank = np.broadcast_to(background, (height, width, channels))
-  for i in range(n):
-    _show_image(axes[i, 0], images[i])
-    if titles is not None:
-      axes[i, 0].set_ylabel(str(titles[i]), fontsize=7)
-    for col, model in enumerate(masks, start=1):
-      ax = axes[i, col]
-      if exists[model][i]:
-        _show_image(ax, np.where(masks[model][i][..., None], images[i], blank))
-      else:
-        _show_image(ax, blank)
-        ax.text(0.5, 0.5, "no SIS", transform=ax.transAxes, ha="center", va="center",
-                fontsize=8)
-  axes[0, 0].set_title("image", fontsize=8)
-  for col, model in enumerate(masks, start=1):
-    axes[0, col].set_title(str(model), fontsize=8)
+  fig = _new_figure(panel * (1 + len(masks)) + (1.0 if titles else 0.0), panel * n + 0.3)
+  _draw_grid(fig, images[:n], masks, exists, background, titles)
   return _save(fig, path)
 
 
