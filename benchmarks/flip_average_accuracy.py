@@ -36,14 +36,20 @@ def main(argv):
   if not os.path.exists(os.path.join(FLAGS.workdir, "base_model", "summary.json")):
     # Without this check ctx.base would train one; a model of another config raises there.
     raise SystemExit(f"{FLAGS.workdir}/base_model has no finished model to evaluate.")
-  ctx = Context(config, FLAGS.workdir, data_lib.load_for_config(config.data, FLAGS.workdir))
-  images = ctx.data.prepare(ctx.data.test_images)
-  labels = ctx.data.test_labels
-  kw = dict(batch_size=int(config.eval_batch_size), mesh=ctx.mesh)
-  plain = trained.softmax(trained.predict_logits(ctx.base.apply, ctx.base.variables, images,
-                                                 **kw))
-  mirrored = trained.softmax(trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                                    images[:, :, ::-1], **kw))
+  ctx = Context(config, FLAGS.workdir, data_lib.load_for_config(
+      config.data, FLAGS.workdir, view=data_lib.view_for_config(config)))
+  feed, labels = ctx.feed("test"), ctx.labels("test")
+  batch_size = int(config.eval_batch_size)
+  plan = [np.arange(i, min(i + batch_size, len(feed))) for i in range(0, len(feed), batch_size)]
+
+  def probabilities(mirror):
+    """Softmax ``[N, K]`` of the test images, ``mirror [N]`` bool of them flipped."""
+    return trained.softmax(np.concatenate([
+        trained.predict_logits(ctx.base.apply, ctx.base.variables, x, batch_size=batch_size,
+                               mesh=ctx.mesh) for x, _ in feed.batches(plan, mirror=mirror)]))
+
+  plain = probabilities(None)
+  mirrored = probabilities(np.ones(len(feed), bool))
   out = {"workdir": FLAGS.workdir, "count": int(len(labels)),
          "plain_accuracy": float((plain.argmax(-1) == labels).mean()),
          "flip_averaged_accuracy": float(((plain + mirrored).argmax(-1) == labels).mean())}

@@ -46,7 +46,7 @@ def compare(ctx) -> dict:
   h, w = ctx.height_width
   fmap = patch_map(h, w, FLAGS.patch)
   idx = sis_stage.test_sample(ctx, FLAGS.num_images)
-  images = ctx.data.prepare(ctx.data.test_images[idx])
+  images = ctx.feed("test").batch(idx)[0]
   runs, seconds = {}, {}
   for policy in ("float32", "bfloat16"):
     start = time.perf_counter()

@@ -40,6 +40,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _accuracy(base: trained.Trained, images, labels, config, mesh) -> float:
+  """Accuracy on ``images`` (a ``data.loader.Feed`` or model inputs ``[N, H, W, C]``)
+  with labels ``[N]``."""
   logits = trained.predict_logits(base.apply, base.variables, images,
                                   batch_size=int(config.eval_batch_size), mesh=mesh)
   return float((logits.argmax(-1) == labels).mean())
@@ -61,7 +63,7 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
     raise ValueError(f"{model_dir} holds no finished model of this config; give the config, "
                      "overrides and data it was trained with.")
   state = train.restore_trained(config, model_dir, dataset.image_shape,
-                                len(dataset.train_images), ctx.mesh)
+                                dataset.num_examples("train"), ctx.mesh)
   if state is None:
     raise ValueError(f"{model_dir}: no checkpoint of the last epoch ({config.num_epochs}).")
   base = trained.Trained(train.build_model(config),
@@ -79,8 +81,8 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
       "train_seconds": round(float(summary["seconds"]), 1),
       "test_accuracy": float(summary["metrics"]["accuracy"]),
       "test_images": int(summary["metrics"]["count"]),
-      "test_accuracy_at_export": _accuracy(base, dataset.prepare(dataset.test_images),
-                                           dataset.test_labels, config, ctx.mesh),
+      "test_accuracy_at_export": _accuracy(base, dataset.feed("test"), dataset.labels("test"),
+                                           config, ctx.mesh),
       "slice_accuracy": _accuracy(base, dataset.prepare(piece.images), piece.labels, config,
                                   ctx.mesh),
       "slice_images": len(piece),
