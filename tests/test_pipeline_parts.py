@@ -11,8 +11,9 @@ from overinterp_jax import data as data_lib
 from overinterp_jax import main
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import (backselect_stage, controls, masked_data, record_shards,
-                                     report_sections, retrain_stage, sis_stage, trained)
+from overinterp_jax.pipeline import (backselect_stage, context, controls, masked_data,
+                                     record_shards, report_sections, retrain_stage, sis_stage,
+                                     trained)
 from overinterp_jax.store import hashing, npz
 
 
@@ -113,6 +114,9 @@ class _SisContext:
     self.config.sis.patch_size, self.config.sis.images_per_call = 1, images_per_call
     self.images = images
     self.data = type("D", (), {"num_examples": staticmethod(lambda split: len(images))})
+    self.compiled_predict, self.sis_applies, self.fitted_batches = {}, {}, {}
+
+  predict_logits = context.Context.predict_logits
 
   def feed(self, split):
     return loader.array_feed(self.images, np.zeros(len(self.images), np.int32),

@@ -33,10 +33,13 @@ METHODS = config_schema.BACKSELECT_METHODS  # config.backselect.method
 
 def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
                    seed: int, fully_masked=None, target_classes=None, mesh=None,
-                   compute_dtype: str = "float32", coarse=None) -> sis.BackselectResult:
+                   compute_dtype: str = "float32", coarse=None,
+                   fitted: Optional[dict] = None) -> sis.BackselectResult:
   """One backward selection of ``images [n, H, W, C]`` (normalised) per ``bs_config``
   (``method``: ``sis.batched_backselect``, ``gradient_backselect``, ``hybrid_backselect`` or
-  ``coarse_to_fine_backselect``, which takes ``coarse``: ``(threshold, config.coarse_to_fine)``)."""
+  ``coarse_to_fine_backselect``, which takes ``coarse``: ``(threshold, config.coarse_to_fine)``).
+  ``fitted``: where memory-fitted gradient batches are kept for the next call (a pipeline
+  context's ``fitted_batches``); None fits them afresh."""
   common = dict(params=variables, fully_masked=fully_masked, target_classes=target_classes,
                 mesh=mesh, compute_dtype=compute_dtype)
   if bs_config.method == "exact":
@@ -49,7 +52,7 @@ def run_backselect(apply: Callable, variables, images: np.ndarray, bs_config, *,
   gradient = dict(common, remove_per_step=int(bs_config.remove_per_step),
                   noise_std=float(bs_config.noise_std), seed=seed,
                   batch_size=_gradient_batch(apply, variables, images, bs_config, mesh,
-                                             compute_dtype))
+                                             compute_dtype, {} if fitted is None else fitted))
   if bs_config.method == "gradient":
     return sis.gradient_backselect(apply, images, **gradient)
   return sis.hybrid_backselect(apply, images, switch_fraction=float(bs_config.switch_fraction),
@@ -77,24 +80,22 @@ def coarse_words(c) -> str:
           f"on pixels (margin {float(c.margin):g}, at least {int(c.min_pixels)} pixels)")
 
 
-# Memory-fitted batch per (image shape, parameter shapes, precision): measuring it
-# compiles the model, and it depends on nothing else.
-_FITTED: dict = {}
-
-
-def _gradient_batch(apply, variables, images, bs_config, mesh, compute_dtype) -> int:
+def _gradient_batch(apply, variables, images, bs_config, mesh, compute_dtype,
+                    fitted: dict) -> int:
   """``bs_config.batch_size``, or (0) the most images per device whose pass fits the
-  device's memory (``sis.gradient_batch_size``), logged once when first chosen."""
+  device's memory (``sis.gradient_batch_size``), logged once when first chosen. ``fitted``
+  keeps it per (image shape, parameter shapes, precision): measuring it compiles the
+  model, and it depends on nothing else."""
   if int(bs_config.batch_size):
     return int(bs_config.batch_size)
   key = (images.shape[1:], str(images.dtype), compute_dtype, len(images),
          str(jax.tree.map(np.shape, variables)))
-  if key not in _FITTED:
+  if key not in fitted:
     predict = precision.in_compute_dtype(apply, compute_dtype)
-    _FITTED[key] = sis.gradient_batch_size(predict, images, params=variables, mesh=mesh)
+    fitted[key] = sis.gradient_batch_size(predict, images, params=variables, mesh=mesh)
     logging.info("Batched Gradient SIS: %d images per pass per device (fits the device's "
-                 "memory budget; set backselect.batch_size to fix it).", _FITTED[key])
-  return _FITTED[key]
+                 "memory budget; set backselect.batch_size to fix it).", fitted[key])
+  return fitted[key]
 
 
 def per_step(bs_config) -> int:
@@ -161,13 +162,14 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
                      fully_masked: Optional[Callable] = None,
                      target_classes: Optional[np.ndarray] = None, progress: bool = True,
                      desc: str = "backselect", mesh=None,
-                     compute_dtype: str = "float32", coarse=None) -> record_shards.RecordSet:
+                     compute_dtype: str = "float32", coarse=None,
+                     fitted: Optional[dict] = None) -> record_shards.RecordSet:
   """Backward selection of images ``indices`` (default all) of ``feed`` into
   ``directory/shard_XXXXX.npz``, ``bs_config.shard_size`` images per shard.
 
   ``fully_masked(rows of indices)``: optional masked values ``[n, H, W, C]``;
   ``target_classes``: optional ``[len(indices)]`` classes to select for (default: each
-  image's predicted class).
+  image's predicted class); ``fitted``: as for ``run_backselect``.
   Images are read through the feed shard by shard. Every process computes (the mesh
   spans them); process 0 writes the files.
   """
@@ -186,7 +188,7 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
     fm = None if fully_masked is None else fully_masked(rows)
     r = run_backselect(apply, variables, x, bs_config, seed=seed + rows.start,
                        fully_masked=fm, mesh=mesh, compute_dtype=compute_dtype, coarse=coarse,
-                       target_classes=None if target_classes is None else
+                       fitted=fitted, target_classes=None if target_classes is None else
                        np.asarray(target_classes)[rows])
     return record_shards.encode(r.order, r.values, r.target_classes, r.original_scores,
                                 [feed.source.example_id(int(i)) for i in idx], step)
@@ -219,7 +221,8 @@ def records(ctx, split: str, indices: Optional[tuple] = None,
         seed=int(ctx.config.backselect.seed) + (0 if split == "train" else 10**7),
         indices=chosen, fully_masked=fm, progress=ctx.progress,
         desc=f"backselect {split} ({masking})", mesh=ctx.mesh,
-        compute_dtype=ctx.config.precision, coarse=coarse_args(ctx.config))
+        compute_dtype=ctx.config.precision, coarse=coarse_args(ctx.config),
+        fitted=ctx.fitted_batches)
   # Shards read later (by this or another stage) count as the owner's reads.
   result.guard = lambda: ctx.owned_by(owner)
   return result

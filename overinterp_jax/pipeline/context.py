@@ -65,6 +65,14 @@ class Context:
     # {name: ([N] predicted class, [N] softmax confidence in it)}.
     self.sis_predictors: dict[str, tuple] = {}
     self.sis_predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # Caches of this run, held here rather than in modules (they are keyed on function
+    # objects, which are this run's): jitted prediction functions (``trained.predict_logits``),
+    # the SIS models' apply functions (``sis_stage``), memory-fitted gradient batches
+    # (``backselect_stage``), and backward selections (``backselect``).
+    self.compiled_predict: dict = {}
+    self.sis_applies: dict = {}
+    self.fitted_batches: dict = {}
+    self._backselections: dict[tuple, record_shards.RecordSet] = {}
     check_train_split(config, dataset)
     if config.pretrained:
       shipped_base.check_compatible(config, dataset)
@@ -127,13 +135,22 @@ class Context:
     """What identifies the base model: its ``trained.model_key`` (or the shipped weights)."""
     return self.base.key
 
-  @functools.lru_cache(maxsize=None)
   def backselect(self, split: str, indices: Optional[tuple] = None,
                  masking: str = "mean") -> record_shards.RecordSet:
     """Backward selection of images ``indices`` (a tuple; default all) of ``split`` with the
     base model, masked value ``masking`` (``masked_data.MASKING_VALUES``): the records in
-    shards (``record_shards.RecordSet``), computed where missing."""
-    return backselect_stage.records(self, split, indices, masking)
+    shards (``record_shards.RecordSet``), computed where missing; once per run."""
+    key = (split, indices, masking)
+    if key not in self._backselections:
+      self._backselections[key] = backselect_stage.records(self, split, indices, masking)
+    return self._backselections[key]
+
+  def predict_logits(self, apply, variables, images) -> np.ndarray:
+    """``trained.predict_logits`` on this run's mesh, ``config.eval_batch_size`` images per
+    batch, the jitted ``apply`` kept for the run: ``[N, K]`` logits of ``images``."""
+    return trained.predict_logits(apply, variables, images,
+                                  batch_size=int(self.config.eval_batch_size), mesh=self.mesh,
+                                  compiled=self.compiled_predict)
 
   def fully_masked(self, split: str, kind: str, indices) -> Optional[np.ndarray]:
     """Masked values ``[len(indices), H, W, C]`` of images ``indices`` of ``split``; None

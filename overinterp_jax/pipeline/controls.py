@@ -42,8 +42,7 @@ def smoothed_key(summary: dict) -> str:
 def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
   if len(targets) == 0:
     return np.zeros((0,), np.float64)
-  logits = trained.predict_logits(apply, variables, images,
-                                  batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+  logits = ctx.predict_logits(apply, variables, images)
   return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 
@@ -152,8 +151,7 @@ def masking_values(ctx) -> dict:
             lambda local, kind=kind: ctx.fully_masked("test", kind, sample[local]))
     images = ctx.feed("test").subset(sample).with_masks(loader.PackedMasks.from_masks(keep),
                                                         fill=fill)
-    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, images,
-                                    batch_size=int(c.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables, images)
     out[kind] = {"sis": sis_stage.size_stats(batch.size * ppf, batch.exists, num_pixels),
                  "base_on_bs_subsets": trained.accuracy_and_confidence(
                      logits, ctx.labels("test")[sample], bs["targets"])}

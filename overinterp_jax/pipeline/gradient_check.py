@@ -27,8 +27,7 @@ def subset_confidence(ctx, indices, feature_mask, fmap, targets) -> np.ndarray:
   ``feature_mask [n, d]`` (the rest the mean colour)."""
   pixels = sis.feature_mask_to_pixels(feature_mask, fmap, ctx.height_width)
   feed = ctx.feed("test").subset(indices).with_masks(loader.PackedMasks.from_masks(pixels))
-  logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, feed,
-                                  batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+  logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables, feed)
   return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 
@@ -43,8 +42,7 @@ def single_removal_order(ctx, images: np.ndarray, targets: np.ndarray, fmap, d: 
     presence = ~np.eye(d, dtype=bool)  # row j: every feature but j
     masked = sis.apply_feature_mask(np.broadcast_to(x, (d,) + x.shape), presence,
                                     feature_map=fmap)
-    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables, masked,
-                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables, masked)
     score = np.asarray(sis.log_target_probability(logits, np.full(d, t)))
     order.append(np.argsort(-score, kind="stable"))
   return np.asarray(order, np.int32)

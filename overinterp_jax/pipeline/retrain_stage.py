@@ -63,9 +63,8 @@ def run(ctx) -> dict:
   targets = ctx.backselect("test").targets
   tau = float(ctx.config.sis.threshold)
   for kind in subsets_stage.ALL_KINDS:
-    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                     masked_split(ctx, masks, kind, "test"),
-                                     batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables,
+                                masked_split(ctx, masks, kind, "test"))
     m = trained.accuracy_and_confidence(logits, labels, targets)
     p = trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
     m["fraction_confident_99"] = float((p >= 0.99).mean())

@@ -110,9 +110,7 @@ def base_predictions(ctx) -> tuple[np.ndarray, np.ndarray]:
     small = ctx.backselect("test").small()
     return small["targets"], small["original_scores"]
   if "single" not in ctx.sis_predictions:
-    logits = trained.predict_logits(ctx.base.apply, ctx.base.variables,
-                                    ctx.feed("test"),
-                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables, ctx.feed("test"))
     p = trained.softmax(logits.astype(np.float64))
     ctx.sis_predictions["single"] = (p.argmax(-1), p.max(axis=-1))
   return ctx.sis_predictions["single"]
@@ -305,9 +303,6 @@ def input_dropout_model(ctx) -> trained.Trained:
       c, input_dropout_keep_prob=float(c.sis.input_dropout_keep_prob), num_epochs=epochs))
 
 
-_APPLY_CACHE: dict = {}
-
-
 def predictor(ctx, name: str):
   """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``, built once per run
   (the ensemble's and input-dropout model's test-set evaluation is not repeated)."""
@@ -323,26 +318,25 @@ def _build_predictor(ctx, name: str):
   if name == "ensemble":
     members = ensemble_members(ctx)
     key = ("ensemble", ctx.base.apply)
-    apply = _APPLY_CACHE.setdefault(key, trained.ensemble_apply(ctx.base.apply))
+    if key not in ctx.sis_applies:
+      ctx.sis_applies[key] = trained.ensemble_apply(ctx.base.apply)
+    apply = ctx.sis_applies[key]
     stacked = trained.stack_variables(members)
     fp = hashing.fingerprint("ensemble", [m.key for m in members])
-    logits = trained.predict_logits(apply, stacked, ctx.feed("test"),
-                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(apply, stacked, ctx.feed("test"))
     acc = _keep_predictions(ctx, name, logits)
     return apply, stacked, fp, acc
   if name == "input_dropout":
     model = input_dropout_model(ctx)
     key = ("input_dropout", model.module, int(c.input_dropout_samples), int(c.input_dropout_key))
-    if key not in _APPLY_CACHE:
-      _APPLY_CACHE[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
-                                                      int(c.input_dropout_key))
-    apply = _APPLY_CACHE[key]
+    if key not in ctx.sis_applies:
+      ctx.sis_applies[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
+                                                         int(c.input_dropout_key))
+    apply = ctx.sis_applies[key]
     # the model's key and the arguments of its apply function
     fp = hashing.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
                              int(c.input_dropout_key))
-    logits = trained.predict_logits(apply, model.variables,
-                                    ctx.feed("test"),
-                                    batch_size=int(ctx.config.eval_batch_size), mesh=ctx.mesh)
+    logits = ctx.predict_logits(apply, model.variables, ctx.feed("test"))
     acc = _keep_predictions(ctx, name, logits)
     return apply, model.variables, fp, acc
   raise ValueError(f"config.sis.models: unknown model {name!r}; known: {list(MODELS)}.")

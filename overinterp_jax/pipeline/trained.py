@@ -162,13 +162,15 @@ def stack_variables(members) -> Any:
 
 
 def predict_logits(apply: Callable, variables, images, *, batch_size: int = 500,
-                   mesh=None) -> np.ndarray:
+                   mesh=None, compiled: Optional[dict] = None) -> np.ndarray:
   """``apply(variables, x)`` over ``images`` in batches -> ``[N, K]`` numpy. ``images``: a
-  ``data.loader.Feed`` or array-like model inputs ``[N, ...]``."""
+  ``data.loader.Feed`` or array-like model inputs ``[N, ...]``. ``compiled``: where the
+  jitted ``apply`` is kept for the next call (a pipeline context's ``compiled_predict``);
+  None jits it for this call only."""
   mesh = mesh if mesh is not None else sharding.data_mesh()
   ndev = mesh.devices.size
   batch_size = -(-batch_size // ndev) * ndev
-  fn = _compiled(apply, mesh)
+  fn = _compiled(apply, mesh, {} if compiled is None else compiled)
   if isinstance(images, loader.Feed):
     plan, _ = loader.eval_plan(len(images), batch_size)  # padding: the tail of the last batch
     out = [sharding.to_host(fn(variables, sharding.global_batch(mesh, x)))
@@ -185,16 +187,15 @@ def predict_logits(apply: Callable, variables, images, *, batch_size: int = 500,
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-_COMPILED: dict = {}
-
-
-def _compiled(apply, mesh):
+def _compiled(apply, mesh, cache: dict):
+  """``apply`` jitted for ``mesh``, kept in ``cache`` (held by the caller, e.g. the pipeline
+  context, so it lives as long as ``apply`` is the same function)."""
   key = (apply, mesh)
-  if key not in _COMPILED:
-    _COMPILED[key] = jax.jit(apply, in_shardings=(sharding.replicated(mesh),
-                                                  sharding.batch_sharding(mesh)),
-                             out_shardings=sharding.batch_sharding(mesh))
-  return _COMPILED[key]
+  if key not in cache:
+    cache[key] = jax.jit(apply, in_shardings=(sharding.replicated(mesh),
+                                              sharding.batch_sharding(mesh)),
+                         out_shardings=sharding.batch_sharding(mesh))
+  return cache[key]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
