@@ -26,7 +26,6 @@ EXEMPT = {
 # Being split now (issue 29); remove each entry when its split lands.
 TEMPORARY = {
     "overinterp_jax/train.py::fit",
-    "overinterp_jax/sis/coarse_to_fine.py::coarse_to_fine_backselect",
 }
 
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)

@@ -49,7 +49,9 @@ def test_analyze_runs_on_the_shipped_model_without_training(tmp_path):
   single = stages["sis"]["models"]["single"]
   # Sampled among images classified with confidence >= τ: every one has a SIS.
   assert single["count"] == 2 and single["fraction_with_sis"] == 1.0
-  assert single["median_pixels"] % 16 == 0  # 4×4-pixel features
+  # Single pixels by coarse-to-fine selection (4×4 and 2×2 patches, then pixels).
+  assert stages["sis"]["selection"] == "coarse_to_fine" and stages["sis"]["patch_size"] == 1
+  assert single["median_pixels"] < 100
   md = (tmp_path / "report.md").read_text()
   assert "Base model on its own 5% test subsets" in md and "## SIS size at τ = 0.99" in md
   for name in ("sis_examples", "confidence_curves", "sis_sizes", "smoothed_sis",

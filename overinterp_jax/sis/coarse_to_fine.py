@@ -162,65 +162,90 @@ def coarse_to_fine_backselect(predict_fn: Callable, images, *, threshold: float,
     ``BackselectResult`` over pixels (``order [N, H·W]``, ``values [N, H·W]``), and with
     ``return_level_counts`` the counts: ``(result, counts)``.
   """
-  tau = check_threshold(threshold, probability=bool(apply_softmax))
-  if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 1):
-    raise ValueError(f"margin must be a number >= 1, got {margin!r}.")
-  if isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, np.integer)) \
-      or min_pixels < 0:
-    raise ValueError(f"min_pixels must be an integer >= 0, got {min_pixels!r}.")
-  images_shape = np.shape(images)
-  if len(images_shape) != 4:
-    raise ValueError(f"images must be [N, H, W, C], got shape {images_shape}.")
-  h, w = images_shape[1:3]
+  tau = _check_args(threshold, apply_softmax, margin, min_pixels)
+  n, h, w = _image_dims(images)
   sizes = check_patch_sizes(patch_sizes, (h, w))
   predict_fn = precision.in_compute_dtype(predict_fn, compute_dtype, params is not None)
-  mesh = mesh if mesh is not None else sharding.data_mesh()
   exact_args = dict(apply_softmax=apply_softmax, eval_batch_size=eval_batch_size,
-                    images_per_group=images_per_group,
-                    memory_budget_bytes=memory_budget_bytes, mesh=mesh)
-  targets, region, start_values = target_classes, None, None
-  n, d = images_shape[0], h * w
-  pieces_order = [[] for _ in range(n)]
-  pieces_values = [[] for _ in range(n)]
-  counts_per_level = []
-  first = None
+                    images_per_group=images_per_group, memory_budget_bytes=memory_budget_bytes,
+                    mesh=mesh if mesh is not None else sharding.data_mesh())
+  record = _Record(n, h * w)
+  targets, region, first = target_classes, None, None
   for l, p in enumerate(sizes):
     level = _level(p, h, w)
     prepared = prepare_images(images, fully_masked, level.fmap, targets)
     if l == 0:
       check_num_classes(predict_fn, params, prepared.images, prepared.targets, apply_softmax)
-      present0 = None
-      counts = np.full((n,), prepared.d, np.int64)
+      present0, counts = None, np.full((n,), prepared.d, np.int64)
     else:
       present0 = region[:, level.members[:, 0]]
       counts = present0.sum(axis=1)
     res = exact_phase(predict_fn, params, prepared, present0, _num_steps(counts, prepared.d),
                       **exact_args)
     if first is None:
-      first, targets, start_values = res, res.target_classes, res.original_scores
-    counts_per_level.append(counts)
-    last = l == len(sizes) - 1
-    if last:
-      kept = np.zeros((n,), np.int64)
-    else:
-      states = _state_values(res.order, res.values, counts, start_values)
+      first, targets = res, res.target_classes
+      record.start_values = res.original_scores
+    kept = np.zeros((n,), np.int64)
+    if l < len(sizes) - 1:
+      states = _state_values(res.order, res.values, counts, record.start_values)
       kept, _ = choose_kept(states, counts, tau, float(margin),
                             int(math.ceil(min_pixels / (p * p))))
-    region = np.zeros((n, d), bool)
-    next_start = np.empty((n,), res.values.dtype)
-    for i in range(n):
+    region = record.add_level(level, res, counts, kept)
+  result = BackselectResult(first.target_classes, first.original_scores, *record.arrays())
+  if return_level_counts:
+    return result, np.stack(record.counts, axis=1)
+  return result
+
+
+def _check_args(threshold, apply_softmax, margin, min_pixels) -> float:
+  tau = check_threshold(threshold, probability=bool(apply_softmax))
+  if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 1):
+    raise ValueError(f"margin must be a number >= 1, got {margin!r}.")
+  if isinstance(min_pixels, bool) or not isinstance(min_pixels, (int, np.integer)) \
+      or min_pixels < 0:
+    raise ValueError(f"min_pixels must be an integer >= 0, got {min_pixels!r}.")
+  return tau
+
+
+def _image_dims(images) -> tuple[int, int, int]:
+  shape = np.shape(images)
+  if len(shape) != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {shape}.")
+  return shape[0], shape[1], shape[2]
+
+
+class _Record:
+  """The pixel record being built: each level's removed features as pixels, then the last
+  level's order; ``start_values [n]`` the score of the state the next level starts from."""
+
+  def __init__(self, n: int, d: int):
+    self.n, self.d = n, d
+    self.order = [[] for _ in range(n)]
+    self.values = [[] for _ in range(n)]
+    self.counts: list[np.ndarray] = []
+    self.start_values = None
+
+  def add_level(self, level: Level, res: BackselectResult, counts, kept) -> np.ndarray:
+    """Records a level's first ``counts - kept`` removals of each image; returns the
+    ``[n, d]`` pixels the next level starts from (the last ``kept`` removed features)."""
+    self.counts.append(counts)
+    region = np.zeros((self.n, self.d), bool)
+    next_start = np.empty((self.n,), res.values.dtype)
+    for i in range(self.n):
       c, k = int(counts[i]), int(kept[i])
       pix, vals = _expand(level, res.order[i, :c - k], res.values[i, :c - k])
-      pieces_order[i].append(pix)
-      pieces_values[i].append(vals)
+      self.order[i].append(pix)
+      self.values[i].append(vals)
       region[i, level.members[res.order[i, c - k:c]].reshape(-1)] = True
-      next_start[i] = res.values[i, c - k - 1] if c > k else start_values[i]
-    start_values = next_start
-  order = np.stack([np.concatenate(o) for o in pieces_order]).astype(np.int32)
-  values = np.stack([np.concatenate(v) for v in pieces_values])
-  if order.shape != (n, d):
-    raise AssertionError(f"coarse_to_fine: order of shape {order.shape}, expected {(n, d)}.")
-  result = BackselectResult(first.target_classes, first.original_scores, order, values)
-  if return_level_counts:
-    return result, np.stack(counts_per_level, axis=1)
-  return result
+      next_start[i] = res.values[i, c - k - 1] if c > k else self.start_values[i]
+    self.start_values = next_start
+    return region
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(order [n, d] int32, values [n, d])``."""
+    order = np.stack([np.concatenate(o) for o in self.order]).astype(np.int32)
+    values = np.stack([np.concatenate(v) for v in self.values])
+    if order.shape != (self.n, self.d):
+      raise AssertionError(f"coarse_to_fine: order of shape {order.shape}, expected "
+                           f"{(self.n, self.d)}.")
+    return order, values
