@@ -6,8 +6,8 @@
 #
 #   bash launch/mitigations_pixel_gpu.sh OUT_DIR [CIFAR10_ARCHIVE_OR_FOLDER] [WORKDIR]
 #
-# OUT_DIR receives study.log, accelerator.log/.json and workdir.tar.gz (the work directory
-# without its checkpoint history). STUDY_SECONDS (default 420) and BENCH_SECONDS (default
+# OUT_DIR receives study.log, accelerator.log/.json, results.tar.gz (the work directory
+# without checkpoints) and models.tar.gz.* (the checkpoints, in pieces: cat them to untar). STUDY_SECONDS (default 420) and BENCH_SECONDS (default
 # 150) bound the two parts.
 set -uo pipefail
 OUT=${1:?usage: $0 OUT_DIR [DATA] [WORKDIR]}
@@ -24,5 +24,9 @@ start=$(date +%s)
 timeout "${BENCH_SECONDS:-150}" python3 benchmarks/accelerator.py --out "$OUT/accelerator.json" \
   2>&1 | tee "$OUT/accelerator.log"
 echo "accelerator: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/accelerator.log"
-tar czf "$OUT/workdir.tar.gz" -C "$(dirname "$W")" "$(basename "$W")"
+# The results without the models' checkpoints, and the checkpoints in pieces of 15 MiB
+# (a lent machine returns files of at most 16 MiB).
+tar czf "$OUT/results.tar.gz" --exclude='*/checkpoints' -C "$(dirname "$W")" "$(basename "$W")"
+(cd "$(dirname "$W")" && find "$(basename "$W")" -type d -name checkpoints -print0 \
+   | tar czf - --null -T -) | split -b 15M - "$OUT/models.tar.gz."
 ls -la "$OUT"
