@@ -26,7 +26,7 @@ timeout "${BENCH_SECONDS:-150}" python3 benchmarks/accelerator.py --out "$OUT/ac
 echo "accelerator: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s" | tee -a "$OUT/accelerator.log"
 # The results without the models' checkpoints, and the checkpoints in pieces of 15 MiB
 # (a lent machine returns files of at most 16 MiB).
-tar czf "$OUT/results.tar.gz" --exclude='*/checkpoints' -C "$(dirname "$W")" "$(basename "$W")"
+tar czf "$OUT/results.tar.gz" --exclude='*/checkpoints' --exclude='*/data_cache' -C "$(dirname "$W")" "$(basename "$W")"
 (cd "$(dirname "$W")" && find "$(basename "$W")" -type d -name checkpoints -print0 \
    | tar czf - --null -T -) | split -b 15M - "$OUT/models.tar.gz."
 ls -la "$OUT"
