@@ -1,10 +1,13 @@
-"""Datasets as in-memory arrays, from an image folder / archive, TFDS, or synthetic data.
+"""The train and test splits of any data source as one ``Dataset``.
 
-``load_dataset(source, ...)`` (or ``load_for_config(config.data, workdir)``)
-returns a ``Dataset``: uint8 train/test images ``[N, H, W, C]``, int32 labels
-``[N]``, class names, the normalisation, ``prepare(images uint8) -> float32``
-(normalised) and ``feed(split)``, the ``loader.Feed`` training reads (its device-side
-crop + flip is ``train.config_augment_fn(config)``, not part of the data).
+``load_for_config(config.data, workdir)`` returns a ``Dataset``: two sources
+(``sources.Source``: examples, class names, labels, example ids, batches by index), the
+normalisation, the analysis view, ``prepare(images uint8) -> float32`` (normalised) and
+``feed(split)``, the ``loader.Feed`` every stage reads (its device-side crop + flip is
+``train.config_augment_fn(config)``, not part of the data). Held in memory
+(``config.data.in_memory``; ``load_dataset``) the sources are ``sources.ArraySource``
+caches of the decoded arrays; streamed (``load_streaming``) they read files or TFDS
+records on demand.
 
 Sources:
   * ``'image_folder'``: ``path`` = directory or ``.tar.gz`` of ``<split>/<class>/<image>``
@@ -41,81 +44,36 @@ STATS_SAMPLE = 2000
 
 @dataclasses.dataclass(eq=False)
 class Dataset:
-  """Train and test arrays plus how to turn them into model inputs.
+  """The train and test splits as two sources (``sources.Source``) plus how to turn their
+  images into model inputs: the one data type of every source.
+
+  Held in memory (``config.data.in_memory``, and synthetic data or the shipped slice) the
+  sources are ``sources.ArraySource``, a cache of the decoded arrays; streamed they read
+  files or records on demand. Everything reads them through ``feed(split)``.
 
   Attributes:
-    train_images, test_images: ``[N, H, W, C]`` uint8.
-    train_labels, test_labels: ``[N]`` int32.
-    class_names: name of each label.
+    train, test: the splits (``sources.Source``).
     normalization: per-channel mean/std used by ``prepare``.
-    train_ids, test_ids: the dataset's own example ids (TFDS), None = ``"<split>/<index>"``.
+    view: the analysis view of every image (``transforms.ViewSpec``; size 0 = as stored).
+    workers: grain worker processes decoding batches of streamed data.
   """
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  class_names: tuple[str, ...]
+  train: sources.Source
+  test: sources.Source
   normalization: Normalization
-  train_ids: Optional[tuple[str, ...]] = None
-  test_ids: Optional[tuple[str, ...]] = None
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self.train_images.shape[1:])
-
-  def prepare(self, images: np.ndarray) -> np.ndarray:
-    """``[B, H, W, C]`` uint8 -> normalised float32 (0 = mean colour = masked value)."""
-    return self.normalization.normalize(images)
-
-  in_memory = True
-
-  def source(self, split: str) -> sources.ArraySource:
-    images = self.train_images if split == "train" else self.test_images
-    ids = self.train_ids if split == "train" else self.test_ids
-    return sources.ArraySource(images, self.labels(split), self.class_names, split, ids)
-
-  def labels(self, split: str) -> np.ndarray:
-    return self.train_labels if split == "train" else self.test_labels
-
-  def num_examples(self, split: str) -> int:
-    return len(self.labels(split))
-
-  def feed(self, split: str) -> "loader.Feed":
-    """``split`` (``"train"`` or ``"test"``) as a ``loader.Feed`` of normalised images."""
-    return loader.Feed(self.source(split), self.prepare)
-
-  def fingerprint_parts(self) -> tuple:
-    """What identifies the loaded data beyond its config: shapes and labels."""
-    return (self.train_images.shape, self.test_images.shape,
-            _labels_checksum(self.train_labels, self.test_labels))
-
-
-def _labels_checksum(train: np.ndarray, test: np.ndarray) -> str:
-  return hashing.checksum({"y": train, "t": test})
-
-
-@dataclasses.dataclass(eq=False)
-class StreamingDataset:
-  """Train and test splits read from disk on demand (``sources.FileSource`` or
-  ``sources.TfdsSource``), never held in memory; the same interface as ``Dataset``
-  minus the whole-split arrays.
-
-  Attributes:
-    train, test: the random-access sources.
-    view: the analysis view of every image (``transforms.ViewSpec``).
-    normalization: per-channel mean/std.
-    workers: grain worker processes decoding batches.
-  """
-  train: object
-  test: object
-  view: transforms.ViewSpec
-  normalization: Normalization
+  view: transforms.ViewSpec = transforms.ViewSpec()
   workers: int = 0
-  in_memory = False
+
+  @classmethod
+  def from_arrays(cls, train: LabelledImages, test: LabelledImages,
+                  normalization: Normalization) -> "Dataset":
+    """Splits decoded into memory (ids None = ``"<split>/<index>"``)."""
+    return cls(*(sources.ArraySource(d.images, d.labels, d.class_names, split, d.ids)
+                 for split, d in (("train", train), ("test", test))), normalization)
+
+  @property
+  def in_memory(self) -> bool:
+    """Whether both splits are held in memory (``sources.ArraySource``)."""
+    return all(getattr(src, "in_memory", False) for src in (self.train, self.test))
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -127,12 +85,15 @@ class StreamingDataset:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    return self.feed("test").image_shape
+    """``(H, W, C)`` of the model inputs: the view's, else the stored images' (in memory:
+    the train split's arrays, which also say it when the split is empty)."""
+    return self.feed("train" if self.in_memory else "test").image_shape
 
   def prepare(self, images: np.ndarray) -> np.ndarray:
+    """``[B, H, W, C]`` uint8 -> normalised float32 (0 = mean colour = masked value)."""
     return self.normalization.normalize(images)
 
-  def source(self, split: str):
+  def source(self, split: str) -> sources.Source:
     return self.train if split == "train" else self.test
 
   def labels(self, split: str) -> np.ndarray:
@@ -142,13 +103,33 @@ class StreamingDataset:
     return len(self.source(split))
 
   def feed(self, split: str) -> "loader.Feed":
-    return loader.Feed(self.source(split), self.prepare, view=self.view,
-                       workers=self.workers)
+    """``split`` (``"train"`` or ``"test"``) as a ``loader.Feed`` of normalised images."""
+    return loader.Feed(self.source(split), self.prepare, view=self.view, workers=self.workers)
 
   def fingerprint_parts(self) -> tuple:
-    return (len(self.train), len(self.test), self.image_shape,
-            _labels_checksum(self.labels("train"), self.labels("test")),
+    """What identifies the loaded data beyond its config: shapes (in memory) or counts,
+    input shape and view (streamed), and the labels."""
+    checksum = hashing.checksum({"y": self.labels("train"), "t": self.labels("test")})
+    if self.in_memory:
+      return (self.train.images.shape, self.test.images.shape, checksum)
+    return (len(self.train), len(self.test), self.image_shape, checksum,
             dataclasses.asdict(self.view))
+
+  # The whole-split arrays of data held in memory (tests, small-data tools); streamed data
+  # has none: read it through ``feed(split)``.
+  train_images = property(lambda self: self._array("train", "images"))
+  test_images = property(lambda self: self._array("test", "images"))
+  train_labels = property(lambda self: self._array("train", "labels"))
+  test_labels = property(lambda self: self._array("test", "labels"))
+  train_ids = property(lambda self: self._array("train", "ids"))
+  test_ids = property(lambda self: self._array("test", "ids"))
+
+  def _array(self, split: str, what: str):
+    src = self.source(split)
+    if not getattr(src, "in_memory", False):
+      raise TypeError(f"The {split} split is streamed (config.data.in_memory=False): it has no "
+                      f"whole-split {what}; read it through dataset.feed({split!r}).")
+    return getattr(src, what)
 
 
 def _normalization(kind: str, train: LabelledImages) -> Normalization:
@@ -207,8 +188,7 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
   else:
     raise ValueError(f"Unknown data source {source!r}; known: {list(SOURCES)}.")
   train, test = splits["train"], splits["test"]
-  return Dataset(train.images, train.labels, test.images, test.labels, train.class_names,
-                 _normalization(normalization, train), train.ids, test.ids)
+  return Dataset.from_arrays(train, test, _normalization(normalization, train))
 
 
 def _check_counts(counts: dict[str, int], expected_counts) -> None:
@@ -242,7 +222,7 @@ def view_for_config(config) -> transforms.ViewSpec:
 
 def load_streaming(data_config, workdir: str, progress: bool = True,
                    workers: int = 0, view: Optional[transforms.ViewSpec] = None,
-                   bad_files: str = "check", max_bad_files: int = 100) -> StreamingDataset:
+                   bad_files: str = "check", max_bad_files: int = 100) -> Dataset:
   """The splits of ``data_config`` as sources read on demand (``data.in_memory = False``).
 
   Image folders are listed (archives extracted once into ``cache_dir``), TFDS splits
@@ -285,7 +265,7 @@ def load_streaming(data_config, workdir: str, progress: bool = True,
                                          for i in range(0, len(pick), 256)]))
   else:
     norm = _normalization(kind, None)
-  return StreamingDataset(train_src, test_src, view, norm, int(workers))
+  return Dataset(train_src, test_src, norm, view, int(workers))
 
 
 def load_for_config(data_config, workdir: str, progress: bool = True,

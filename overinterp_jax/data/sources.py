@@ -1,15 +1,16 @@
-"""Random-access image sources behind one interface, decoded lazily.
+"""Random-access image sources behind one protocol (``Source``), decoded lazily.
 
-Every source is a sequence of labelled images: ``len(source)``,
-``source[i] -> (image [H, W, 3] uint8, label int)``, ``source.example_id(i)``
-(a stable key: the file's path relative to the dataset root, TFDS's
-``file_name`` or ``id``, or ``"<split>/<index>"`` for arrays without ids), ``source.class_names``
-and ``source.image_shape`` (``(H, W, 3)`` when every image has it, else None).
+Every source is one split of labelled images: ``len(source)`` examples,
+``source.class_names``, ``source.labels`` (``[N]`` int32), ``source.example_id(i)``
+(a stable key: the file's path relative to the dataset root, TFDS's ``file_name``
+or ``id``, or ``"<split>/<index>"`` for arrays without ids), ``source[i] -> (image
+[H, W, 3] uint8, label int)``, ``source.gather(indices)`` (a batch of same-size
+images) and ``source.image_shape`` (``(H, W, 3)`` when every image has it, else None).
 Sources are picklable, so grain's worker processes can read them.
 
-  * ``ArraySource``: images already in memory (CIFAR-sized data, synthetic
-    data, the shipped slice); ``gather(indices)`` reads a whole batch with one
-    fancy index, the fast path the loader uses.
+  * ``ArraySource``: images held in memory (CIFAR-sized data, synthetic data, the
+    shipped slice; ``cache(source)`` of any source); ``gather(indices)`` reads a whole
+    batch with one fancy index, the fast path the loader uses.
   * ``FileSource``: an image folder ``<root>/<split>/<class>/<image>`` read as
     a list of files; each image is decoded (PIL, converted to RGB from grey,
     CMYK, palette or RGBA) only when asked for. ``.tar``/``.tar.gz`` archives
@@ -24,7 +25,7 @@ import os
 import shutil
 import tarfile
 import zlib
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -32,6 +33,48 @@ from overinterp_jax.data import image_folder, tfds_source
 from overinterp_jax.progress import progress_bar
 
 IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS
+
+
+@runtime_checkable
+class Source(Protocol):
+  """One split of labelled images with random access (see the module docstring)."""
+  class_names: tuple[str, ...]
+  image_shape: Optional[tuple[int, int, int]]
+
+  @property
+  def labels(self) -> np.ndarray:
+    """``[N]`` int32."""
+
+  def __len__(self) -> int:
+    """``N``, the number of examples."""
+
+  def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    """``(image [H, W, 3] uint8, label)`` of example ``i``."""
+
+  def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[b, H, W, 3]`` uint8 and labels ``[b]`` int32 of ``indices``."""
+
+  def example_id(self, i: int) -> str:
+    """The stable key of example ``i``."""
+
+
+class _ReadsOneByOne:
+  """``gather`` of a source that decodes one example at a time."""
+
+  def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[b, H, W, 3]`` uint8 and labels ``[b]`` int32 of ``indices`` (the images must
+    share a size)."""
+    examples = [self[int(i)] for i in np.asarray(indices, np.int64)]
+    if not examples:
+      return np.zeros((0,) + tuple(self.image_shape or (0, 0, 3)), np.uint8), np.zeros(0, np.int32)
+    return np.stack([im for im, _ in examples]), np.array([y for _, y in examples], np.int32)
+
+
+def cache(source: Source, split: str = "data") -> "ArraySource":
+  """Every example of ``source`` decoded into memory, as an ``ArraySource`` with its ids."""
+  images, labels = source.gather(np.arange(len(source)))
+  return ArraySource(images, labels, source.class_names, split,
+                     [source.example_id(i) for i in range(len(source))])
 
 
 class ArraySource:
@@ -68,7 +111,7 @@ class ArraySource:
     return tuple(self.images.shape[1:])
 
 
-class FileSource:
+class FileSource(_ReadsOneByOne):
   """Image files, decoded lazily. ``paths[i]`` has label ``labels[i]``."""
 
   def __init__(self, root: str, paths: Sequence[str], labels: Sequence[int],
@@ -143,7 +186,7 @@ def folder_source(path: str, split: str, cache_dir: str, progress: bool = True,
   return FileSource.from_folder(root, split, image_shape)
 
 
-class TfdsSource:
+class TfdsSource(_ReadsOneByOne):
   """A TFDS split prepared as ArrayRecord, read with ``tfds.data_source``; the image bytes
   are decoded here (TFDS's own decoder would need TensorFlow). Opened lazily, so the
   source pickles as its name, split and folder."""
