@@ -83,6 +83,35 @@ def test_views_and_random_resized_crops_keep_masks_aligned(tmp_path):
     feed.batch(np.arange(3))
 
 
+def test_every_source_follows_the_protocol_and_any_source_caches_in_memory(tmp_path):
+  _write_folder(tmp_path, sizes=((20, 20),) * 3)
+  files = sources.FileSource.from_folder(str(tmp_path), "test")
+  held = sources.cache(files, "test")
+  for src in (files, held, loader.Subset(files, [4, 1])):
+    assert isinstance(src, sources.Source)
+  assert held.in_memory and held.class_names == files.class_names
+  images, labels = files.gather(np.arange(len(files)))
+  np.testing.assert_array_equal(held.images, images)
+  np.testing.assert_array_equal(held.labels, labels)
+  assert [held.example_id(i) for i in range(6)] == [files.example_id(i) for i in range(6)]
+  np.testing.assert_array_equal(loader.Subset(files, [4, 1]).gather(np.array([1]))[0],
+                                images[[1]])
+
+
+def test_streamed_splits_have_no_whole_split_arrays(tmp_path):
+  from overinterp_jax import data as data_lib
+  from overinterp_jax.data import normalize
+  _write_folder(tmp_path, sizes=((16, 16),) * 3)
+  src = sources.FileSource.from_folder(str(tmp_path), "test")
+  streamed = data_lib.Dataset(src, src, normalize.IMAGENET, transforms.ViewSpec(16, 16))
+  assert not streamed.in_memory and streamed.num_examples("train") == 6
+  with pytest.raises(TypeError, match="feed"):
+    streamed.test_images  # pylint: disable=pointless-statement
+  held = data_lib.Dataset(sources.cache(src, "train"), sources.cache(src, "test"),
+                          normalize.IMAGENET, transforms.ViewSpec(16, 16))
+  assert held.in_memory and held.test_labels.tolist() == src.labels.tolist()
+
+
 def _folder(tmp_path):
   root = tmp_path / "imgs"
   _write_folder(root)

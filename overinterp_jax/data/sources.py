@@ -71,7 +71,8 @@ class _ReadsOneByOne:
 
 
 def cache(source: Source, split: str = "data") -> "ArraySource":
-  """Every example of ``source`` decoded into memory, as an ``ArraySource`` with its ids."""
+  """Every example of ``source`` (images of one size) decoded into memory, as an
+  ``ArraySource`` with its ids."""
   images, labels = source.gather(np.arange(len(source)))
   return ArraySource(images, labels, source.class_names, split,
                      [source.example_id(i) for i in range(len(source))])
