@@ -85,9 +85,24 @@ def _config_path(argv) -> str | None:
   return None
 
 
+def _check_config_loads(argv) -> None:
+  """A config file whose ``get_config`` fails (an unknown variant, say) ends the program
+  with one line naming the problem instead of absl's traceback."""
+  path = _config_path(argv)
+  if not path:
+    return
+  try:
+    FLAGS["config"].parser.parse(path)
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own error
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    sys.exit(f"FATAL: --config={path}: {lines[-1].strip() if lines else type(e).__name__}")
+
+
 def parse_flags(argv):
-  """absl's flag parsing; an override of a config key that does not exist ends the
-  program with one line naming it and the closest existing keys."""
+  """absl's flag parsing; a config file that fails to load, or an override of a config
+  key that does not exist, ends the program with one line naming the problem (and the
+  closest existing keys)."""
+  _check_config_loads(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):

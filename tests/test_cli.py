@@ -46,6 +46,14 @@ def test_a_bad_value_or_missing_data_ends_in_its_message_alone(tmp_path, args, m
   assert not os.listdir(tmp_path)  # before any work
 
 
+def test_an_unknown_config_variant_ends_in_one_line_naming_the_known_ones(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "overinterp_jax.main",
+                         "--config=configs/cifar10_cpu.py:nope", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env())
+  message = _fatal(proc)
+  assert "Unknown variant 'nope'" in message and "analyze" in message, message
+
+
 def test_verbosity_1_shows_the_traceback_of_an_error(tmp_path):
   proc = _run(tmp_path, "--config.sis.threshold=1.5", "--verbosity=1")
   assert proc.returncode != 0 and "Traceback" in proc.stderr
