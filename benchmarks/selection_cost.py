@@ -96,6 +96,41 @@ def timed(clock, run):
   return result, time.perf_counter() - t0 - compile_s, compile_s
 
 
+def plot(out: dict, path: str) -> None:
+  """Two panels: each method's SIS sizes against exact selection's on the reference images,
+  and its cost (evaluations per image, log scale) against its mean 5%-subset confidence."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  methods = out["methods"]
+  exact = np.asarray(methods["exact"]["sis_sizes"])
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+  for name, row in methods.items():
+    if name == "exact" or "size_ratio_to_exact" not in row:
+      continue
+    m = row["shared_images"]
+    a.scatter(exact[:m], row["sis_sizes"][:m], label=f"{name} (n = {m})", s=25)
+    evals = max(row["model_evaluations_per_image"], 1.0)
+    b.scatter(evals, row["mean_confidence_5pct"], s=40)
+    b.annotate(f"{name} (n = {row['images']})", (evals, row["mean_confidence_5pct"]),
+               fontsize=7, xytext=(4, -10), textcoords="offset points")
+  a.plot([8, 1024], [8, 1024], color="grey", lw=0.8, ls="--", label="equal")
+  a.set(xscale="log", yscale="log", xlim=(8, 1024), ylim=(8, 1024),
+        xlabel="exact selection's SIS (pixels)", ylabel="method's SIS (pixels)",
+        title="SIS size at τ = 0.99, same images")
+  a.legend(fontsize=7, loc="lower right")
+  e = methods["exact"]
+  b.scatter(e["model_evaluations_per_image"], e["mean_confidence_5pct"], s=40, color="k")
+  b.annotate(f"exact (n = {e['images']})", (e["model_evaluations_per_image"],
+             e["mean_confidence_5pct"]), fontsize=7, xytext=(-50, 8), textcoords="offset points")
+  b.set(xscale="symlog", xlabel="model evaluations per image (gradient passes apart; "
+                                "the gradient at 1)",
+        ylabel="mean confidence on own 5% subset", ylim=(0, 1.02),
+        title="cost and 5% subsets")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,7 +141,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--switch", type=float, default=0.1, help="the hybrid's fixed switch")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
+  parser.add_argument("--figure", default="", help="also draw the results here (PNG)")
+  parser.add_argument("--plot-only", default="",
+                      help="draw --figure from this earlier --out JSON and stop")
   args = parser.parse_args(argv)
+  if args.plot_only:
+    with open(args.plot_only) as fh:
+      plot(json.load(fh), args.figure)
+    return {}
   module, variables = shipped.pretrained(MODEL)
   apply = lambda v, x: module.apply(v, x, train=False)
   predict = jax.jit(lambda x: apply(variables, x))
@@ -153,6 +195,8 @@ def main(argv=None) -> dict:
   if args.out:
     with open(args.out, "w") as fh:
       json.dump(out, fh, indent=1)
+  if args.figure:
+    plot(out, args.figure)
   for name, row in out["methods"].items():
     print(f"{name:<28} {row['images']:>3} img {row['seconds_per_image']:8.2f} s/img "
           f"{row['model_evaluations_per_image']:>9,.0f} evals  median SIS {row['median_sis']:5.1f}"
