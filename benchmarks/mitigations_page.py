@@ -154,6 +154,12 @@ def agreement(workdir: str, names) -> list[str]:
   return out
 
 
+def _dropout_seed(config: dict) -> int:
+  """``sis.input_dropout_seed`` of a saved config (``sis.input_dropout_key`` before issue 29)."""
+  sis = config["sis"]
+  return sis["input_dropout_seed"] if "input_dropout_seed" in sis else sis["input_dropout_key"]
+
+
 def write_page(workdir: str, log: str, command: str, out: str, reading: str = "") -> None:
   with open(os.path.join(workdir, "config.json")) as fh:
     config = json.load(fh)
@@ -201,7 +207,7 @@ def write_page(workdir: str, log: str, command: str, out: str, reading: str = ""
       *(["The input-dropout model's accuracy here is training's evaluation, with its fixed "
          "evaluation dropout mask; the SIS table below evaluates it as SIS sees it, with "
          f"{config['sis']['input_dropout_samples']} fixed mask(s) from "
-         f"`sis.input_dropout_key = {config['sis']['input_dropout_key']}`, so the two differ "
+         f"`sis.input_dropout_seed = {_dropout_seed(config)}`, so the two differ "
          "slightly. The ensemble's accuracy is that of its mean logits (SIS table).", ""]
         if "input_dropout" in config["sis"]["models"] else []),
       "## Wall time per stage", "",

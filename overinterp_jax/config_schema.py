@@ -24,7 +24,7 @@ MASKING_VALUES = ("mean", "blur", "noise")                        # controls.mas
 def base_config() -> ml_collections.ConfigDict:
   """The schema: every key with its default."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.train_seed = 0                  # training: initialisation, batch order, augmentation
   # Pipeline stages, run in this order; a finished stage is skipped on re-run.
   c.stages = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
 
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_test = 64              # source=synthetic only: test images
   c.data.image_size = 32            # source=synthetic only: image side (pixels)
   c.data.num_classes = 10           # source=synthetic only: classes
-  c.data.seed = 0                   # source=synthetic only: seed of the images
+  c.data.synthetic_seed = 0         # source=synthetic only: seed of the images
 
   # Training augmentation: random crop (zero padding) + horizontal flip.
   c.augment = ml_collections.ConfigDict()
@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrained = ""
   c.num_classes = 10
   c.bn_momentum = 0.9               # of batch norm's running statistics (PyTorch's 0.1)
-  c.input_dropout_keep_prob = 1.0   # < 1 wraps the model in input dropout (paper: 0.8)
+  c.input_keep_prob = 1.0           # < 1 wraps the model in input dropout (paper: 0.8)
   # Compute dtype of model evaluations in training and backselect (overinterp_jax/
   # precision.py): "float32" | "bfloat16" (float32 parameters, float32 ranking).
   c.precision = "float32"
@@ -131,13 +131,13 @@ def base_config() -> ml_collections.ConfigDict:
   # the gradient removes the others. In (0, 1]; 1 = exact backward selection.
   c.backselect.switch_fraction = 0.2
   c.backselect.shard_size = 1000    # images per result file
-  c.backselect.seed = 0
+  c.backselect.noise_seed = 0
 
   # Stage subsets: keep the last-removed ceil(frac_kept·d) pixels; random baseline.
   c.subsets = ml_collections.ConfigDict()
   c.subsets.frac_kept = 0.05        # 52 of 1,024 CIFAR pixels
-  c.subsets.random_seed_train = 1234  # the public code's seeds
-  c.subsets.random_seed_test = 5678
+  c.subsets.random_train_seed = 1234  # the public code's seeds
+  c.subsets.random_test_seed = 5678
 
   # Stage retrain: fresh models on subsets; "mask_only" is the leakage control.
   c.retrain = ml_collections.ConfigDict()
@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sis.input_dropout_keep_prob = 0.8
   c.sis.input_dropout_epochs = 0    # 0 = num_epochs
   c.sis.input_dropout_samples = 4   # fixed dropout masks averaged at SIS time
-  c.sis.input_dropout_key = 0
+  c.sis.input_dropout_seed = 0
 
   # Stage controls (see overinterp_jax/pipeline/controls.py).
   c.controls = ml_collections.ConfigDict()

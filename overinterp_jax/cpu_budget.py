@@ -119,4 +119,4 @@ def mirrored(config, epoch: int, num_examples: int, augmenting: bool):
   are random (done on the device) or there is no augmentation."""
   if not augmenting or augment_flip(config) != "alternating":
     return None
-  return alternating_flips(config.seed, epoch, num_examples)
+  return alternating_flips(config.train_seed, epoch, num_examples)

@@ -105,7 +105,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 def build_model(config) -> nn.Module:
   """``config.model.name`` from the registry, wrapped in input dropout when
-  ``config.input_dropout_keep_prob < 1`` (paper §5: 0.8, active in training and
+  ``config.input_keep_prob < 1`` (paper §5: 0.8, active in training and
   evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm;
   Inception v3's ``transform_input`` from ``config.model.transform_input``
   (``torch_weights.transform_input_for``: "auto" reads a timm ``config.json`` beside
@@ -127,9 +127,9 @@ def build_model(config) -> nn.Module:
       raise
     raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model.name!r} has no "
                      "batch norm.") from e
-  keep_prob = float(config.input_dropout_keep_prob)
+  keep_prob = float(config.input_keep_prob)
   if not 0 < keep_prob <= 1:
-    raise ValueError(f"config.input_dropout_keep_prob must be in (0, 1], got {keep_prob}.")
+    raise ValueError(f"config.input_keep_prob must be in (0, 1], got {keep_prob}.")
   return InputDropout(model, keep_prob=keep_prob) if keep_prob < 1 else model
 
 
@@ -261,7 +261,7 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
     if manager.latest_step() != config.num_epochs:
       return None
     tx = make_optimizer(config, max(1, num_train // config.batch_size))
-    state = create_train_state(build_model(config), tx, image_shape, jax.random.key(config.seed))
+    state = create_train_state(build_model(config), tx, image_shape, jax.random.key(config.train_seed))
     step, state = checkpoints.restore_latest(manager, workdir, state)
   finally:
     manager.close()
@@ -390,7 +390,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
       The newest checkpoint that verifies is resumed, mid-epoch ones at the batch
       they stopped before.
     train_feed, test_feed: ``data.loader.Feed``; epoch ``e`` trains on the batches of
-      ``loader.train_plan(config.seed, e, ...)``.
+      ``loader.train_plan(config.train_seed, e, ...)``.
     augment_fn: ``(key, images) -> images`` applied on device in each step.
     max_epochs_this_run, max_steps_this_run: stop after this many epochs / steps in
       this call (tests simulate a killed run with them).
@@ -405,7 +405,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   image_shape = train_feed.image_shape
   tx = make_optimizer(config, steps_per_epoch)
   state = create_train_state(build_model(config), tx, image_shape,
-                             jax.random.key(config.seed))
+                             jax.random.key(config.train_seed))
   state = jax.device_put(state, sharding.replicated(mesh))
   steps = compile_steps(mesh, augment_fn, compute_dtype=config.precision)
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
@@ -443,13 +443,13 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   every = int(config.runtime.checkpoint_every_steps)
   augmenting = augment_fn is not None
   for epoch in range(start_epoch, end_epoch):
-    epoch_key = jax.random.fold_in(jax.random.key(config.seed + 1), epoch)
+    epoch_key = jax.random.fold_in(jax.random.key(config.train_seed + 1), epoch)
     scale = scales[epoch]
     train_hw = cpu_budget.scaled_height_width(image_shape[:2], scale)
     if scale not in train_fns:
       train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.precision).train
     batch_size = config.batch_size * multipliers[epoch]
-    plan = loader.train_plan(config.seed, epoch, n, batch_size)
+    plan = loader.train_plan(config.train_seed, epoch, n, batch_size)
     num_steps = len(plan)
     first = start_batch if epoch == start_epoch else 0
     batches = train_feed.batches(plan[first:], epoch,

@@ -257,7 +257,7 @@ def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
     _ensure(view, ds, tmp_path / "m", augment_fn=train.config_augment_fn(view), reads=reads)
   summary = trained.load_summary(config, str(tmp_path / "m"), "data")
   paths = summary["config_reads"]
-  for path in ("model.name", "lr", "seed", "num_epochs", "batch_size", "augment.padding",
+  for path in ("model.name", "lr", "train_seed", "num_epochs", "batch_size", "augment.padding",
                "augment.flip", "bn_momentum", "precision", "progressive_resizing"):
     assert path in paths, path
   assert not [p for p in paths if p.startswith(("runtime", "sis", "controls", "subsets"))]
@@ -297,7 +297,7 @@ def test_models_with_random_streams_train(tmp_path):
   """Input dropout (train and eval) and dropout layers get their PRNG streams."""
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 1
-  config.input_dropout_keep_prob = 0.8
+  config.input_keep_prob = 0.8
   state, metrics = _train(config, ds, tmp_path / "input_dropout")
   assert metrics["count"] == 64 and np.isfinite(metrics["loss"])
   # Evaluation uses a fixed input-dropout key: deterministic.
@@ -318,8 +318,8 @@ def test_models_with_random_streams_train(tmp_path):
 
 def test_bad_input_dropout_value_is_named():
   config = smoke.get_config()
-  config.input_dropout_keep_prob = 0.0
-  with pytest.raises(ValueError, match="config.input_dropout_keep_prob"):
+  config.input_keep_prob = 0.0
+  with pytest.raises(ValueError, match="config.input_keep_prob"):
     train.build_model(config)
 
 
@@ -332,7 +332,7 @@ def _ensure(config, ds, workdir, data_fp="data", **kw):
 def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):
   config, ds = _smoke_data(tmp_path)
   config.num_epochs = 2
-  other = trained.variant(config, seed=1)
+  other = trained.variant(config, train_seed=1)
   _ensure(config, ds, tmp_path / "m")
   with pytest.raises(ValueError, match="another config"):
     _ensure(other, ds, tmp_path / "m")

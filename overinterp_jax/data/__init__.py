@@ -289,8 +289,9 @@ def load_for_config(data_config, workdir: str, progress: bool = True,
   return load_dataset(d.source, path=d.path, name=d.name, data_dir=d.data_dir or None,
                       cache_dir=cache_dir, expected_counts=expected,
                       num_train=d.num_train, num_test=d.num_test, image_size=d.image_size,
-                      num_classes=d.num_classes, seed=d.seed, normalization=d.normalization,
-                      progress=progress, folder_splits=tuple(d.folder_splits))
+                      num_classes=d.num_classes, seed=d.synthetic_seed,
+                      normalization=d.normalization, progress=progress,
+                      folder_splits=tuple(d.folder_splits))
 
 
 __all__ = [

@@ -126,20 +126,20 @@ def method_words(config) -> str:
   return step_words(config.backselect)
 
 
-def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[slice], dict],
-                      d: int, step: int, *, desc: str, progress: bool = True
-                      ) -> record_shards.RecordSet:
+def records_in_shards(shards: list[tuple[str, npz.KeyOrFingerprint, slice]],
+                      compute: Callable[[slice], dict], d: int, step: int, *, desc: str,
+                      progress: bool = True) -> record_shards.RecordSet:
   """Backselect records of consecutive image rows, one resumable file per shard.
 
-  ``shards``: ``(path, fingerprint, rows)`` per file, the rows in order and
+  ``shards``: ``(path, key, rows)`` per file (``key`` as ``npz.load`` takes), the rows in order and
   together covering all images. A shard whose file is valid (``npz.load``
   with ``record_shards.shard_check``) is kept; the others get ``compute(rows)`` (a
   ``record_shards.encode`` dict), saved atomically at once, so a killed run loses at
   most the shard it was computing. Returns the shards as a ``RecordSet``; no records
   stay in memory.
   """
-  missing = [i for i, (path, fp, rows) in enumerate(shards)
-             if npz.load(path, fp, record_shards.shard_check(rows.stop - rows.start, d,
+  missing = [i for i, (path, key, rows) in enumerate(shards)
+             if npz.load(path, key, record_shards.shard_check(rows.stop - rows.start, d,
                                                              step)) is None]
   if missing and len(missing) < len(shards):
     logging.info("%s: %d of %d shards to compute.", desc, len(missing), len(shards))
@@ -148,8 +148,8 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
                      show=progress and bool(todo) and atomic.is_writer())
   t0, done = time.perf_counter(), 0
   for i in missing:
-    path, fp, rows = shards[i]
-    npz.save(path, compute(rows), fp)
+    path, key, rows = shards[i]
+    npz.save(path, compute(rows), key)
     done += rows.stop - rows.start
     bar.update(rows.stop - rows.start)
     bar.set_postfix(img_s=f"{done / (time.perf_counter() - t0):.1f}")
@@ -158,7 +158,8 @@ def records_in_shards(shards: list[tuple[str, str, slice]], compute: Callable[[s
 
 
 def backselect_split(directory: str, apply: Callable, variables, feed: loader.Feed, bs_config,
-                     fp: str, *, seed: int, indices: Optional[np.ndarray] = None,
+                     key: npz.KeyOrFingerprint, *, seed: int,
+                     indices: Optional[np.ndarray] = None,
                      fully_masked: Optional[Callable] = None,
                      target_classes: Optional[np.ndarray] = None, progress: bool = True,
                      desc: str = "backselect", mesh=None,
@@ -167,6 +168,7 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
   """Backward selection of images ``indices`` (default all) of ``feed`` into
   ``directory/shard_XXXXX.npz``, ``bs_config.shard_size`` images per shard.
 
+  ``key``: the shards' key (a ``config_reads.Key``, or a fingerprint string);
   ``fully_masked(rows of indices)``: optional masked values ``[n, H, W, C]``;
   ``target_classes``: optional ``[len(indices)]`` classes to select for (default: each
   image's predicted class); ``fitted``: as for ``run_backselect``.
@@ -178,7 +180,7 @@ def backselect_split(directory: str, apply: Callable, variables, feed: loader.Fe
   d = int(np.prod(feed.image_shape[:2]))
   step = per_step(bs_config)
   size = int(bs_config.shard_size)
-  shards = [(os.path.join(directory, f"shard_{i:05d}.npz"), fp,
+  shards = [(os.path.join(directory, f"shard_{i:05d}.npz"), key,
              slice(start, min(start + size, n))) for i, start in enumerate(range(0, n, size))]
   read = 256  # images decoded per read of the feed
 
@@ -218,7 +220,7 @@ def records(ctx, split: str, indices: Optional[tuple] = None,
     result = backselect_split(
         directory, ctx.base.apply, ctx.base.variables, ctx.feed(split),
         ctx.config.backselect, key,
-        seed=int(ctx.config.backselect.seed) + (0 if split == "train" else 10**7),
+        seed=int(ctx.config.backselect.noise_seed) + (0 if split == "train" else 10**7),
         indices=chosen, fully_masked=fm, progress=ctx.progress,
         desc=f"backselect {split} ({masking})", mesh=ctx.mesh,
         compute_dtype=ctx.config.precision, coarse=coarse_args(ctx.config),

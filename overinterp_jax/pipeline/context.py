@@ -109,7 +109,7 @@ class Context:
   def training_feed(self, feed: loader.Feed) -> loader.Feed:
     """``feed`` with the host-side training crop when ``config.augment.crop`` asks."""
     host = self.config.augment.enabled and self.config.augment.crop == "inception"
-    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.seed))
+    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.train_seed))
 
   def train_model(self, name: str, config, train_feed=None, test_feed=None,
                   data_fp: Optional[str] = None) -> trained.Trained:

@@ -70,7 +70,7 @@ def run(ctx) -> dict:
                                  mesh=ctx.mesh)
   kept = records.pixels_to_keep(d, frac)
   keep_exact, keep_grad = (sis.keep_mask(o, frac) for o in (exact["order"], grad.order))
-  rnd = sis.random_keep_mask(n, d, frac, int(ctx.config.subsets.random_seed_test))
+  rnd = sis.random_keep_mask(n, d, frac, int(ctx.config.subsets.random_test_seed))
 
   def stats(mask):
     conf = subset_confidence(ctx, indices, mask, fmap, targets)

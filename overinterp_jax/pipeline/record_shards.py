@@ -111,14 +111,16 @@ def shard_check(n: int, d: int, per_step: int):
 
 
 class RecordSet:
-  """The backselect records of one split, in shards ``[(path, fingerprint, rows)]``.
+  """The backselect records of one split, in shards ``[(path, key, rows)]`` (``key``: a
+  ``config_reads.Key`` or a fingerprint string, as ``npz.load`` takes).
 
   Attributes:
     num_features: ``d``.
     per_step: features removed per step (1 = exact backward selection).
   """
 
-  def __init__(self, shards: Sequence[tuple[str, str, slice]], num_features: int,
+  def __init__(self, shards: Sequence[tuple[str, npz.KeyOrFingerprint, slice]],
+               num_features: int,
                per_step: int):
     self._shards = list(shards)
     self.num_features, self.per_step = int(num_features), int(per_step)
@@ -131,9 +133,9 @@ class RecordSet:
     return self._shards[-1][2].stop if self._shards else 0
 
   def _load(self, i: int) -> dict:
-    path, fp, rows = self._shards[i]
+    path, key, rows = self._shards[i]
     with self.guard():
-      shard = npz.load(path, fp, shard_check(rows.stop - rows.start, self.num_features,
+      shard = npz.load(path, key, shard_check(rows.stop - rows.start, self.num_features,
                                              self.per_step))
     if shard is None:
       raise FileNotFoundError(f"Backselect shard {path} is missing or invalid; run the "

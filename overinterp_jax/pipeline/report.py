@@ -146,7 +146,7 @@ def run(ctx) -> dict:
   s = {stage: ctx.load_summary(stage) for stage in earlier if stage in c.stages}
   s = {k: v for k, v in s.items() if v is not None}
   view = getattr(ctx.data, "view", None)  # streamed data: the analysis view (data.view)
-  md = [f"# Overinterpretation report: {c.model.name} (seed {c.seed})", "",
+  md = [f"# Overinterpretation report: {c.model.name} (seed {c.train_seed})", "",
         f"Data: {c.data.source} ({ctx.data.num_examples('train')} train / "
         f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}"
         f"{'; ' + view.describe() if view is not None and view.size else ''}). "

@@ -50,7 +50,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
   full_retrained = models.get("full", {}).get("test_accuracy")
   reference = full_retrained if full_retrained is not None else full
   # Keys name the retrain models, not a fraction: "frac_kept" is the subsets' fraction.
-  row = {"model": config.model.name, "seed": int(config.seed),
+  row = {"model": config.model.name, "seed": int(config.train_seed),
          "frac_kept": float(config.subsets.frac_kept), "full": full,
          "full_same_budget": full_retrained, "bs": bs,
          "random": rnd, "mask_only": mask_only, "border": border,
@@ -61,7 +61,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
   headers = ["model", "seed", f"full images ({config.num_epochs} ep)",
              f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
              "BS − random", f"{frac} BS mask only"]
-  cells = [config.model.name, str(config.seed), pct(full), pct(full_retrained), pct(bs),
+  cells = [config.model.name, str(config.train_seed), pct(full), pct(full_retrained), pct(bs),
            pct(rnd), pct(row["bs_minus_random"]), pct(mask_only)]
   if border is not None:
     headers.append(f"{frac} border frame")

@@ -27,7 +27,8 @@ def fingerprint(name: str, data_fp: str) -> str:
 
 # Keys of a record's ``train_settings`` exported before the config moved them: the
 # model's name was ``config.model`` before ``config.model`` became a section.
-_MOVED_SETTINGS = {"model": "model.name"}
+_MOVED_SETTINGS = {"model": "model.name", "seed": "train_seed",
+                   "input_dropout_keep_prob": "input_keep_prob"}
 
 
 def differing_settings(config, record: dict) -> list[str]:

@@ -13,7 +13,7 @@ Models (``config.sis.models``):
     ``ensemble_size - 1`` replicates trained with other seeds (optionally
     shorter, ``ensemble_epochs``);
   * ``input_dropout``: a model trained with input dropout (keep prob
-    ``input_dropout_keep_prob``), evaluated deterministically: logits averaged
+    ``sis.input_dropout_keep_prob``), evaluated deterministically: logits averaged
     over ``input_dropout_samples`` fixed dropout masks (paper §6.4).
 Features are pixels (``patch_size=1``) or ``p × p`` patches. Each model's
 backward-selection record is stored in ``sis/<model>.npz`` (built from
@@ -147,11 +147,11 @@ def pixels_per_feature(ctx) -> int:
   return int(ctx.config.sis.patch_size) ** 2
 
 
-def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: np.ndarray, *,
-                  masking: str = "mean", target_classes=None) -> dict:
+def exact_records(ctx, name: str, apply: Callable, variables, fingerprint: str,
+                  indices: np.ndarray, *, masking: str = "mean", target_classes=None) -> dict:
   """Exact backward selection of test images ``indices`` -> cached ``sis/<name>.npz``.
 
-  ``fp`` identifies ``apply`` and ``variables`` (the model's key); ``masking``: the
+  ``fingerprint`` identifies ``apply`` and ``variables`` (the model's key); ``masking``: the
   masked value (``masked_data.MASKING_VALUES``). The record is keyed by these, the
   images, the targets and the config values read while making it (``config_reads``).
   """
@@ -159,7 +159,7 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
     method = ctx.config.sis.selection
     # Exact records keep their key; other methods' differ from them and from each other.
     key = config_reads.Key(hashing.fingerprint(
-        fp, masking, indices.tolist(),
+        fingerprint, masking, indices.tolist(),
         None if target_classes is None else np.asarray(target_classes).tolist(),
         sis.SELECTION_VERSION, *([] if method == "exact" else [method])), ctx.config, reads)
     coarse_args = None
@@ -183,7 +183,7 @@ def exact_records(ctx, name: str, apply: Callable, variables, fp: str, indices: 
   return rec
 
 
-def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
+def selection_records(ctx, name: str, apply: Callable, variables, fingerprint: str,
                       indices: np.ndarray, *, masking: str = "mean",
                       target_classes=None) -> dict:
   """Backward selection records (dense: ``order``, ``values [n, d]``, ``targets``,
@@ -192,14 +192,14 @@ def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
   own test records serve the base model toward its predictions with the mean as masked
   value."""
   if ctx.config.sis.selection in ("exact", "coarse_to_fine"):
-    return exact_records(ctx, name, apply, variables, fp, indices, masking=masking,
+    return exact_records(ctx, name, apply, variables, fingerprint, indices, masking=masking,
                          target_classes=target_classes)
   if name == "single" and masking == "mean" and target_classes is None:
     rec = ctx.backselect("test").rows(indices)
     return {k: v for k, v in rec.items() if k != "ids"}
   with config_reads.recording() as reads:
     key = config_reads.Key(hashing.fingerprint(
-        fp, masking, indices.tolist(),
+        fingerprint, masking, indices.tolist(),
         None if target_classes is None else np.asarray(target_classes).tolist(),
         sis.SELECTION_VERSION), ctx.config, reads)
     fm = None
@@ -207,7 +207,7 @@ def selection_records(ctx, name: str, apply: Callable, variables, fp: str,
       fm = lambda rows: ctx.fully_masked("test", masking, indices[rows])
     recs = backselect_stage.backselect_split(
         ctx.path("sis", name), apply, variables, ctx.feed("test"), ctx.config.backselect, key,
-        seed=int(ctx.config.backselect.seed) + 2 * 10**7, indices=indices, fully_masked=fm,
+        seed=int(ctx.config.backselect.noise_seed) + 2 * 10**7, indices=indices, fully_masked=fm,
         target_classes=target_classes, progress=ctx.progress, desc=f"SIS selection ({name})",
         mesh=ctx.mesh, compute_dtype=ctx.config.precision)
   return {k: v for k, v in recs.everything().items() if k != "ids"}
@@ -217,8 +217,8 @@ def _parts_dir(ctx, name: str) -> str:
   return ctx.path("sis", f"{name}.parts")
 
 
-def _exact_in_parts(ctx, name, apply, variables, key, indices, fmap, d, fully_masked,
-                    target_classes, coarse_args=None) -> dict:
+def _exact_in_parts(ctx, name, apply, variables, key: config_reads.Key, indices, fmap, d,
+                    fully_masked, target_classes, coarse_args=None) -> dict:
   """Exact backselect (coarse-to-fine with ``coarse_args = (threshold,
   config.coarse_to_fine)``), ``config.sis.images_per_call`` images per compiled call; each
   call's record is saved in ``sis/<name>.parts/`` so a killed run loses at most one call."""
@@ -292,7 +292,7 @@ def ensemble_members(ctx) -> list:
   epochs = int(c.sis.ensemble_epochs) or int(c.num_epochs)
   for i in range(1, int(c.sis.ensemble_size)):
     members.append(ctx.train_model(f"ensemble_member_{i}",
-                                   trained.variant(c, seed=int(c.seed) + i, num_epochs=epochs)))
+                                   trained.variant(c, train_seed=int(c.train_seed) + i, num_epochs=epochs)))
   return members
 
 
@@ -300,7 +300,7 @@ def input_dropout_model(ctx) -> trained.Trained:
   c = ctx.config
   epochs = int(c.sis.input_dropout_epochs) or int(c.num_epochs)
   return ctx.train_model("input_dropout_model", trained.variant(
-      c, input_dropout_keep_prob=float(c.sis.input_dropout_keep_prob), num_epochs=epochs))
+      c, input_keep_prob=float(c.sis.input_dropout_keep_prob), num_epochs=epochs))
 
 
 def predictor(ctx, name: str):
@@ -328,14 +328,15 @@ def _build_predictor(ctx, name: str):
     return apply, stacked, fp, acc
   if name == "input_dropout":
     model = input_dropout_model(ctx)
-    key = ("input_dropout", model.module, int(c.input_dropout_samples), int(c.input_dropout_key))
+    key = ("input_dropout", model.module, int(c.input_dropout_samples),
+           int(c.input_dropout_seed))
     if key not in ctx.sis_applies:
       ctx.sis_applies[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
-                                                         int(c.input_dropout_key))
+                                                         int(c.input_dropout_seed))
     apply = ctx.sis_applies[key]
     # the model's key and the arguments of its apply function
     fp = hashing.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
-                             int(c.input_dropout_key))
+                             int(c.input_dropout_seed))
     logits = ctx.predict_logits(apply, model.variables, ctx.feed("test"))
     acc = _keep_predictions(ctx, name, logits)
     return apply, model.variables, fp, acc

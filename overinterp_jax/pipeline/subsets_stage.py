@@ -80,8 +80,8 @@ def _write_masks(ctx, split: str, key: config_reads.Key) -> None:
   out = {kind: np.lib.format.open_memmap(tmp[kind], mode="w+", dtype=np.uint8, shape=shape)
          for kind in KINDS}
   kept = kept_count(ctx)
-  rng = np.random.default_rng(int(c.random_seed_train if split == "train" else
-                                  c.random_seed_test))
+  rng = np.random.default_rng(int(c.random_train_seed if split == "train" else
+                                  c.random_test_seed))
   for rows, shard in recs.shards():
     bs = records.keep_last_removed(shard["order"], kept, h * w).reshape(-1, h, w)
     rand = sis.draw_random_keep_mask(rng, len(bs), h * w, kept)

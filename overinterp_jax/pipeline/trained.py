@@ -136,14 +136,14 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
                  summary["fingerprint"], int(config.num_epochs))
 
 
-def input_dropout_apply(trained: Trained, num_samples: int, key: int) -> Callable:
+def input_dropout_apply(trained: Trained, num_samples: int, seed: int) -> Callable:
   """Deterministic ``(variables, images) -> logits`` of an input-dropout model:
-  logits averaged over ``num_samples`` fixed dropout masks from ``key`` (paper §6.4)."""
+  logits averaged over ``num_samples`` fixed dropout masks drawn from ``seed`` (paper §6.4)."""
   module = trained.module
   if not isinstance(module, InputDropout):
     raise ValueError("input_dropout_apply needs a model trained with input dropout.")
   shared = module.clone(per_example_masks=False, num_samples=num_samples)
-  rngs = {"input_dropout": jax.random.key(key)}
+  rngs = {"input_dropout": jax.random.key(seed)}
   return lambda variables, images: shared.apply(variables, images, train=False, rngs=rngs)
 
 

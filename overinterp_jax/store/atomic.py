@@ -126,7 +126,7 @@ def save_json(path: str, obj: Any) -> None:
   write_atomic(path, lambda fh: fh.write(json.dumps(obj, indent=1) + "\n"))
 
 
-def load_json(path: str, fp: Optional[str] = None) -> Optional[dict]:
+def load_json(path: str, fingerprint: Optional[str] = None) -> Optional[dict]:
   """JSON object of ``path``; None if missing, unreadable, or its ``fingerprint`` differs."""
   if not os.path.exists(path):
     return None
@@ -136,7 +136,7 @@ def load_json(path: str, fp: Optional[str] = None) -> Optional[dict]:
   except (OSError, ValueError) as e:
     logging.warning("Ignoring unreadable %s (%s).", path, e)
     return None
-  if fp is not None and obj.get("fingerprint") != fp:
+  if fingerprint is not None and obj.get("fingerprint") != fingerprint:
     logging.info("Ignoring %s: written under a different config.", path)
     return None
   return obj
