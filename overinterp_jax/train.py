@@ -24,7 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -261,7 +261,8 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
     if manager.latest_step() != config.num_epochs:
       return None
     tx = make_optimizer(config, max(1, num_train // config.batch_size))
-    state = create_train_state(build_model(config), tx, image_shape, jax.random.key(config.train_seed))
+    state = create_train_state(build_model(config), tx, image_shape,
+                               jax.random.key(config.train_seed))
     step, state = checkpoints.restore_latest(manager, workdir, state)
   finally:
     manager.close()
@@ -382,7 +383,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   Args:
     config: ``model``, ``num_classes``, ``num_epochs``, ``batch_size``, ``lr``,
       ``schedule`` (+ its keys), ``momentum``, ``nesterov``, ``weight_decay``,
-      ``seed``, ``eval_batch_size``, ``eval_every``, ``checkpoints_to_keep``,
+      ``train_seed``, ``eval_batch_size``, ``eval_every``, ``checkpoints_to_keep``,
       ``runtime.checkpoint_every_steps``, and the ``cpu_budget`` keys.
     workdir: checkpoints go to ``workdir/checkpoints`` (one per epoch) and
       ``workdir/checkpoints_mid`` (every ``runtime.checkpoint_every_steps`` steps, with the
@@ -402,14 +403,93 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   steps_per_epoch = n // config.batch_size  # at config.batch_size
   multipliers = cpu_budget.epoch_batch_multipliers(config)
   scales = cpu_budget.epoch_scales(config)
-  image_shape = train_feed.image_shape
   tx = make_optimizer(config, steps_per_epoch)
-  state = create_train_state(build_model(config), tx, image_shape,
-                             jax.random.key(config.train_seed))
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = jax.device_put(create_train_state(build_model(config), tx, train_feed.image_shape,
+                                            jax.random.key(config.train_seed)),
+                         sharding.replicated(mesh))
   steps = compile_steps(mesh, augment_fn, compute_dtype=config.precision)
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
+  run = _resume(config, workdir, state, mesh)
+  state = run.state
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  # Records are written before their checkpoint; drop any past the checkpoint.
+  history = [r for r in read_metrics(metrics_path) if r["epoch"] <= run.start_epoch]
+  guard = _loss_guard(config, workdir, steps_per_epoch, history)
+  test_metrics = {}
+  end_epoch = config.num_epochs if max_epochs_this_run is None else min(
+      config.num_epochs, run.start_epoch + max_epochs_this_run)
+  steps_left = max_steps_this_run
+  for epoch in range(run.start_epoch, end_epoch):
+    scale = scales[epoch]
+    train_hw = cpu_budget.scaled_height_width(train_feed.image_shape[:2], scale)
+    if scale not in train_fns:
+      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.precision).train
+    batch_size = config.batch_size * multipliers[epoch]
+    plan = loader.train_plan(config.train_seed, epoch, n, batch_size)
+    num_steps = len(plan)
+    first = run.start_batch if epoch == run.start_epoch else 0
+    bar, batches = _epoch_batches(config, train_feed, plan, first, epoch, scale, train_hw,
+                                  augment_fn is not None)
+    t0 = time.perf_counter()
+    sums = dict(run.sums) if first else {"loss": 0.0, "accuracy": 0.0}
+    state, steps_left, last = _train_epoch(
+        config, workdir, state, train_fns[scale], batches, mesh, run.mid_manager,
+        guard, sums, epoch=epoch, first=first, num_steps=num_steps, batch_size=batch_size,
+        t0=t0, bar=bar, steps_left=steps_left)
+    if steps_left == 0 and last + 1 < num_steps:
+      break  # a run stopped mid-epoch (tests): resumes from its last checkpoint
+    seconds = time.perf_counter() - t0
+    test_metrics = {}
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.num_epochs:
+      test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
+    history.append(_epoch_record(config, workdir, epoch, sums, test_metrics, train_hw,
+                                 seconds, batch_size, num_steps - first, num_steps,
+                                 guard.initial))
+    _write_jsonl(metrics_path, history)
+    checkpoints.save(run.manager, workdir, epoch + 1, state)
+    if steps_left == 0:
+      break
+  if not test_metrics and not steps_left == 0:
+    test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
+  run.manager.close()
+  run.mid_manager.close()
+  return state, test_metrics
 
+
+def _loss_guard(config, workdir: str, steps_per_epoch: int, history: list) -> LossGuard:
+  """``fit``'s ``LossGuard``, its initial loss that of the first epoch in ``history``."""
+  return LossGuard(workdir, int(config.num_classes), float(config.runtime.loss_explosion_factor),
+                   float(config.lr), learning_rate_schedule(config, steps_per_epoch),
+                   history[0].get("initial_loss") if history else None)
+
+
+def _epoch_batches(config, train_feed: loader.Feed, plan, first: int, epoch: int, scale,
+                   train_hw, augmenting: bool):
+  """``(progress bar, iterator of (i, (x, y)))`` over batches ``first:`` of ``plan``."""
+  n, num_steps = len(train_feed), len(plan)
+  batches = train_feed.batches(plan[first:], epoch,
+                               cpu_budget.mirrored(config, epoch, n, augmenting))
+  size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
+  bar = progress_bar(range(first, num_steps),
+                     desc=f"epoch {epoch + 1}/{config.num_epochs}{size}", unit="batch",
+                     leave=False, show=bool(config.runtime.progress))
+  return bar, zip(bar, batches)
+
+
+class _Resumed(NamedTuple):
+  """Where ``fit`` starts: the state, the epoch and batch in it, the sums of the epoch's
+  training metrics so far, and the checkpoint managers (per epoch, mid-epoch)."""
+  state: TrainState
+  start_epoch: int
+  start_batch: int
+  sums: dict
+  manager: Any
+  mid_manager: Any
+
+
+def _resume(config, workdir: str, state: TrainState, mesh) -> _Resumed:
+  """The newest checkpoint of ``workdir`` that verifies (a mid-epoch one of the epoch the
+  last epoch checkpoint ends, when ``runtime.checkpoint_every_steps``), else ``state``."""
   manager = checkpoints.manager(os.path.join(workdir, "checkpoints"),
                                 config.checkpoints_to_keep)
   mid_manager = checkpoints.manager(os.path.join(workdir, "checkpoints_mid"), 1)
@@ -417,100 +497,72 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   if restored is not None:
     state = jax.device_put(restored, sharding.replicated(mesh))
     logging.info("Resumed %s from epoch %d.", workdir, start_epoch)
-  start_batch, sums0 = 0, {"loss": 0.0, "accuracy": 0.0}
+  start_batch, sums = 0, {"loss": 0.0, "accuracy": 0.0}
   if int(config.runtime.checkpoint_every_steps) and mid_manager.all_steps():
     _, mid = checkpoints.restore_latest(mid_manager, workdir, _mid_epoch_template(state),
                                         "checkpoints_mid")
     if mid is not None and int(mid["loader"]["epoch"]) == start_epoch:
       state = jax.device_put(mid["train_state"], sharding.replicated(mesh))
       start_batch = int(mid["loader"]["batch"])
-      sums0 = {"loss": float(mid["loader"]["loss_sum"]),
-               "accuracy": float(mid["loader"]["accuracy_sum"])}
+      sums = {"loss": float(mid["loader"]["loss_sum"]),
+              "accuracy": float(mid["loader"]["accuracy_sum"])}
       logging.info("Resumed %s in epoch %d at batch %d.", workdir, start_epoch + 1,
                    start_batch)
+  return _Resumed(state, start_epoch, start_batch, sums, manager, mid_manager)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  # Records are written before their checkpoint; drop any past the checkpoint.
-  history = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-  guard = LossGuard(workdir, int(config.num_classes), float(config.runtime.loss_explosion_factor),
-                    float(config.lr), learning_rate_schedule(config, steps_per_epoch),
-                    history[0].get("initial_loss") if history else None)
-  test_metrics = {}
-  end_epoch = config.num_epochs
-  if max_epochs_this_run is not None:
-    end_epoch = min(end_epoch, start_epoch + max_epochs_this_run)
-  steps_left = max_steps_this_run
+
+def _train_epoch(config, workdir: str, state: TrainState, train_fn, batches, mesh, mid_manager,
+                 guard, sums: dict, *, epoch: int, first: int, num_steps: int,
+                 batch_size: int, t0: float, bar, steps_left: int | None):
+  """The steps of epoch ``epoch`` from batch ``first`` (``batches``: ``(i, (x, y))``),
+  adding each step's metrics to ``sums`` in place; a mid-epoch checkpoint every
+  ``runtime.checkpoint_every_steps`` steps. Stops early when ``steps_left`` reaches 0.
+  Returns ``(state, steps_left, index of the last batch trained)``."""
+  epoch_key = jax.random.fold_in(jax.random.key(config.train_seed + 1), epoch)
   every = int(config.runtime.checkpoint_every_steps)
-  augmenting = augment_fn is not None
-  for epoch in range(start_epoch, end_epoch):
-    epoch_key = jax.random.fold_in(jax.random.key(config.train_seed + 1), epoch)
-    scale = scales[epoch]
-    train_hw = cpu_budget.scaled_height_width(image_shape[:2], scale)
-    if scale not in train_fns:
-      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.precision).train
-    batch_size = config.batch_size * multipliers[epoch]
-    plan = loader.train_plan(config.train_seed, epoch, n, batch_size)
-    num_steps = len(plan)
-    first = start_batch if epoch == start_epoch else 0
-    batches = train_feed.batches(plan[first:], epoch,
-                                 cpu_budget.mirrored(config, epoch, n, augmenting))
-    t0 = time.perf_counter()
-    sums = dict(sums0) if first else {"loss": 0.0, "accuracy": 0.0}
-    size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
-    bar = progress_bar(range(first, num_steps),
-                       desc=f"epoch {epoch + 1}/{config.num_epochs}{size}", unit="batch",
-                       leave=False, show=bool(config.runtime.progress))
-    unchecked = []  # losses since the last host sync, checked to be finite there
-    for i, (x, y) in zip(bar, batches):
-      x, y = sharding.global_batch(mesh, x), sharding.global_batch(mesh, y)
-      state, m = train_fns[scale](state, x, y, jax.random.fold_in(epoch_key, i))
-      unchecked.append(m["loss"])
-      if i % 20 == 0 or i == num_steps - 1:
-        guard.check(jax.device_get(unchecked), i + 2 - len(unchecked), epoch + 1, num_steps,
-                    int(jax.device_get(state.step)))
-        unchecked = []
-        m = jax.device_get(m)
-        bar.set_postfix(loss=f"{float(m['loss']):.3f}",
-                        img_s=f"{(i + 1 - first) * batch_size / (time.perf_counter() - t0):.0f}")
-      for k in sums:
-        sums[k] += m[k]
-      if steps_left is not None:
-        steps_left -= 1
-      if every and (i + 1) % every == 0 and i + 1 < num_steps:
-        checkpoints.save(mid_manager, workdir, int(state.step), {
-            "train_state": state,
-            "loader": _loader_position(epoch, i + 1, float(sums["loss"]),
-                                       float(sums["accuracy"]))}, "checkpoints_mid")
-      if steps_left == 0:
-        break
-    if steps_left == 0 and i + 1 < num_steps:
-      break  # a run stopped mid-epoch (tests): resumes from its last checkpoint
-    seconds = time.perf_counter() - t0
-    test_metrics = {}
-    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.num_epochs:
-      test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
-    record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / num_steps,
-              "train_accuracy": float(sums["accuracy"]) / num_steps,
-              "test_loss": test_metrics.get("loss"),
-              "test_accuracy": test_metrics.get("accuracy"),
-              "train_height_width": list(train_hw), "epoch_seconds": seconds,
-              "batch_size": batch_size,
-              "train_images_per_second": (num_steps - first) * batch_size / seconds,
-              "initial_loss": guard.initial}
-    logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
-                 workdir, epoch + 1, config.num_epochs, record["train_loss"],
-                 "-" if record["test_accuracy"] is None
-                 else f"{100 * record['test_accuracy']:.2f}%",
-                 seconds, record["train_images_per_second"])
-    history.append(record)
-    _write_jsonl(metrics_path, history)
-    checkpoints.save(manager, workdir, epoch + 1, state)
+  unchecked = []  # losses since the last host sync, checked to be finite there
+  i = first - 1
+  for i, (x, y) in batches:
+    x, y = sharding.global_batch(mesh, x), sharding.global_batch(mesh, y)
+    state, m = train_fn(state, x, y, jax.random.fold_in(epoch_key, i))
+    unchecked.append(m["loss"])
+    if i % 20 == 0 or i == num_steps - 1:
+      guard.check(jax.device_get(unchecked), i + 2 - len(unchecked), epoch + 1, num_steps,
+                  int(jax.device_get(state.step)))
+      unchecked = []
+      m = jax.device_get(m)
+      bar.set_postfix(loss=f"{float(m['loss']):.3f}",
+                      img_s=f"{(i + 1 - first) * batch_size / (time.perf_counter() - t0):.0f}")
+    for k in sums:
+      sums[k] += m[k]
+    if steps_left is not None:
+      steps_left -= 1
+    if every and (i + 1) % every == 0 and i + 1 < num_steps:
+      checkpoints.save(mid_manager, workdir, int(state.step), {
+          "train_state": state,
+          "loader": _loader_position(epoch, i + 1, float(sums["loss"]),
+                                     float(sums["accuracy"]))}, "checkpoints_mid")
     if steps_left == 0:
       break
-  if not test_metrics and not steps_left == 0:
-    test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
-  manager.close()
-  mid_manager.close()
-  return state, test_metrics
+  return state, steps_left, i
 
 
+def _epoch_record(config, workdir: str, epoch: int, sums: dict, test_metrics: dict, train_hw,
+                  seconds: float, batch_size: int, steps_run: int, num_steps: int,
+                  initial_loss) -> dict:
+  """Epoch ``epoch``'s line of ``metrics.jsonl`` (train metrics are means over its
+  ``num_steps`` steps; ``steps_run`` of them ran in this call, in ``seconds``), logged."""
+  record = {"epoch": epoch + 1, "train_loss": float(sums["loss"]) / num_steps,
+            "train_accuracy": float(sums["accuracy"]) / num_steps,
+            "test_loss": test_metrics.get("loss"),
+            "test_accuracy": test_metrics.get("accuracy"),
+            "train_height_width": list(train_hw), "epoch_seconds": seconds,
+            "batch_size": batch_size,
+            "train_images_per_second": steps_run * batch_size / seconds,
+            "initial_loss": initial_loss}
+  logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
+               workdir, epoch + 1, config.num_epochs, record["train_loss"],
+               "-" if record["test_accuracy"] is None
+               else f"{100 * record['test_accuracy']:.2f}%",
+               seconds, record["train_images_per_second"])
+  return record

@@ -291,8 +291,8 @@ def ensemble_members(ctx) -> list:
   members = [ctx.base]
   epochs = int(c.sis.ensemble_epochs) or int(c.num_epochs)
   for i in range(1, int(c.sis.ensemble_size)):
-    members.append(ctx.train_model(f"ensemble_member_{i}",
-                                   trained.variant(c, train_seed=int(c.train_seed) + i, num_epochs=epochs)))
+    members.append(ctx.train_model(f"ensemble_member_{i}", trained.variant(
+        c, train_seed=int(c.train_seed) + i, num_epochs=epochs)))
   return members
 
 
