@@ -49,6 +49,23 @@ def run_quickstart(workdir: str) -> dict:
   return {"seconds": seconds, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
+def config():
+  """The quick start's config (``configs/cifar10_cpu.py:analyze``)."""
+  sys.path.insert(0, REPO)
+  from configs import cifar10_cpu  # pylint: disable=import-outside-toplevel
+  return cifar10_cpu.get_config("analyze")
+
+
+def sis_words() -> str:
+  """How the quick start selects SIS pixels, from its config."""
+  c = config()
+  if c.sis.selection != "coarse_to_fine":
+    return f"{c.sis.selection} backward selection ({c.sis.patch_size}×{c.sis.patch_size} features)"
+  sizes = [f"{p}×{p}" for p in tuple(c.coarse_to_fine.patch_sizes)[:-1]]
+  return (f"coarse-to-fine selection (exact selection on {' and '.join(sizes)} patches places "
+          "exact selection on single pixels)")
+
+
 def write_page(workdir: str, timing: dict, out: str) -> None:
   sys.path.insert(0, REPO)  # this checkout's package, whatever is installed
   from overinterp_jax.models import shipped  # pylint: disable=import-outside-toplevel
@@ -70,9 +87,10 @@ def write_page(workdir: str, timing: dict, out: str) -> None:
       " which wrote this page).",
       "* **What runs:** no training. Stage `train` loads the shipped model; Batched Gradient SIS"
       " ranks every pixel of the 1,000 shipped test images (128 pixels per step); the model is"
-      " scored on its own 5% subsets and on random ones; exact backward selection (4×4-pixel"
-      " features) finds SISes at τ = 0.99 of 8 images it classifies with confidence ≥ 0.99;"
-      " the smoothed-SIS and confidence-rise controls; the report.",
+      f" scored on its own 5% subsets and on random ones; {sis_words()} finds SISes of single"
+      f" pixels at τ = {config().sis.threshold:g} of {config().sis.num_images} images it"
+      f" classifies with confidence ≥ {config().sis.min_confidence:g}; the smoothed-SIS and"
+      " confidence-rise controls; the report.",
       f"* **Machine:** {os.cpu_count()} CPU cores ({cpu_name()}), no accelerator; load average"
       f" {timing['load_before']:.1f} before and {timing['load_after']:.1f} after the run.",
       f"* **Date:** {datetime.date.today().isoformat()}.",
