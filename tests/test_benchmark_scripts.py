@@ -24,7 +24,7 @@ def test_accelerator_benchmark_small_on_cpu(tmp_path):
   rows = accelerator.main(["--small", "--out", str(out)])
   names = [r["name"] for r in rows]
   assert names == ["resnet20 inference", "exact backselect resnet20", "gradient SIS resnet20",
-                   "gradient SIS inception_v3 299", "train resnet20", "train resnet50"]
+                   "train resnet20", "train resnet50", "gradient SIS inception_v3 299"]
   for r in rows:
     assert r["value"] > 0 and r["flops_per_item"] > 0 and 0 < r["mfu"] < 10, r
   saved = json.loads(out.read_text())
@@ -63,6 +63,27 @@ def test_hybrid_cost_benchmark_tiny_on_cpu(tmp_path):
     assert 0 <= row["fraction_at_least_tau"] <= 1
   assert 0 <= hybrid["overlap_with_gradient"] <= 1
   assert json.loads(out.read_text()) == result
+
+
+@pytest.mark.slow
+def test_selection_cost_benchmark_on_one_reference_image(tmp_path):
+  """``benchmarks/selection_cost.py`` on the first stored exact reference: every method's
+  row, SISes that reach τ, sizes compared with exact's, and the figure (~1 min)."""
+  bench = _load("selection_cost")
+  out, figure = tmp_path / "cost.json", tmp_path / "cost.png"
+  result = bench.main(["--images", "1", "--margins", "--out", str(out), "--figure", str(figure)])
+  assert list(result["methods"]) == ["exact", "coarse_to_fine m=1", "hybrid switch 0.1 (k=8)",
+                                     "gradient (k=8)"]
+  exact = result["methods"]["exact"]
+  assert exact["sis_sizes"] == [24] and exact["model_evaluations_per_image"] == 524_800
+  c2f = result["methods"]["coarse_to_fine m=1"]
+  assert c2f["fraction_sis_reaches_tau"] == 1.0 and c2f["shared_images"] == 1
+  assert 2_080 < c2f["model_evaluations_per_image"] < 20_000
+  assert c2f["median_level_starts"][0] == 64 and c2f["median_level_starts"][2] >= 64
+  for row in result["methods"].values():
+    assert 0 <= row["mean_confidence_5pct"] <= 1 and row["seconds_per_image"] >= 0
+  assert json.loads(out.read_text()) == result
+  assert figure.read_bytes()[:4] == b"\x89PNG"
 
 
 def _mitigations_log(tmp_path, lines: list[str]):
