@@ -37,6 +37,7 @@ from timing import PEAK_BF16_FLOPS, rate  # noqa: E402
 from overinterp_jax import memory, precision, sharding, sis, train  # noqa: E402
 from overinterp_jax.config_schema import base_config  # noqa: E402
 from overinterp_jax.models import create_model  # noqa: E402
+from overinterp_jax.selection import features  # noqa: E402
 
 FULL = dict(infer_batch=1024, exact_images=8, exact_patch=1, grad_images=2048, grad_k=32,
             train_batch=128, r50_batch=128, r50_size=224, min_seconds=3.0)
@@ -76,11 +77,6 @@ def timed(fn, repeats: int = 2) -> float:
     fn()
     best = min(best, time.perf_counter() - start)
   return best
-
-
-def patch_map(side: int, patch: int) -> np.ndarray:
-  rows = np.arange(side) // patch
-  return (rows[:, None] * (side // patch) + rows[None, :]).astype(np.int32)
 
 
 def resnet(name: str, size: int, num_classes: int, policy: str):
@@ -155,7 +151,7 @@ def main(argv=None):
 
   if "exact" not in skip:
     n, patch = sizes["exact_images"], sizes["exact_patch"]
-    fmap = None if patch == 1 else patch_map(32, patch)
+    fmap = None if patch == 1 else features.patch_feature_map(32, 32, patch)
     d = 1024 // patch ** 2
     images = x[:n]
     eval_batch = sis.programs.cached_eval_batch_size(

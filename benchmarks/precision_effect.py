@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from overinterp_jax import sis
 from overinterp_jax.pipeline import sis_stage
 import workdir_script
+from overinterp_jax.selection import features
 from overinterp_jax.selection.rank_stats import spearman
 
 FLAGS = flags.FLAGS
@@ -35,16 +36,11 @@ flags.DEFINE_integer("patch", 4, "Feature side in pixels (4: 64 features on CIFA
 flags.DEFINE_string("out", "", "Write the results here as JSON.")
 
 
-def patch_map(h: int, w: int, p: int) -> np.ndarray:
-  rows, cols = np.arange(h) // p, np.arange(w) // p
-  return (rows[:, None] * (w // p) + cols[None, :]).astype(np.int32)
-
-
 def compare(ctx) -> dict:
   tau = float(ctx.config.sis.threshold)
   frac = float(ctx.config.subsets.frac_kept)
   h, w = ctx.height_width
-  fmap = patch_map(h, w, FLAGS.patch)
+  fmap = features.patch_feature_map(h, w, FLAGS.patch)
   idx = sis_stage.test_sample(ctx, FLAGS.num_images)
   images = ctx.feed("test").batch(idx)[0]
   runs, seconds = {}, {}

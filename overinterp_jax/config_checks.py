@@ -121,10 +121,8 @@ def _data(d) -> None:
 
 
 def _coarse_to_fine(c) -> None:
-  sizes = tuple(c.patch_sizes)
-  if not (sizes and all(isinstance(p, int) and not isinstance(p, bool) and p >= 1
-                        for p in sizes)
-          and sizes[-1] == 1 and all(a > b and a % b == 0 for a, b in zip(sizes, sizes[1:]))):
+  from overinterp_jax.sis import coarse_to_fine  # pylint: disable=import-outside-toplevel
+  if not coarse_to_fine.valid_patch_sequence(c.patch_sizes):
     raise ValueError(f"config.coarse_to_fine.patch_sizes={c.patch_sizes!r} must be positive "
                      "integers, strictly decreasing, each dividing the one before, ending "
                      "with 1 (pixels).")

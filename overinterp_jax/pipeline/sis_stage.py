@@ -33,6 +33,7 @@ from absl import logging
 from overinterp_jax import config_reads, config_schema, sis
 from overinterp_jax.pipeline import (backselect_stage, record_shards, registry, report_sections,
                                      sis_stats, trained)
+from overinterp_jax.selection import features
 from overinterp_jax.store import hashing, npz
 
 MODELS = config_schema.SIS_MODELS
@@ -139,8 +140,7 @@ def patch_feature_map(p: int, height_width) -> Optional[np.ndarray]:
     return None
   if h % p or w % p:
     raise ValueError(f"config.sis.patch_size={p} must divide the image size {h}x{w}.")
-  rows, cols = np.meshgrid(np.arange(h) // p, np.arange(w) // p, indexing="ij")
-  return (rows * (w // p) + cols).astype(np.int32)
+  return features.patch_feature_map(h, w, p)
 
 
 def pixels_per_feature(ctx) -> int:

@@ -37,6 +37,13 @@ def pixel_feature_map(height: int, width: int) -> np.ndarray:
   return np.arange(height * width, dtype=np.int32).reshape(height, width)
 
 
+def patch_feature_map(height: int, width: int, patch: int) -> np.ndarray:
+  """``[H, W]`` int32 feature ids of ``patch × patch`` squares, row-major (``patch`` must
+  divide both sides; 1 gives ``pixel_feature_map``)."""
+  rows, cols = np.arange(height) // patch, np.arange(width) // patch
+  return (rows[:, None] * (width // patch) + cols[None, :]).astype(np.int32)
+
+
 def validate_feature_map(feature_map, spatial_shape: tuple[int, int]) -> tuple[np.ndarray, int]:
   """Checks an image feature map and returns it as ``[H, W, 1]`` int32 plus ``d``.
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from overinterp_jax import precision, sharding
-from overinterp_jax.selection import records
+from overinterp_jax.selection import features, records
 from overinterp_jax.sis.batched import (BackselectResult, check_num_classes, exact_phase,
                                         prepare_images)
 from overinterp_jax.sis.checks import check_threshold
@@ -44,17 +44,22 @@ class Level(NamedTuple):
   members: np.ndarray
 
 
+def valid_patch_sequence(patch_sizes: Sequence) -> bool:
+  """Whether ``patch_sizes`` are positive integers, strictly decreasing, each dividing the
+  one before, the last 1 (pixels): the levels' rule, whatever the image size."""
+  sizes = tuple(patch_sizes)
+  return (len(sizes) > 0
+          and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p >= 1
+                  for p in sizes)
+          and sizes[-1] == 1 and all(a > b and a % b == 0 for a, b in zip(sizes, sizes[1:])))
+
+
 def check_patch_sizes(patch_sizes: Sequence[int], height_width) -> tuple[int, ...]:
-  """``patch_sizes`` as a tuple, or ``ValueError``: positive integers, strictly decreasing,
-  each dividing the one before and both image sides, the last 1 (pixels)."""
+  """``patch_sizes`` as a tuple, or ``ValueError``: ``valid_patch_sequence``, and the first
+  (largest) dividing both image sides."""
   sizes = tuple(patch_sizes)
   h, w = height_width
-  ok = (len(sizes) > 0 and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool)
-                               and p >= 1 for p in sizes))
-  if ok:
-    ok = (sizes[-1] == 1 and all(a > b and a % b == 0 for a, b in zip(sizes, sizes[1:]))
-          and h % sizes[0] == 0 and w % sizes[0] == 0)
-  if not ok:
+  if not (valid_patch_sequence(sizes) and h % sizes[0] == 0 and w % sizes[0] == 0):
     raise ValueError(
         f"patch_sizes must be positive integers, strictly decreasing, each dividing the one "
         f"before and the image sides {h}x{w}, ending with 1 (pixels); got {patch_sizes!r}.")
@@ -62,11 +67,9 @@ def check_patch_sizes(patch_sizes: Sequence[int], height_width) -> tuple[int, ..
 
 
 def _level(patch: int, h: int, w: int) -> Level:
-  rows, cols = np.meshgrid(np.arange(h) // patch, np.arange(w) // patch, indexing="ij")
-  ids = (rows * (w // patch) + cols).reshape(-1)
-  members = np.argsort(ids, kind="stable").reshape(-1, patch * patch)
-  fmap = None if patch == 1 else ids.reshape(h, w).astype(np.int32)
-  return Level(patch, fmap, members)
+  fmap = features.patch_feature_map(h, w, patch)
+  members = np.argsort(fmap.reshape(-1), kind="stable").reshape(-1, patch * patch)
+  return Level(patch, None if patch == 1 else fmap, members)
 
 
 def _state_values(order, values, counts, start_values) -> np.ndarray:
