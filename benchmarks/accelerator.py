@@ -89,7 +89,7 @@ def resnet(name: str, size: int, num_classes: int, policy: str):
 def train_rate(name: str, size: int, batch: int, num_classes: int, policy: str, sizes: dict):
   """``(train img/s, train FLOPs per image, inference img/s at the same batch)``."""
   config = base_config()
-  config.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
+  config.train.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
   model = create_model(name, num_classes=num_classes)
   tx = train.make_optimizer(config, steps_per_epoch=100)
   mesh = sharding.data_mesh()

@@ -37,7 +37,7 @@ def main():
   if args.host_devices:
     jax.config.update("jax_num_cpu_devices", args.host_devices)
   config = base_config()
-  config.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
+  config.train.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
   model = create_model(args.model, num_classes=10)
   tx = train.make_optimizer(config, steps_per_epoch=100)
   mesh = sharding.data_mesh()

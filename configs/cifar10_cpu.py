@@ -44,25 +44,26 @@ def get_config(variant: str = ""):
   c = cifar10.get_config()
   c.data.source = "image_folder"
   c.runtime.host_devices = 2
-  c.num_epochs = 33
+  c.train.num_epochs = 33
   # 8 epochs at 16×16 with 4× the batch, 8 at 24×24 with 2× the batch, then 17
   # at full size (cpu_budget.epoch_scales, cpu_budget.epoch_batch_multipliers; the
   # learning rate scales with the batch). Small images fill the 2 cores poorly
   # at batch 16: the low-resolution epochs cost ~30% and ~60% of a full one
   # here with the larger batches, ~45% and ~70% without.
-  c.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25, 2))
-  c.schedule = "onecycle"
-  c.lr = 0.025        # same lr / batch ratio (and weight decay per epoch) as 0.1 at 64
-  c.warmup_fraction = 0.2
-  c.batch_size = 16   # 8 per host device: the fastest training on 2 cores (docs/benchmarks.md)
-  c.augment.flip = "alternating"  # each image mirrored in alternate epochs
-  c.augment.padding = 2           # ±2 px crops: ResNet-20 underfits in this budget
-  c.eval_every = 8                # a test pass costs ~7 s
+  c.train.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25, 2))
+  c.train.schedule = "onecycle"
+  c.train.lr = 0.025  # same lr / batch ratio (and weight decay per epoch) as 0.1 at 64
+  c.train.warmup_fraction = 0.2
+  # 8 per host device: the fastest training on 2 cores (docs/benchmarks.md).
+  c.train.batch_size = 16
+  c.train.augment.flip = "alternating"  # each image mirrored in alternate epochs
+  c.train.augment.padding = 2     # ±2 px crops: ResNet-20 underfits in this budget
+  c.train.eval_every = 8          # a test pass costs ~7 s
   # Batch norm's running statistics average the last ~100 steps (1,600 images)
   # instead of ~10 (160): about the horizon of the paper's batch 128 at PyTorch's
   # momentum 0.1 (1,280 images). Training itself is unchanged (it normalises
   # with each batch's own statistics); evaluation is less noisy.
-  c.bn_momentum = 0.99
+  c.model.bn_momentum = 0.99
 
   c.backselect.method = "gradient"
   c.backselect.remove_per_step = 128
@@ -121,15 +122,15 @@ def mitigations_pixel(c):
   c.sis.patch_size = 1
   c.sis.num_images = 200
   c.sis.images_per_call = 50
-  c.batch_size = 128
-  c.lr = 0.2
-  c.progressive_resizing = ()
+  c.train.batch_size = 128
+  c.train.lr = 0.2
+  c.train.progressive_resizing = ()
   return c
 
 
 def analyze(c):
   """No training: the shipped ResNet-20 on the shipped 1,000 test images."""
-  c.pretrained = "resnet20_cifar10"
+  c.model.pretrained = "resnet20_cifar10"
   c.data.path = ""                  # the slice in the package
   c.data.expected_train = 0
   c.data.expected_test = 1000

@@ -73,22 +73,22 @@ def get_config(variant: str = ""):
   # data.view "auto" (view_size/view_resize unset): torchvision's Resize(342)/CenterCrop(299)
   # with torchvision/timm weights, the paper's Resize(299)/CenterCrop(299) without.
   c.data.normalization = "imagenet"
-  c.num_classes = 1000
+  c.model.num_classes = 1000
   c.model.name = "inception_v3"
   c.runtime.data_workers = 8
 
   # Retraining recipe (and the base model's when no weights are given).
-  c.num_epochs = 90
-  c.batch_size = 256
+  c.train.num_epochs = 90
+  c.train.batch_size = 256
   c.eval_batch_size = 250
-  c.lr = 0.1
-  c.schedule = "multistep"
-  c.lr_milestones = (30, 60)
-  c.lr_decay = 0.1
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 1e-4
-  c.augment.crop = "inception"      # random-resized crop + flip on the host, mask alongside
+  c.train.lr = 0.1
+  c.train.schedule = "multistep"
+  c.train.lr_milestones = (30, 60)
+  c.train.lr_decay = 0.1
+  c.train.momentum = 0.9
+  c.train.nesterov = False
+  c.train.weight_decay = 1e-4
+  c.train.augment.crop = "inception"      # random-resized crop + flip on the host, mask alongside
   c.runtime.checkpoint_every_steps = 1000
 
   c.backselect.method = "gradient"
@@ -130,15 +130,15 @@ def _smoke(c) -> None:
   c.runtime.data_workers = 0
   c.runtime.checkpoint_every_steps = 0
   c.model.name = "mlp"
-  c.num_epochs = 12
-  c.batch_size = 50
+  c.train.num_epochs = 12
+  c.train.batch_size = 50
   c.eval_batch_size = 250
   # 0.05 diverged (train loss 8 -> 94,832 by epoch 7, yet 85.7% on the memorised images);
   # at 0.01 the loss falls every epoch, 7.3 -> 0.02.
-  c.lr = 0.01
-  c.schedule = "onecycle"
-  c.weight_decay = 0.0
-  c.augment.enabled = False         # memorise the 1,000 images: confident answers to analyse
+  c.train.lr = 0.01
+  c.train.schedule = "onecycle"
+  c.train.weight_decay = 0.0
+  c.train.augment.enabled = False         # memorise the 1,000 images: confident answers to analyse
   c.backselect.remove_per_step = 64  # 64 steps of 64 pixels at 64×64
   c.backselect.shard_size = 250
   c.retrain.num_epochs = 6

@@ -19,11 +19,11 @@ def get_config():
   c.data.expected_train = 0
   c.data.expected_test = 0
   c.model.name = "cnn3"
-  c.num_epochs = 2
-  c.batch_size = 32
+  c.train.num_epochs = 2
+  c.train.batch_size = 32
   c.eval_batch_size = 64
-  c.schedule = "onecycle"
-  c.lr = 0.05
+  c.train.schedule = "onecycle"
+  c.train.lr = 0.05
   c.runtime.progress = False
 
   c.backselect.method = "gradient"

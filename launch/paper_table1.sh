@@ -17,7 +17,7 @@ seeds=${SEEDS:-"0 1 2"}
 for model in $models; do
   for seed in $seeds; do
     python3 -m overinterp_jax.main --config="$config" --workdir="$root/${model}_seed${seed}" \
-      --config.model.name="$model" --config.train_seed="$seed" "$@"
+      --config.model.name="$model" --config.train.seed="$seed" "$@"
   done
 done
 python3 -m overinterp_jax.collect "$root"/*_seed* | tee "$root/table1.md"

@@ -21,7 +21,7 @@ from overinterp_jax.data import loader as data_loader
 from overinterp_jax.models import shipped
 from overinterp_jax.pipeline import registry
 
-CROPS = ("device", "inception")  # config.augment.crop
+CROPS = ("device", "inception")  # config.train.augment.crop
 
 
 def _subset_of(key: str, values, known) -> None:
@@ -57,39 +57,40 @@ def _booleans(section, prefix: str, keys: Sequence[str]) -> None:
 
 def _training(config, num_devices: int) -> None:
   from overinterp_jax import train  # here: importing the checks loads no orbax
-  _at_least(config, "", ("num_epochs", "eval_batch_size", "eval_every",
-                         "checkpoints_to_keep"), 1)
+  t = config.train
+  _at_least(config, "", ("eval_batch_size",), 1)
+  _at_least(t, "train.", ("num_epochs", "eval_every", "checkpoints_to_keep"), 1)
   # 0 = the largest per-device batch that fits the device's memory (main.run resolves it).
-  _at_least(config, "", ("batch_size",), 0)
-  _at_least(config, "", ("num_classes",), 2)
-  if not config.lr > 0:
-    raise ValueError(f"config.lr must be > 0, got {config.lr}.")
-  _one_of("schedule", config.schedule, train.SCHEDULES)
-  _one_of("precision", config.precision, tuple(precision.POLICIES))
-  milestones = list(config.lr_milestones)
+  _at_least(t, "train.", ("batch_size",), 0)
+  _at_least(config.model, "model.", ("num_classes",), 2)
+  if not t.lr > 0:
+    raise ValueError(f"config.train.lr must be > 0, got {t.lr}.")
+  _one_of("train.schedule", t.schedule, train.SCHEDULES)
+  _one_of("model.precision", config.model.precision, tuple(precision.POLICIES))
+  milestones = list(t.lr_milestones)
   if any(int(m) != m or m < 1 for m in milestones) or milestones != sorted(milestones):
-    raise ValueError(f"config.lr_milestones must be increasing epochs >= 1, got "
-                     f"{config.lr_milestones}.")
-  if not config.lr_decay > 0:
-    raise ValueError(f"config.lr_decay must be > 0, got {config.lr_decay}.")
-  _in_range("warmup_fraction", config.warmup_fraction, 0, 1, high_open=True)
-  _in_range("momentum", config.momentum, 0, 1, low_open=False, high_open=True)
-  if not config.weight_decay >= 0:
-    raise ValueError(f"config.weight_decay must be >= 0, got {config.weight_decay}.")
-  _booleans(config, "", ("nesterov",))
-  cpu_budget.epoch_scales(config)  # raises on a malformed config.progressive_resizing
+    raise ValueError(f"config.train.lr_milestones must be increasing epochs >= 1, got "
+                     f"{t.lr_milestones}.")
+  if not t.lr_decay > 0:
+    raise ValueError(f"config.train.lr_decay must be > 0, got {t.lr_decay}.")
+  _in_range("train.warmup_fraction", t.warmup_fraction, 0, 1, high_open=True)
+  _in_range("train.momentum", t.momentum, 0, 1, low_open=False, high_open=True)
+  if not t.weight_decay >= 0:
+    raise ValueError(f"config.train.weight_decay must be >= 0, got {t.weight_decay}.")
+  _booleans(t, "train.", ("nesterov",))
+  cpu_budget.epoch_scales(config)  # raises on a malformed config.train.progressive_resizing
   train.build_model(config)  # raises on an unknown model or a bad bn_momentum / keep_prob
   weights = config.model.weights
   if weights and not os.path.exists(weights):
     raise ValueError(f"config.model.weights={weights!r} does not exist (a .safetensors file "
                      "or an orbax checkpoint directory).")
   view_for_config(config)  # raises on a named view without sizes for config.model.name
-  _booleans(config.augment, "augment.", ("enabled",))
+  _booleans(t.augment, "train.augment.", ("enabled",))
   cpu_budget.augment_flip(config)
-  _at_least(config.augment, "augment.", ("padding",), 0)
-  _one_of("augment.crop", config.augment.crop, CROPS)
+  _at_least(t.augment, "train.augment.", ("padding",), 0)
+  _one_of("train.augment.crop", t.augment.crop, CROPS)
   _at_least(config.runtime, "runtime.", ("checkpoint_every_steps", "data_workers"), 0)
-  if int(config.batch_size):
+  if int(t.batch_size):
     train.check_batch(config, num_devices=num_devices)
 
 
@@ -157,11 +158,12 @@ def _stages(config) -> None:
                      "selects pixels (patch_size must be 1; its levels' patches are "
                      "config.coarse_to_fine.patch_sizes).")
   _coarse_to_fine(config.coarse_to_fine)
-  if config.pretrained and config.model.weights:
-    raise ValueError(f"config.pretrained={config.pretrained!r} and config.model.weights="
-                     f"{config.model.weights!r} both give the base model; set one.")
-  if config.pretrained and config.pretrained not in shipped.available():
-    raise ValueError(f"config.pretrained={config.pretrained!r} is not a shipped model; "
+  m = config.model
+  if m.pretrained and m.weights:
+    raise ValueError(f"config.model.pretrained={m.pretrained!r} and config.model.weights="
+                     f"{m.weights!r} both give the base model; set one.")
+  if m.pretrained and m.pretrained not in shipped.available():
+    raise ValueError(f"config.model.pretrained={m.pretrained!r} is not a shipped model; "
                      f"shipped: {shipped.available()}.")
   _subset_of("sis.models", s.models, config_schema.SIS_MODELS)
   if not s.models and any(st in config.stages for st in ("sis", "controls", "report")):
@@ -204,12 +206,20 @@ def _bad_files(config) -> None:
                      "whole first, and every undecodable file is named.")
 
 
+def _no_moved_keys(config) -> None:
+  """A config file that still sets a key at its old place (which nothing reads) fails."""
+  for old, new in config_schema.MOVED_KEYS.items():
+    if old in config:
+      raise ValueError(f"config.{old} moved to config.{new}; set that instead.")
+
+
 def validate_config(config, num_devices: Optional[int] = None) -> None:
   """Fails before any work starts, naming the offending key. ``num_devices``: the
   devices a batch is split over (default: all of JAX's)."""
   if num_devices is None:
     import jax
     num_devices = jax.device_count()
+  _no_moved_keys(config)
   if not config.stages:
     raise ValueError(f"config.stages is empty; known stages: {list(registry.names())}.")
   _subset_of("stages", config.stages, registry.names())
@@ -226,14 +236,14 @@ def validate_with_data(config, dataset) -> None:
   # Here: importing the checks loads neither orbax nor matplotlib.
   from overinterp_jax import train
   from overinterp_jax.pipeline import sis_stage
-  if int(config.num_classes) != dataset.num_classes:
-    raise ValueError(f"config.num_classes={config.num_classes}, but the data has "
+  if int(config.model.num_classes) != dataset.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes}, but the data has "
                      f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:12])}"
                      f"{', ...' if dataset.num_classes > 12 else ''}).")
   sis_stage.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
   # Some model is trained: the base (unless a shipped one is loaded), retrained
   # models, or the ensemble's members and the input-dropout model.
-  if ((not config.pretrained and not config.model.weights) or config.retrain.kinds
+  if ((not config.model.pretrained and not config.model.weights) or config.retrain.kinds
       or set(config.sis.models) - {"single"}):
     train.check_batch(config, num_train=dataset.num_examples("train"))
 
@@ -249,9 +259,13 @@ def _override_paths(argv: Sequence[str]) -> list[str]:
 
 
 def unknown_override(config, argv: Sequence[str]) -> Optional[str]:
-  """One line naming the first ``--config.<key>`` of ``argv`` that ``config`` lacks, with
-  the closest existing keys at that level; None when every key exists."""
+  """One line naming the first ``--config.<key>`` of ``argv`` that ``config`` lacks: where
+  it moved (``config_schema.MOVED_KEYS``), or the closest existing keys at that level;
+  None when every key exists."""
   for path in _override_paths(argv):
+    moved = config_schema.moved_path(path)
+    if moved is not None and path.partition(".")[0] not in config:
+      return f"config.{path} moved to config.{moved}."
     node, done = config, []
     for part in path.split("."):
       if not hasattr(node, "keys") or part not in node:

@@ -20,13 +20,35 @@ SIS_SELECTIONS = ("exact", "coarse_to_fine", "backselect")        # sis.selectio
 SIS_MODELS = ("single", "ensemble", "input_dropout")               # sis.models
 MASKING_VALUES = ("mean", "blur", "noise")                        # controls.masking_values
 
+# Keys that moved into a section, old path -> new path: an old key on the command
+# line fails naming its new place (config_checks.unknown_override), and the training
+# settings of exported model records, written with old paths, are read at the new ones
+# (pipeline/shipped_base.py). A moved section moves every key under it.
+_TRAIN_KEYS = ("num_epochs", "batch_size", "eval_every", "schedule", "lr", "lr_milestones",
+               "lr_decay", "warmup_fraction", "progressive_resizing", "momentum", "nesterov",
+               "weight_decay", "checkpoints_to_keep", "augment")
+_MODEL_KEYS = ("num_classes", "bn_momentum", "input_keep_prob", "pretrained", "precision")
+MOVED_KEYS = {"train_seed": "train.seed", **{k: f"train.{k}" for k in _TRAIN_KEYS},
+              **{k: f"model.{k}" for k in _MODEL_KEYS}}
+
+
+def moved_path(path: str):
+  """The path that old dotted ``path`` (e.g. ``"lr"``, ``"augment.flip"``) has now; None
+  when it did not move."""
+  head, _, rest = path.partition(".")
+  if head not in MOVED_KEYS:
+    return None
+  return MOVED_KEYS[head] + (f".{rest}" if rest else "")
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The schema: every key with its default."""
   c = ml_collections.ConfigDict()
-  c.train_seed = 0                  # training: initialisation, batch order, augmentation
   # Pipeline stages, run in this order; a finished stage is skipped on re-run.
   c.stages = ("train", "backselect", "subsets", "retrain", "sis", "controls", "report")
+  # Images per evaluation pass, shared by every stage (test metrics while training, every
+  # model's predictions in backselect, subsets, retrain, sis, controls).
+  c.eval_batch_size = 500
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "image_folder"    # "tfds" | "image_folder" | "synthetic"
@@ -62,15 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 10           # source=synthetic only: classes
   c.data.synthetic_seed = 0         # source=synthetic only: seed of the images
 
-  # Training augmentation: random crop (zero padding) + horizontal flip.
-  c.augment = ml_collections.ConfigDict()
-  c.augment.enabled = True
-  c.augment.padding = 4             # pixels of padding before the crop
-  c.augment.flip = "random"         # "random" | "alternating" (cpu_budget.augment_flip)
-  # "device": pad + random crop (+ flip) on the accelerator (CIFAR); "inception":
-  # random-resized crop + flip of the view on the host (ImageNet).
-  c.augment.crop = "device"
-
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"         # models.registry: resnet20, resnet50, inception_v3, ...
   # Weights of the base model: a .safetensors file in torchvision/timm key layout
@@ -83,29 +96,42 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.transform_input = "auto"
   # A model shipped in the package (models.shipped, e.g. "resnet20_cifar10") used as the
   # base model: stage train loads it instead of training. "" = train it.
-  c.pretrained = ""
-  c.num_classes = 10
-  c.bn_momentum = 0.9               # of batch norm's running statistics (PyTorch's 0.1)
-  c.input_keep_prob = 1.0           # < 1 wraps the model in input dropout (paper: 0.8)
-  # Compute dtype of model evaluations in training and backselect (overinterp_jax/
-  # precision.py): "float32" | "bfloat16" (float32 parameters, float32 ranking).
-  c.precision = "float32"
-  c.num_epochs = 200
-  c.batch_size = 128                # 0 = the most per device that fits its memory (lr as given)
-  c.eval_batch_size = 500
-  c.eval_every = 1                  # test metrics every this many epochs (and after the last)
-  c.schedule = "multistep"          # "multistep" | "onecycle" | "cosine"
-  c.lr = 0.1
-  c.lr_milestones = (60, 120, 160)  # multistep only: epochs
-  c.lr_decay = 0.2                  # multistep only: lr factor at each milestone
-  c.warmup_fraction = 0.15          # onecycle only
+  c.model.pretrained = ""
+  c.model.num_classes = 10
+  c.model.bn_momentum = 0.9         # of batch norm's running statistics (PyTorch's 0.1)
+  c.model.input_keep_prob = 1.0     # < 1 wraps the model in input dropout (paper: 0.8)
+  # Compute dtype of the model's evaluations, in training and in selection (backselect,
+  # sis; overinterp_jax/precision.py): "float32" | "bfloat16" (float32 parameters,
+  # float32 ranking).
+  c.model.precision = "float32"
+
+  # Stage train (and every model trained later: retrain, sis's ensemble and input-dropout
+  # models, with their own epochs and seeds): the base model's recipe.
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0                  # initialisation, batch order, augmentation
+  c.train.num_epochs = 200
+  c.train.batch_size = 128          # 0 = the most per device that fits its memory (lr as given)
+  c.train.eval_every = 1            # test metrics every this many epochs (and after the last)
+  c.train.schedule = "multistep"    # "multistep" | "onecycle" | "cosine"
+  c.train.lr = 0.1
+  c.train.lr_milestones = (60, 120, 160)  # multistep only: epochs
+  c.train.lr_decay = 0.2            # multistep only: lr factor at each milestone
+  c.train.warmup_fraction = 0.15    # onecycle only
   # ((scale of the image side, fraction of the epochs[, batch multiplier]), ...) trained
   # at lower resolution before the full-size epochs (cpu_budget.epoch_scales); () = none.
-  c.progressive_resizing = ()
-  c.momentum = 0.9
-  c.nesterov = True
-  c.weight_decay = 5e-4
-  c.checkpoints_to_keep = 2
+  c.train.progressive_resizing = ()
+  c.train.momentum = 0.9
+  c.train.nesterov = True
+  c.train.weight_decay = 5e-4
+  c.train.checkpoints_to_keep = 2
+  # Training augmentation: random crop (zero padding) + horizontal flip.
+  c.train.augment = ml_collections.ConfigDict()
+  c.train.augment.enabled = True
+  c.train.augment.padding = 4       # pixels of padding before the crop
+  c.train.augment.flip = "random"   # "random" | "alternating" (cpu_budget.augment_flip)
+  # "device": pad + random crop (+ flip) on the accelerator (CIFAR); "inception":
+  # random-resized crop + flip of the view on the host (ImageNet).
+  c.train.augment.crop = "device"
 
   # Coarse-to-fine backward selection (backselect.method or sis.selection "coarse_to_fine";
   # sis.coarse_to_fine_backselect, docs/method.md §4): exact selection on patch_sizes[0]-sided
@@ -142,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stage retrain: fresh models on subsets; "mask_only" is the leakage control.
   c.retrain = ml_collections.ConfigDict()
   c.retrain.kinds = ("bs", "random", "mask_only")
-  c.retrain.num_epochs = 0          # 0 = num_epochs
+  c.retrain.num_epochs = 0          # 0 = train.num_epochs
 
   # Stage sis: SISes of a sample of test images per model.
   c.sis = ml_collections.ConfigDict()
@@ -161,10 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sis.patch_size = 1              # 1 = pixel features; p = p×p patches
   c.sis.images_per_call = 4         # images per compiled exact call (resume unit); 0 = all
   c.sis.models = ("single", "ensemble", "input_dropout")
-  c.sis.ensemble_size = 3           # base model + 2 replicates (seeds seed+1, seed+2)
-  c.sis.ensemble_epochs = 0         # 0 = num_epochs
+  c.sis.ensemble_size = 3           # base model + 2 replicates (train.seed + 1, + 2)
+  c.sis.ensemble_epochs = 0         # 0 = train.num_epochs
   c.sis.input_dropout_keep_prob = 0.8
-  c.sis.input_dropout_epochs = 0    # 0 = num_epochs
+  c.sis.input_dropout_epochs = 0    # 0 = train.num_epochs
   c.sis.input_dropout_samples = 4   # fixed dropout masks averaged at SIS time
   c.sis.input_dropout_seed = 0
 

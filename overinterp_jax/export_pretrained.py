@@ -66,19 +66,19 @@ def export(config, workdir: str, name: str, out: str, config_path: str = "",
   state = train.restore_trained(config, model_dir, dataset.image_shape,
                                 dataset.num_examples("train"), ctx.mesh)
   if state is None:
-    raise ValueError(f"{model_dir}: no checkpoint of the last epoch ({config.num_epochs}).")
+    raise ValueError(f"{model_dir}: no checkpoint of the last epoch ({config.train.num_epochs}).")
   base = trained.Trained(train.build_model(config),
                          {"params": state.params, "batch_stats": state.batch_stats}, {}, 0.0)
   piece = cifar10_slice.load()["test"]
   record = {
-      "model": config.model.name, "num_classes": int(config.num_classes),
-      "bn_momentum": float(config.bn_momentum), "image_shape": list(dataset.image_shape),
+      "model": config.model.name, "num_classes": int(config.model.num_classes),
+      "bn_momentum": float(config.model.bn_momentum), "image_shape": list(dataset.image_shape),
       "class_names": list(dataset.class_names),
       "normalization": dataset.normalization.to_dict(),
       "config": config_path, "overrides": overrides,
       # The config values its training read (config_reads): what a user must match.
       "train_settings": {p: config_reads.value_at(config, p) for p in summary["config_reads"]},
-      "fingerprint": summary["fingerprint"], "num_epochs": int(config.num_epochs),
+      "fingerprint": summary["fingerprint"], "num_epochs": int(config.train.num_epochs),
       "train_seconds": round(float(summary["seconds"]), 1),
       "test_accuracy": float(summary["metrics"]["accuracy"]),
       "test_images": int(summary["metrics"]["count"]),

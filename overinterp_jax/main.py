@@ -58,13 +58,13 @@ def run(config, workdir: str) -> dict:
                                      view=data_lib.view_for_config(config),
                                      bad_files=config.runtime.bad_files,
                                      max_bad_files=int(config.runtime.max_bad_files))
-  if int(config.batch_size) == 0:
-    config.batch_size = train.memory_fitted_batch_size(
+  if int(config.train.batch_size) == 0:
+    config.train.batch_size = train.memory_fitted_batch_size(
         config, dataset.image_shape, num_devices=jax.device_count(),
         num_train=dataset.num_examples("train"))
     logging.info("Training batch %d (%d per device): the most that fits the device's "
-                 "memory (config.batch_size=0); config.lr is used as given.",
-                 config.batch_size, config.batch_size // jax.device_count())
+                 "memory (config.train.batch_size=0); config.train.lr is used as given.",
+                 config.train.batch_size, config.train.batch_size // jax.device_count())
   config_checks.validate_with_data(config, dataset)
   with locks.workdir_lock(workdir) as writable:
     if writable:
@@ -185,7 +185,7 @@ python -m overinterp_jax.main --config=FILE[:VARIANT] --workdir=DIR [--config.KE
 
   --config=FILE[:VARIANT]  the experiment, e.g. configs/cifar10_cpu.py:analyze (the quick start)
   --workdir=DIR            where checkpoints, results and report.md go; the same DIR resumes
-  --config.KEY=VALUE       override one key of the config, e.g. --config.num_epochs=5
+  --config.KEY=VALUE       override one key of the config, e.g. --config.train.num_epochs=5
   --verbosity=N            log level: 0 = INFO (default), -1 = warnings, 1 = all + tracebacks
   --helpfull               every flag, absl's and JAX's included
 

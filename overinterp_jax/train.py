@@ -10,7 +10,7 @@ deleted. Each epoch's shuffling and augmentation keys derive from
 same parameters as one that was not. A non-finite training loss, or one that explodes
 (``LossGuard``: a window's mean above ``config.runtime.loss_explosion_factor`` × the
 first step's loss or chance level), stops the run (``FloatingPointError`` naming the
-epoch, the steps and ``config.lr``), keeping the last checkpoint.
+epoch, the steps and ``config.train.lr``), keeping the last checkpoint.
 
 The step functions are pure and compiled once; the batch is split over the
 data axis of ``sharding.data_mesh()`` and the state replicated, so the same
@@ -62,10 +62,10 @@ SCHEDULES = ("multistep", "onecycle", "cosine")
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """Per-step learning rate.
 
-  ``config.schedule``: ``"multistep"`` (the paper: ``lr`` × ``lr_decay`` at each
-  epoch in ``lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
+  ``config.train.schedule``: ``"multistep"`` (the paper: ``train.lr`` × ``train.lr_decay``
+  at each epoch in ``train.lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
   ``lr``, for short budgets) or ``"cosine"`` (cosine decay from ``lr``).
-  ``steps_per_epoch`` counts steps of ``config.batch_size``; epochs with a larger
+  ``steps_per_epoch`` counts steps of ``config.train.batch_size``; epochs with a larger
   batch (``cpu_budget.epoch_batch_multipliers``) follow ``cpu_budget.scale_schedule``.
   """
   return cpu_budget.scale_schedule(_base_schedule(config, steps_per_epoch), config,
@@ -73,46 +73,47 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  total = config.num_epochs * steps_per_epoch
-  if config.schedule == "multistep":
-    boundaries = {int(e) * steps_per_epoch: float(config.lr_decay)
-                  for e in config.lr_milestones}
-    return optax.piecewise_constant_schedule(config.lr, boundaries)
-  if config.schedule == "onecycle":
-    return optax.cosine_onecycle_schedule(total, config.lr, pct_start=config.warmup_fraction,
+  total = config.train.num_epochs * steps_per_epoch
+  if config.train.schedule == "multistep":
+    boundaries = {int(e) * steps_per_epoch: float(config.train.lr_decay)
+                  for e in config.train.lr_milestones}
+    return optax.piecewise_constant_schedule(config.train.lr, boundaries)
+  if config.train.schedule == "onecycle":
+    return optax.cosine_onecycle_schedule(total, config.train.lr,
+                                          pct_start=config.train.warmup_fraction,
                                           div_factor=25.0, final_div_factor=1e3)
-  if config.schedule == "cosine":
-    return optax.cosine_decay_schedule(config.lr, total)
-  raise ValueError(f"config.schedule must be one of {list(SCHEDULES)}, got "
-                   f"{config.schedule!r}.")
+  if config.train.schedule == "cosine":
+    return optax.cosine_decay_schedule(config.train.lr, total)
+  raise ValueError(f"config.train.schedule must be one of {list(SCHEDULES)}, got "
+                   f"{config.train.schedule!r}.")
 
 
 def config_augment_fn(config) -> Callable:
-  """The ``augment_fn`` of ``config``: random crop with ``config.augment.padding``
-  pixels of padding and a random flip, or the crop alone when ``config.augment.flip ==
+  """The ``augment_fn`` of ``config``: random crop with ``config.train.augment.padding``
+  pixels of padding and a random flip, or the crop alone when ``config.train.augment.flip ==
   "alternating"`` (the input pipeline mirrors: ``cpu_budget.mirrored``)."""
-  return functools.partial(augment.augment_images, padding=int(config.augment.padding),
+  return functools.partial(augment.augment_images, padding=int(config.train.augment.padding),
                            flip=cpu_budget.augment_flip(config) == "random")
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD with Nesterov momentum and (PyTorch-style, coupled) weight decay on all parameters."""
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
-                nesterov=config.nesterov))
+      optax.add_decayed_weights(config.train.weight_decay),
+      optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.train.momentum,
+                nesterov=config.train.nesterov))
 
 
 def build_model(config) -> nn.Module:
   """``config.model.name`` from the registry, wrapped in input dropout when
-  ``config.input_keep_prob < 1`` (paper §5: 0.8, active in training and
-  evaluation); ``config.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm;
+  ``config.model.input_keep_prob < 1`` (paper §5: 0.8, active in training and
+  evaluation); ``config.model.bn_momentum`` (default 0.9, PyTorch's 0.1) for its batch norm;
   Inception v3's ``transform_input`` from ``config.model.transform_input``
   (``torch_weights.transform_input_for``: "auto" reads a timm ``config.json`` beside
   ``config.model.weights``)."""
-  bn_momentum = float(config.bn_momentum)
+  bn_momentum = float(config.model.bn_momentum)
   if not 0 <= bn_momentum < 1:
-    raise ValueError(f"config.bn_momentum must be in [0, 1), got {bn_momentum}.")
+    raise ValueError(f"config.model.bn_momentum must be in [0, 1), got {bn_momentum}.")
   kwargs = {} if bn_momentum == DEFAULT_MOMENTUM else {"bn_momentum": bn_momentum}
   setting = config.model.transform_input
   if config.model.name == "inception_v3":
@@ -121,15 +122,15 @@ def build_model(config) -> nn.Module:
     raise ValueError(f"config.model.transform_input={setting!r}: only inception_v3 has "
                      f"transform_input, not config.model.name={config.model.name!r}.")
   try:
-    model = create_model(config.model.name, num_classes=config.num_classes, **kwargs)
+    model = create_model(config.model.name, num_classes=config.model.num_classes, **kwargs)
   except TypeError as e:
     if "bn_momentum" not in str(e):
       raise
-    raise ValueError(f"config.bn_momentum={bn_momentum}: model {config.model.name!r} has no "
+    raise ValueError(f"config.model.bn_momentum={bn_momentum}: model {config.model.name!r} has no "
                      "batch norm.") from e
-  keep_prob = float(config.input_keep_prob)
+  keep_prob = float(config.model.input_keep_prob)
   if not 0 < keep_prob <= 1:
-    raise ValueError(f"config.input_keep_prob must be in (0, 1], got {keep_prob}.")
+    raise ValueError(f"config.model.input_keep_prob must be in (0, 1], got {keep_prob}.")
   return InputDropout(model, keep_prob=keep_prob) if keep_prob < 1 else model
 
 
@@ -256,17 +257,17 @@ def restore_trained(config, workdir: str, image_shape, num_train: int,
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     return None
-  manager = checkpoints.manager(directory, config.checkpoints_to_keep)
+  manager = checkpoints.manager(directory, config.train.checkpoints_to_keep)
   try:
-    if manager.latest_step() != config.num_epochs:
+    if manager.latest_step() != config.train.num_epochs:
       return None
-    tx = make_optimizer(config, max(1, num_train // config.batch_size))
+    tx = make_optimizer(config, max(1, num_train // config.train.batch_size))
     state = create_train_state(build_model(config), tx, image_shape,
-                               jax.random.key(config.train_seed))
+                               jax.random.key(config.train.seed))
     step, state = checkpoints.restore_latest(manager, workdir, state)
   finally:
     manager.close()
-  if step != config.num_epochs:
+  if step != config.train.num_epochs:
     return None
   mesh = mesh if mesh is not None else sharding.data_mesh()
   return jax.device_put(state, sharding.replicated(mesh))
@@ -279,7 +280,7 @@ class LossGuard:
 
   ``reference`` is the larger of chance level, ``ln(num_classes)`` (a fresh model's loss),
   and the first training step's loss (``initial``, kept in ``metrics.jsonl`` so a resumed
-  run has the same limit). ``lr`` says what the message names: ``config.lr`` and the
+  run has the same limit). ``lr`` says what the message names: ``config.train.lr`` and the
   schedule (``step -> learning rate``).
   """
   workdir: str
@@ -303,7 +304,7 @@ class LossGuard:
     losses = np.asarray(losses, np.float64)
     kept = (f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1
             else "no checkpoint was written")
-    rate = (f"config.lr={self.lr:g} (the learning rate at this step: "
+    rate = (f"config.train.lr={self.lr:g} (the learning rate at this step: "
             f"{float(self.schedule(max(global_step - 1, 0))):.4g})")
     bad = np.flatnonzero(~np.isfinite(losses))
     finite = losses[:bad[0]] if bad.size else losses  # the steps before the first bad one
@@ -324,35 +325,36 @@ class LossGuard:
       raise FloatingPointError(
           f"Training {self.workdir} stopped: the loss is {float(losses[bad[0]])} at epoch "
           f"{epoch}, step {first_step + int(bad[0])} of {num_steps}; {kept}. Lower {rate}, "
-          "or check config.num_classes and the data.")
+          "or check config.model.num_classes and the data.")
 
 
 def check_batch(config, *, num_devices: int | None = None, num_train: int | None = None
                 ) -> None:
-  """Raises ValueError unless ``config.batch_size`` splits over ``num_devices`` and every
+  """Raises ValueError unless ``config.train.batch_size`` splits over ``num_devices`` and every
   epoch's batch (``epoch_batch_multipliers``) fits in ``num_train`` examples."""
-  if num_devices is not None and config.batch_size % num_devices:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+  if num_devices is not None and config.train.batch_size % num_devices:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by the "
                      f"{num_devices} devices (config.runtime.host_devices on a CPU).")
   largest = max(cpu_budget.epoch_batch_multipliers(config))
-  if num_train is not None and num_train < config.batch_size * largest:
-    raise ValueError(f"config.batch_size={config.batch_size} (× {largest} in "
-                     f"config.progressive_resizing) exceeds the {num_train} training examples.")
+  if num_train is not None and num_train < config.train.batch_size * largest:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} (× {largest} in "
+                     f"config.train.progressive_resizing) exceeds the {num_train} training "
+                     "examples.")
 
 
 def memory_fitted_batch_size(config, image_shape, *, num_devices: int, num_train: int,
                              budget_bytes: int | None = None, cap_per_device: int = 256) -> int:
-  """The global batch for ``config.batch_size = 0``: per device, the largest power of two
+  """The global batch for ``config.train.batch_size = 0``: per device, the largest power of two
   (at most ``cap_per_device``) whose training step fits the device's memory budget
   (``memory.fit_batch``: XLA's analysis of the compiled step at a probe batch), times
   ``num_devices``; no larger than the training set allows for every epoch's batch.
-  The learning rate is not rescaled: ``config.lr`` belongs to the batch this gives."""
+  The learning rate is not rescaled: ``config.train.lr`` belongs to the batch this gives."""
   model = build_model(config)
   tx = make_optimizer(config, steps_per_epoch=100)
   image_shape = tuple(image_shape)
   state = jax.eval_shape(lambda: create_train_state(model, tx, image_shape, jax.random.key(0)))
   key = jax.random.key(0)
-  loss = lambda s, x, y: train_step(s, x, y, key, compute_dtype=config.precision)[1]["loss"]
+  loss = lambda s, x, y: train_step(s, x, y, key, compute_dtype=config.model.precision)[1]["loss"]
   args_at = lambda b: (state, jax.ShapeDtypeStruct((b,) + image_shape, jnp.float32),
                        jax.ShapeDtypeStruct((b,), jnp.int32))
   cap = min(cap_per_device, max(1, num_train // (max(cpu_budget.epoch_batch_multipliers(config))
@@ -381,17 +383,16 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   the test metrics on ``test_feed``.
 
   Args:
-    config: ``model``, ``num_classes``, ``num_epochs``, ``batch_size``, ``lr``,
-      ``schedule`` (+ its keys), ``momentum``, ``nesterov``, ``weight_decay``,
-      ``train_seed``, ``eval_batch_size``, ``eval_every``, ``checkpoints_to_keep``,
-      ``runtime.checkpoint_every_steps``, and the ``cpu_budget`` keys.
+    config: ``model`` (its name, classes, batch norm, input dropout, precision), all of
+      ``train`` (recipe, seed, augmentation, ``cpu_budget`` keys), ``eval_batch_size``
+      and ``runtime.checkpoint_every_steps``.
     workdir: checkpoints go to ``workdir/checkpoints`` (one per epoch) and
       ``workdir/checkpoints_mid`` (every ``runtime.checkpoint_every_steps`` steps, with the
       input pipeline's position), per-epoch metrics to ``workdir/metrics.jsonl``.
       The newest checkpoint that verifies is resumed, mid-epoch ones at the batch
       they stopped before.
     train_feed, test_feed: ``data.loader.Feed``; epoch ``e`` trains on the batches of
-      ``loader.train_plan(config.train_seed, e, ...)``.
+      ``loader.train_plan(config.train.seed, e, ...)``.
     augment_fn: ``(key, images) -> images`` applied on device in each step.
     max_epochs_this_run, max_steps_this_run: stop after this many epochs / steps in
       this call (tests simulate a killed run with them).
@@ -400,14 +401,14 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = len(train_feed)
   check_batch(config, num_devices=mesh.devices.size, num_train=n)
-  steps_per_epoch = n // config.batch_size  # at config.batch_size
+  steps_per_epoch = n // config.train.batch_size  # at config.train.batch_size
   multipliers = cpu_budget.epoch_batch_multipliers(config)
   scales = cpu_budget.epoch_scales(config)
   tx = make_optimizer(config, steps_per_epoch)
   state = jax.device_put(create_train_state(build_model(config), tx, train_feed.image_shape,
-                                            jax.random.key(config.train_seed)),
+                                            jax.random.key(config.train.seed)),
                          sharding.replicated(mesh))
-  steps = compile_steps(mesh, augment_fn, compute_dtype=config.precision)
+  steps = compile_steps(mesh, augment_fn, compute_dtype=config.model.precision)
   train_fns = {1.0: steps.train}  # per image scale, compiled when first needed
   run = _resume(config, workdir, state, mesh)
   state = run.state
@@ -416,16 +417,16 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
   history = [r for r in read_metrics(metrics_path) if r["epoch"] <= run.start_epoch]
   guard = _loss_guard(config, workdir, steps_per_epoch, history)
   test_metrics = {}
-  end_epoch = config.num_epochs if max_epochs_this_run is None else min(
-      config.num_epochs, run.start_epoch + max_epochs_this_run)
+  end_epoch = config.train.num_epochs if max_epochs_this_run is None else min(
+      config.train.num_epochs, run.start_epoch + max_epochs_this_run)
   steps_left = max_steps_this_run
   for epoch in range(run.start_epoch, end_epoch):
     scale = scales[epoch]
     train_hw = cpu_budget.scaled_height_width(train_feed.image_shape[:2], scale)
     if scale not in train_fns:
-      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.precision).train
-    batch_size = config.batch_size * multipliers[epoch]
-    plan = loader.train_plan(config.train_seed, epoch, n, batch_size)
+      train_fns[scale] = compile_steps(mesh, augment_fn, train_hw, config.model.precision).train
+    batch_size = config.train.batch_size * multipliers[epoch]
+    plan = loader.train_plan(config.train.seed, epoch, n, batch_size)
     num_steps = len(plan)
     first = run.start_batch if epoch == run.start_epoch else 0
     bar, batches = _epoch_batches(config, train_feed, plan, first, epoch, scale, train_hw,
@@ -440,7 +441,7 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
       break  # a run stopped mid-epoch (tests): resumes from its last checkpoint
     seconds = time.perf_counter() - t0
     test_metrics = {}
-    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.num_epochs:
+    if (epoch + 1) % config.train.eval_every == 0 or epoch + 1 == config.train.num_epochs:
       test_metrics = evaluate(steps, state, test_feed, config.eval_batch_size)
     history.append(_epoch_record(config, workdir, epoch, sums, test_metrics, train_hw,
                                  seconds, batch_size, num_steps - first, num_steps,
@@ -458,8 +459,9 @@ def fit(config, workdir: str, train_feed: loader.Feed, test_feed: loader.Feed, *
 
 def _loss_guard(config, workdir: str, steps_per_epoch: int, history: list) -> LossGuard:
   """``fit``'s ``LossGuard``, its initial loss that of the first epoch in ``history``."""
-  return LossGuard(workdir, int(config.num_classes), float(config.runtime.loss_explosion_factor),
-                   float(config.lr), learning_rate_schedule(config, steps_per_epoch),
+  return LossGuard(workdir, int(config.model.num_classes),
+                   float(config.runtime.loss_explosion_factor),
+                   float(config.train.lr), learning_rate_schedule(config, steps_per_epoch),
                    history[0].get("initial_loss") if history else None)
 
 
@@ -471,7 +473,7 @@ def _epoch_batches(config, train_feed: loader.Feed, plan, first: int, epoch: int
                                cpu_budget.mirrored(config, epoch, n, augmenting))
   size = "" if scale == 1 else f" at {train_hw[0]}x{train_hw[1]}"
   bar = progress_bar(range(first, num_steps),
-                     desc=f"epoch {epoch + 1}/{config.num_epochs}{size}", unit="batch",
+                     desc=f"epoch {epoch + 1}/{config.train.num_epochs}{size}", unit="batch",
                      leave=False, show=bool(config.runtime.progress))
   return bar, zip(bar, batches)
 
@@ -491,7 +493,7 @@ def _resume(config, workdir: str, state: TrainState, mesh) -> _Resumed:
   """The newest checkpoint of ``workdir`` that verifies (a mid-epoch one of the epoch the
   last epoch checkpoint ends, when ``runtime.checkpoint_every_steps``), else ``state``."""
   manager = checkpoints.manager(os.path.join(workdir, "checkpoints"),
-                                config.checkpoints_to_keep)
+                                config.train.checkpoints_to_keep)
   mid_manager = checkpoints.manager(os.path.join(workdir, "checkpoints_mid"), 1)
   start_epoch, restored = checkpoints.restore_latest(manager, workdir, state)
   if restored is not None:
@@ -518,7 +520,7 @@ def _train_epoch(config, workdir: str, state: TrainState, train_fn, batches, mes
   adding each step's metrics to ``sums`` in place; a mid-epoch checkpoint every
   ``runtime.checkpoint_every_steps`` steps. Stops early when ``steps_left`` reaches 0.
   Returns ``(state, steps_left, index of the last batch trained)``."""
-  epoch_key = jax.random.fold_in(jax.random.key(config.train_seed + 1), epoch)
+  epoch_key = jax.random.fold_in(jax.random.key(config.train.seed + 1), epoch)
   every = int(config.runtime.checkpoint_every_steps)
   unchecked = []  # losses since the last host sync, checked to be finite there
   i = first - 1
@@ -561,7 +563,7 @@ def _epoch_record(config, workdir: str, epoch: int, sums: dict, test_metrics: di
             "train_images_per_second": steps_run * batch_size / seconds,
             "initial_loss": initial_loss}
   logging.info("%s: epoch %d/%d, train loss %.4f, test accuracy %s, %.1f s (%.0f img/s)",
-               workdir, epoch + 1, config.num_epochs, record["train_loss"],
+               workdir, epoch + 1, config.train.num_epochs, record["train_loss"],
                "-" if record["test_accuracy"] is None
                else f"{100 * record['test_accuracy']:.2f}%",
                seconds, record["train_images_per_second"])

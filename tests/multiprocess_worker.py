@@ -39,7 +39,7 @@ exact = sis.batched_backselect(predict, images, params=(w1, w2), eval_batch_size
 grad = sis.gradient_backselect(predict, images, params=(w1, w2), remove_per_step=3)
 
 config = base_config()
-config.update(dict(lr=0.1, schedule="cosine", num_epochs=1))
+config.train.update(dict(lr=0.1, schedule="cosine", num_epochs=1))
 model = create_model("cnn3", num_classes=10)
 tx = train.make_optimizer(config, steps_per_epoch=4)
 mesh = sharding.data_mesh()
@@ -59,7 +59,7 @@ from configs import smoke  # noqa: E402
 from overinterp_jax import data as data_lib  # noqa: E402
 
 cfg = smoke.get_config()
-cfg.num_epochs, cfg.batch_size, cfg.runtime.checkpoint_every_steps = 2, 16, 5
+cfg.train.num_epochs, cfg.train.batch_size, cfg.runtime.checkpoint_every_steps = 2, 16, 5
 ds = data_lib.load_for_config(cfg.data, "/tmp/unused")
 workdir = os.path.join(os.path.dirname(out), "fit_2_processes" if pid >= 0 else "fit_1_process")
 fitted, fit_metrics = train.fit(cfg, workdir, ds.feed("train"), ds.feed("test"),

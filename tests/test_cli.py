@@ -46,6 +46,39 @@ def test_a_bad_value_or_missing_data_ends_in_its_message_alone(tmp_path, args, m
   assert not os.listdir(tmp_path)  # before any work
 
 
+@pytest.mark.parametrize("arg,message", [
+    ("--config.lr=0.05", "config.lr moved to config.train.lr."),
+    ("--config.train_seed=1", "config.train_seed moved to config.train.seed."),
+    ("--config.augment.flip=alternating",
+     "config.augment.flip moved to config.train.augment.flip."),
+    ("--config.pretrained=resnet20_cifar10", "config.pretrained moved to config.model.pretrained."),
+    ("--noconfig.nesterov", "config.nesterov moved to config.train.nesterov."),
+    ("--config.precision=bfloat16", "config.precision moved to config.model.precision."),
+])
+def test_a_moved_config_key_names_its_new_place(arg, message):
+  from overinterp_jax import config_checks, config_schema
+  assert config_checks.unknown_override(config_schema.base_config(), [arg]) == message
+
+
+def test_every_moved_key_exists_at_its_new_place_and_not_at_its_old():
+  from overinterp_jax import config_checks, config_schema
+  config = config_schema.base_config()
+  for old, new in config_schema.MOVED_KEYS.items():
+    assert old not in config, old
+    assert config_checks.unknown_override(config, [f"--config.{new}=1"]) is None, new
+  assert config_schema.moved_path("augment.padding") == "train.augment.padding"
+  assert config_schema.moved_path("train.lr") is None
+  config.lr = 0.05  # a config file setting the old key: nothing would read it
+  with pytest.raises(ValueError, match=r"config\.lr moved to config\.train\.lr"):
+    config_checks.validate_config(config, num_devices=1)
+
+
+def test_an_old_flat_key_on_the_command_line_ends_in_one_line(tmp_path):
+  message = _fatal(_run(tmp_path, "--config.lr=0.05"))
+  assert message == "FATAL: config.lr moved to config.train.lr.", message
+  assert not os.listdir(tmp_path)
+
+
 def test_an_unknown_config_variant_ends_in_one_line_naming_the_known_ones(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "overinterp_jax.main",
                          "--config=configs/cifar10_cpu.py:nope", f"--workdir={tmp_path}"],
@@ -85,8 +118,8 @@ def test_error_messages_of_the_operating_system_name_the_file_and_the_directory(
       f"Read-only file system: {workdir}/a.json. The work directory {workdir} is not writable")
   missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/x.tar.gz")
   assert main.error_message(missing, workdir) == "No such file or directory: /data/x.tar.gz"
-  assert main.error_message(ValueError("config.lr must be > 0."), workdir) == \
-      "config.lr must be > 0."
+  assert main.error_message(ValueError("config.train.lr must be > 0."), workdir) == \
+      "config.train.lr must be > 0."
   assert not issubclass(TypeError, main.USER_ERRORS)  # bugs keep their traceback
   assert not issubclass(AttributeError, main.USER_ERRORS)
 
@@ -150,7 +183,7 @@ def test_a_log_redirected_to_a_file_gets_no_progress_bars(tmp_path):
                 f"--config.data.path={tmp_path / 'folder'}", "--config.runtime.progress=True"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True, timeout=600, env=env())
   text = log.read_text()
-  assert proc.returncode != 0 and "FATAL: config.num_classes=10, but the data has 2" in text
+  assert proc.returncode != 0 and "FATAL: config.model.num_classes=10, but the data has 2" in text
   assert "\r" not in text and "decoding" not in text and "img/s" not in text, text
 
 

@@ -16,24 +16,24 @@ from overinterp_jax.pipeline.context import Context
 def test_reads_are_recorded_by_path_and_runtime_never():
   config = config_reads.RecordingConfig(base_config())
   with config_reads.recording() as reads:
-    assert config.sis.threshold == 0.99 and config["train_seed"] == 0
+    assert config.sis.threshold == 0.99 and config.train["seed"] == 0
     assert "frac_kept" in config.subsets
     assert dict(config.controls.items())["dilation"] == 3
     assert config.report.to_dict() == {"num_figure_images": 8}
     assert config.runtime.progress and config.runtime.host_devices == 0
     copy = config.copy_and_resolve_references()
     with copy.unlocked():
-      copy.num_epochs = 3
-    assert copy.num_epochs == 3 and config.num_epochs == 200
-  assert reads.paths == {"sis.threshold", "train_seed", "subsets.frac_kept", "controls", "report",
-                         "num_epochs"}
+      copy.train.num_epochs = 3
+    assert copy.train.num_epochs == 3 and config.train.num_epochs == 200
+  assert reads.paths == {"sis.threshold", "train.seed", "subsets.frac_kept", "controls", "report",
+                         "train.num_epochs"}
   with config_reads.recording() as outer, config_reads.recording() as inner:
     config.backselect.method  # pylint: disable=pointless-statement
   assert outer.paths == inner.paths == {"backselect.method"}
   with pytest.raises(AttributeError, match="config.sis.nope does not exist"):
     config.sis.nope  # pylint: disable=pointless-statement
   with pytest.raises(AttributeError):
-    config.get("train_seed", 0)  # no defaults outside the schema
+    config.train.get("seed", 0)  # no defaults outside the schema
 
 
 def test_runtime_keys_never_change_a_fingerprint():
@@ -41,11 +41,12 @@ def test_runtime_keys_never_change_a_fingerprint():
   changed = base_config()
   changed.runtime.progress, changed.runtime.host_devices = False, 4
   changed.runtime.distributed = True
-  for paths in ([""], ["runtime"], ["runtime.progress", "train_seed"], ["sis", "runtime.host_devices"]):
+  for paths in ([""], ["runtime"], ["runtime.progress", "train.seed"],
+                ["sis", "runtime.host_devices"]):
     assert (config_reads.values_fingerprint(config, paths)
             == config_reads.values_fingerprint(changed, paths)), paths
   assert (config_reads.values_fingerprint(config, [""])
-          != config_reads.values_fingerprint(perturbed_config(config, "train_seed"), [""]))
+          != config_reads.values_fingerprint(perturbed_config(config, "train.seed"), [""]))
 
 
 def test_a_missing_key_is_a_value_of_its_own():
@@ -90,7 +91,8 @@ def test_changing_any_value_a_stage_read_makes_it_run_again(finished):
   reads = {stage: m["config_reads"] for stage, m in markers.items()}
   # What the old hand-kept fingerprints missed (controls) or every stage must see.
   assert "subsets.frac_kept" in reads["controls"] and "subsets.frac_kept" in reads["report"]
-  assert {"lr", "num_epochs", "augment.padding", "train_seed"} <= set(reads["train"])
+  assert ({"train.lr", "train.num_epochs", "train.augment.padding", "train.seed"}
+          <= set(reads["train"]))
   assert "backselect.remove_per_step" in reads["backselect"]
   for stage, marker in markers.items():
     upstream = {s: markers[s]["fingerprint"] for s in registry.earlier(stage)}

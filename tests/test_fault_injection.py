@@ -59,9 +59,9 @@ def copy_of(workdir, tmp_path):
 # ------------------------------------------------------------------ 1. corrupt checkpoints
 
 
-def _smoke(tmp_path, **overrides):
+def _smoke(tmp_path, **train_overrides):
   config = smoke.get_config()
-  config.update(overrides)
+  config.train.update(train_overrides)
   return config, data_lib.load_for_config(config.data, str(tmp_path))
 
 
@@ -152,14 +152,15 @@ def test_damaged_outputs_of_finished_stages_are_recomputed(finished, tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("sis.patch_size", 3, r"config\.sis\.patch_size=3 must divide the image size 16x16"),
-    ("schedule", "linear", r"config\.schedule must be one of"),
-    ("num_classes", 5, r"config\.num_classes=5, but the data has 10 classes"),
-    ("batch_size", 300, r"config\.batch_size=300 \(× 1 in config\.progressive_resizing\) "
-                        r"exceeds the 256 training examples"),
-    ("batch_size", 30, r"config\.batch_size=30 must be divisible by the 4 devices"),
-    ("lr_milestones", (5, 2), r"config\.lr_milestones"),
-    ("warmup_fraction", 1.0, r"config\.warmup_fraction"),
-    ("momentum", 1.0, r"config\.momentum"),
+    ("train.schedule", "linear", r"config\.train\.schedule must be one of"),
+    ("model.num_classes", 5, r"config\.model\.num_classes=5, but the data has 10 classes"),
+    ("train.batch_size", 300, r"config\.train\.batch_size=300 \(× 1 in "
+                              r"config\.train\.progressive_resizing\) exceeds the 256 training "
+                              r"examples"),
+    ("train.batch_size", 30, r"config\.train\.batch_size=30 must be divisible by the 4 devices"),
+    ("train.lr_milestones", (5, 2), r"config\.train\.lr_milestones"),
+    ("train.warmup_fraction", 1.0, r"config\.train\.warmup_fraction"),
+    ("train.momentum", 1.0, r"config\.train\.momentum"),
     ("sis.ensemble_epochs", -1, r"config\.sis\.ensemble_epochs"),
     ("controls.blur_sigma", 0.0, r"config\.controls\.blur_sigma"),
     ("report.num_figure_images", 0, r"config\.report\.num_figure_images"),
@@ -213,12 +214,12 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tmp_path):
 
 def test_an_exploding_loss_stops_training_naming_the_learning_rate(tmp_path):
   """The ImageNet smoke model's loss went 8 -> 94,832 and the run went on to report
-  accuracies: a loss far above where it started stops the run, naming config.lr."""
+  accuracies: a loss far above where it started stops the run, naming config.train.lr."""
   config, ds = _smoke(tmp_path, num_epochs=1, lr=50.0, schedule="cosine")
   workdir = str(tmp_path / "absurd")
   with pytest.raises(FloatingPointError,
                      match=r"the loss diverged\. Its mean over steps 2-\d of 8 in epoch 1 is "
-                           r".*more than 10 × 2\.3.*lower config\.lr=50 "):
+                           r".*more than 10 × 2\.3.*lower config\.train\.lr=50 "):
     train.fit(config, workdir, ds.feed("train"), ds.feed("test"))
   assert not train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   sane, _ = _smoke(tmp_path, num_epochs=1)  # the smoke recipe's lr 0.05 trains
@@ -234,8 +235,9 @@ def test_the_loss_limit_is_relative_to_the_first_step_or_chance():
   guard.check([30.0], 1, 1, 8, 1)  # a model starting high: its first loss is the reference
   assert guard.initial == 30.0
   guard.check([299.0, 1.0], 2, 1, 8, 3)  # mean 150 < 10 × 30
-  with pytest.raises(FloatingPointError, match=r"is 301, more than 10 × 30 .*config\.lr=0\.1 "
-                                               r"\(the learning rate at this step: 0\.025\)"):
+  with pytest.raises(FloatingPointError,
+                     match=r"is 301, more than 10 × 30 .*config\.train\.lr=0\.1 "
+                           r"\(the learning rate at this step: 0\.025\)"):
     guard.check([301.0], 4, 1, 8, 4)
   resumed = train.LossGuard("w", 10, 10.0, 0.1, lambda step: 0.1, initial=None)
   with pytest.raises(FloatingPointError, match=r"more than 10 × 2\.303"):

@@ -21,11 +21,11 @@ def test_the_quick_start_config_gets_no_warning_and_a_changed_setting_gets_one(m
   config = cifar10_cpu.get_config("analyze")
   # The record's settings include the model's name under its old key ``model``.
   assert shipped_base.differing_settings(config, shipped_base.shipped.info(
-      config.pretrained)) == []
+      config.model.pretrained)) == []
   shipped_base.check_compatible(config, dataset)
   assert said == []
-  config.lr = 0.1
-  config.augment.padding = 4
+  config.train.lr = 0.1
+  config.train.augment.padding = 4
   shipped_base.check_compatible(config, dataset)
   assert len(said) == 1 and "with other augment.padding, lr than this config's" in said[0]
   shipped_base.check_compatible(config, dataset, warn=False)  # shipped_base.load's check

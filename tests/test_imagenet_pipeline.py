@@ -24,7 +24,7 @@ def test_imagenet_config_variants_validate(variant, tmp_path):
   if variant == "folder" or (variant == "smoke" and not os.path.exists(c.data.path)):
     c.data.path = str(tmp_path)  # the folder variant's path is the user's to give
   config_checks.validate_config(c, num_devices=1)
-  assert c.num_classes == 1000 and c.subsets.frac_kept == 0.1
+  assert c.model.num_classes == 1000 and c.subsets.frac_kept == 0.1
   assert c.sis.threshold == 0.9 and c.sis.selection == "backselect"
   if variant != "smoke":
     assert c.backselect.method == "gradient" and c.backselect.remove_per_step == 100
@@ -156,10 +156,10 @@ def _slice_config(path: str, workdir_classes: int):
   c = imagenet.get_config("smoke")
   c.data.path = path
   c.data.expected_train = c.data.expected_test = workdir_classes
-  c.num_classes = workdir_classes
+  c.model.num_classes = workdir_classes
   c.data.view_size = c.data.view_resize = 32
   c.backselect.remove_per_step = 32
-  c.num_epochs, c.retrain.num_epochs, c.batch_size = 8, 1, 4
+  c.train.num_epochs, c.retrain.num_epochs, c.train.batch_size = 8, 1, 4
   c.sis.num_images = c.controls.smoothed_images = c.controls.masking_test_images = 6
   c.sis.min_confidence = 0.5
   c.runtime.progress = False
@@ -238,7 +238,7 @@ def test_base_model_from_a_training_work_directory(tmp_path):
   from overinterp_jax.data import load_for_config
   from overinterp_jax.pipeline import shipped_base
   given = shipped_base.load_weights(c, load_for_config(c.data, second, progress=False))
-  assert given.epochs == int(c.num_epochs)  # the SIS table's "trained (ep)" for the base
+  assert given.epochs == int(c.train.num_epochs)  # the SIS table's "trained (ep)" for the base
   c.model.weights = str(tmp_path)  # a directory without checkpoints
   with pytest.raises(ValueError, match="config.model.weights=.*checkpoints"):
     main.run(c, str(tmp_path / "third"))

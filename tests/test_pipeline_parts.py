@@ -280,12 +280,12 @@ def test_sis_table_shows_one_dash_for_an_empty_iqr():
     ("controls.dilation", 2, "config.controls.dilation"),
     ("stages", ("train", "dance"), "config.stages"),
     ("sis.images_per_call", -1, "config.sis.images_per_call"),
-    ("augment.flip", "sometimes", "config.augment.flip"),
-    ("augment.padding", -1, "config.augment.padding"),
+    ("train.augment.flip", "sometimes", "config.train.augment.flip"),
+    ("train.augment.padding", -1, "config.train.augment.padding"),
     ("runtime.host_devices", -1, "config.runtime.host_devices"),
-    ("eval_every", 0, "config.eval_every"),
+    ("train.eval_every", 0, "config.train.eval_every"),
     ("sis.min_confidence", 1.5, "config.sis.min_confidence"),
-    ("pretrained", "resnet99_mnist", "config.pretrained"),
+    ("model.pretrained", "resnet99_mnist", "config.model.pretrained"),
 ])
 def test_bad_config_values_are_named(key, value, message):
   config = smoke.get_config()
@@ -307,11 +307,11 @@ def test_missing_data_is_named(tmp_path):
 def test_retraining_on_subsets_is_at_full_resolution():
   """Resizing a subset image would blend its kept pixels with masked ones."""
   config = smoke.get_config()
-  config.progressive_resizing = ((0.5, 0.25),)
+  config.train.progressive_resizing = ((0.5, 0.25),)
   config.retrain.num_epochs = 3
   retrain = retrain_stage.retrain_config(types.SimpleNamespace(config=config))
   assert retrain.progressive_resizing == () and retrain.num_epochs == 3
-  assert config.progressive_resizing == ((0.5, 0.25),)  # the base model's own config
+  assert config.train.progressive_resizing == ((0.5, 0.25),)  # the base model's own config
 
 
 def test_shipped_configs_validate():

@@ -111,8 +111,8 @@ def test_training_batch_from_memory():
   from overinterp_jax.config_schema import base_config
   config = base_config()
   config.model.name = "cnn3"
-  config.update(dict(num_classes=K, lr=0.1, schedule="onecycle", num_epochs=1,
-                     warmup_fraction=0.2))
+  config.model.num_classes = K
+  config.train.update(dict(lr=0.1, schedule="onecycle", num_epochs=1, warmup_fraction=0.2))
   fit = lambda budget: train.memory_fitted_batch_size(
       config, (H, W, C), num_devices=2, num_train=4096, budget_bytes=budget)
   small, large = fit(2_000_000), fit(2_000_000_000)

@@ -63,10 +63,10 @@ def test_training_on_the_slice_is_refused_naming_the_keys():
   dataset = data_lib.load_dataset("image_folder", path="")
   config = cifar10_cpu.get_config("analyze")
   context.check_train_split(config, dataset)  # the quick start trains nothing
-  config.pretrained = ""
+  config.model.pretrained = ""
   config.retrain.kinds = ("bs",)
   with pytest.raises(ValueError, match=r"no train images.*stage train without "
-                                       r"config\.pretrained.*config\.retrain\.kinds"):
+                                       r"config\.model\.pretrained.*config\.retrain\.kinds"):
     context.check_train_split(config, dataset)
 
 
@@ -76,5 +76,6 @@ def test_a_shipped_model_must_match_the_config():
   config = cifar10_cpu.get_config("analyze")
   shipped_base.check_compatible(config, dataset)
   config.model.name = "vgg16"
-  with pytest.raises(ValueError, match=r"config\.pretrained='resnet20_cifar10'.*config\.model"):
+  with pytest.raises(ValueError,
+                     match=r"config\.model\.pretrained='resnet20_cifar10'.*config\.model\.name"):
     shipped_base.check_compatible(config, dataset)

@@ -27,7 +27,7 @@ def run_main(*args, workdir):
 
 
 @pytest.mark.parametrize("arg,closest", [
-    ("--config.num_epoch=3", "config.num_epochs"),
+    ("--config.train.num_epoch=3", "config.train.num_epochs"),
     ("--config.sis.patch=3", "config.sis.patch_size"),
     ("--config.nonexistent=1", "config."),
 ])
@@ -41,9 +41,9 @@ def test_main_rejects_unknown_config_key_in_one_line(tmp_path, arg, closest):
 
 
 def test_main_rejects_bad_values_before_work(tmp_path):
-  proc = run_main("--config.num_epochs=0", workdir=tmp_path)
+  proc = run_main("--config.train.num_epochs=0", workdir=tmp_path)
   assert proc.returncode != 0
-  assert "config.num_epochs" in proc.stderr
+  assert "config.train.num_epochs" in proc.stderr
   assert not (tmp_path / "base_model").exists()
 
 
@@ -56,7 +56,7 @@ def test_main_rejects_negative_host_devices(tmp_path):
 def test_main_splits_the_host_into_host_devices(tmp_path):
   """The subprocess starts with JAX's single CPU device; the config asks for two."""
   proc = run_main("--config.runtime.host_devices=2", "--config.stages=('train',)",
-                  "--config.num_epochs=1", workdir=tmp_path)
+                  "--config.train.num_epochs=1", workdir=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   devices_line = next(l for l in proc.stderr.splitlines() if "Devices:" in l)
   assert devices_line.count("CpuDevice") == 2, devices_line
@@ -76,12 +76,12 @@ def _train(config, ds, workdir, **kw):
 @pytest.mark.parametrize("overrides", [
     {},
     # killed after the low-resolution epoch, which trains at twice the batch
-    {"progressive_resizing": ((0.5, 0.34, 2),)},
-    {"augment.flip": "alternating", "augment.padding": 2, "eval_every": 2},
+    {"train.progressive_resizing": ((0.5, 0.34, 2),)},
+    {"train.augment.flip": "alternating", "train.augment.padding": 2, "train.eval_every": 2},
 ], ids=["full_size", "progressive", "alternating_flip"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 3
+  config.train.num_epochs = 3
   config.update_from_flattened_dict(overrides)
   kw = dict(augment_fn=train.config_augment_fn(config))
   full_state, full_metrics = _train(config, ds, tmp_path / "full", **kw)
@@ -93,12 +93,12 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
   assert resumed_metrics == full_metrics
   records = train.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl"))
   assert [m["epoch"] for m in records] == [1, 2, 3]
-  progressive = "progressive_resizing" in overrides
+  progressive = "train.progressive_resizing" in overrides
   assert [m["train_height_width"] for m in records] == (
       [[8, 8], [16, 16], [16, 16]] if progressive else [[16, 16]] * 3)
   assert [m["batch_size"] for m in records] == [64, 32, 32] if progressive else [32] * 3
   evaluated = [m["test_accuracy"] is not None for m in records]
-  assert evaluated == ([False, True, True] if "eval_every" in overrides else [True] * 3)
+  assert evaluated == ([False, True, True] if "train.eval_every" in overrides else [True] * 3)
   assert records[-1]["test_accuracy"] == full_metrics["accuracy"]
 
 
@@ -107,9 +107,9 @@ def test_run_killed_mid_epoch_resumes_at_its_batch_with_the_same_batches(tmp_pat
   (8 per epoch at batch 32: epoch 1, then 3 batches of epoch 2) resumes at batch 3 of
   epoch 2, not at the epoch's start, and ends bitwise equal to a run never stopped."""
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 2
+  config.train.num_epochs = 2
   config.runtime.checkpoint_every_steps = 3
-  config.augment.flip, config.augment.padding = "alternating", 2
+  config.train.augment.flip, config.train.augment.padding = "alternating", 2
   kw = dict(augment_fn=train.config_augment_fn(config))
   full_state, full_metrics = train.fit(config, str(tmp_path / "full"), ds.feed("train"),
                                        ds.feed("test"), **kw)
@@ -134,12 +134,12 @@ def test_run_killed_mid_epoch_resumes_at_its_batch_with_the_same_batches(tmp_pat
 def test_alternating_flip_mirrors_training_images_on_the_host(tmp_path):
   """With a crop-only augmentation, only the host's mirroring tells the two runs apart."""
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 1
-  config.augment.flip = "alternating"
+  config.train.num_epochs = 1
+  config.train.augment.flip = "alternating"
   crop_only = train.config_augment_fn(config)
   assert crop_only.keywords == {"padding": 4, "flip": False}
   alternating, _ = _train(config, ds, tmp_path / "alternating", augment_fn=crop_only)
-  config.augment.flip = "random"  # with a crop-only augment_fn: never mirrored
+  config.train.augment.flip = "random"  # with a crop-only augment_fn: never mirrored
   unflipped, _ = _train(config, ds, tmp_path / "unflipped", augment_fn=crop_only)
   assert not np.array_equal(np.asarray(jax.tree.leaves(alternating.params)[0]),
                             np.asarray(jax.tree.leaves(unflipped.params)[0]))
@@ -189,18 +189,18 @@ def test_train_step_same_loss_on_one_and_four_devices(tmp_path, devices):
 
 def test_schedules():
   config = smoke.get_config()
-  config.num_epochs = 200
-  config.schedule = "multistep"
-  config.lr = 0.1
+  config.train.num_epochs = 200
+  config.train.schedule = "multistep"
+  config.train.lr = 0.1
   lr = train.learning_rate_schedule(config, steps_per_epoch=10)
   assert float(lr(0)) == pytest.approx(0.1)
   assert float(lr(600)) == pytest.approx(0.02)
   assert float(lr(1600)) == pytest.approx(0.1 * 0.2 ** 3)
-  config.schedule = "onecycle"
+  config.train.schedule = "onecycle"
   lr = train.learning_rate_schedule(config, steps_per_epoch=10)
-  assert float(lr(int(2000 * config.warmup_fraction))) == pytest.approx(0.1, rel=1e-3)
-  config.schedule = "nope"
-  with pytest.raises(ValueError, match="config.schedule"):
+  assert float(lr(int(2000 * config.train.warmup_fraction))) == pytest.approx(0.1, rel=1e-3)
+  config.train.schedule = "nope"
+  with pytest.raises(ValueError, match="config.train.schedule"):
     train.learning_rate_schedule(config, steps_per_epoch=10)
 
 
@@ -209,10 +209,10 @@ def test_schedule_with_larger_low_resolution_batches_keeps_the_rate_per_image(sc
   """An epoch at m× the batch takes 1/m of the steps; its step t has m× the base
   rate at base step m·t, so the rate per image follows the base schedule."""
   config = smoke.get_config()
-  config.num_epochs, config.schedule, config.lr = 10, schedule, 0.1
-  config.lr_milestones = (1, 3, 5)
+  config.train.num_epochs, config.train.schedule, config.train.lr = 10, schedule, 0.1
+  config.train.lr_milestones = (1, 3, 5)
   base = train.learning_rate_schedule(config, steps_per_epoch=40)
-  config.progressive_resizing = ((0.5, 0.2, 4), (0.75, 0.2, 2))
+  config.train.progressive_resizing = ((0.5, 0.2, 4), (0.75, 0.2, 2))
   assert cpu_budget.epoch_batch_multipliers(config) == [4, 4, 2, 2] + [1] * 6
   lr = train.learning_rate_schedule(config, steps_per_epoch=40)
   # Real steps per epoch: 10, 10, 20, 20, then 40.
@@ -223,27 +223,27 @@ def test_schedule_with_larger_low_resolution_batches_keeps_the_rate_per_image(sc
 
 def test_progressive_resizing_epochs_and_errors():
   config = smoke.get_config()
-  config.num_epochs = 27
+  config.train.num_epochs = 27
   assert cpu_budget.epoch_scales(config) == [1.0] * 27
-  config.progressive_resizing = ((0.5, 0.25), (0.75, 0.25))
+  config.train.progressive_resizing = ((0.5, 0.25), (0.75, 0.25))
   assert cpu_budget.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
   assert cpu_budget.epoch_batch_multipliers(config) == [1] * 27
-  config.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25))
+  config.train.progressive_resizing = ((0.5, 0.25, 4), (0.75, 0.25))
   assert cpu_budget.epoch_scales(config) == [0.5] * 7 + [0.75] * 7 + [1.0] * 13
   assert cpu_budget.epoch_batch_multipliers(config) == [4] * 7 + [1] * 20
   assert cpu_budget.scaled_height_width((32, 32), 0.75) == (24, 24)
   for bad, match in [(((0.5, 0.5), (0.75, 0.5)), "sum to < 1"), (((1.5, 0.2),), r"\(0, 1\]"),
                      (((0.5, 0.0),), "fraction > 0"), (((0.5,),), "scale, fraction"),
                      (((0.5, 0.2, 0),), "integer >= 1"), (((0.5, 0.2, 1.5),), "integer >= 1")]:
-    config.progressive_resizing = bad
+    config.train.progressive_resizing = bad
     with pytest.raises(ValueError, match=match):
       cpu_budget.epoch_scales(config)
 
 
 def test_main_rejects_bad_progressive_resizing_before_work(tmp_path):
-  proc = run_main("--config.progressive_resizing=((0.5, 1.0),)", workdir=tmp_path)
+  proc = run_main("--config.train.progressive_resizing=((0.5, 1.0),)", workdir=tmp_path)
   assert proc.returncode != 0
-  assert "config.progressive_resizing" in proc.stderr and "sum to < 1" in proc.stderr
+  assert "config.train.progressive_resizing" in proc.stderr and "sum to < 1" in proc.stderr
   assert not (tmp_path / "base_model").exists()
 
 
@@ -251,14 +251,15 @@ def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
   """A trained model is reused only for a config with the same values at every path its
   training read (summary.json); changing any of them, or the data, retrains."""
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 1
+  config.train.num_epochs = 1
   view = config_reads.recording_view(config)
   with config_reads.recording() as reads:  # as Context.train_model: augmentation read inside
     _ensure(view, ds, tmp_path / "m", augment_fn=train.config_augment_fn(view), reads=reads)
   summary = trained.load_summary(config, str(tmp_path / "m"), "data")
   paths = summary["config_reads"]
-  for path in ("model.name", "lr", "train_seed", "num_epochs", "batch_size", "augment.padding",
-               "augment.flip", "bn_momentum", "precision", "progressive_resizing"):
+  for path in ("model.name", "train.lr", "train.seed", "train.num_epochs", "train.batch_size",
+               "train.augment.padding", "train.augment.flip", "model.bn_momentum",
+               "model.precision", "train.progressive_resizing"):
     assert path in paths, path
   assert not [p for p in paths if p.startswith(("runtime", "sis", "controls", "subsets"))]
   for path in paths:
@@ -267,28 +268,28 @@ def test_every_key_training_reads_keys_the_model_and_no_other(tmp_path):
   assert trained.load_summary(config, str(tmp_path / "m"), "other data") is None
   unread = perturbed_config(config, "sis.threshold")
   assert trained.load_summary(unread, str(tmp_path / "m"), "data") == summary
-  # A model from before augment.padding existed: reused at the key's default only.
+  # A model from before train.augment.padding existed: reused at the key's default only.
   old = {k: v for k, v in summary.items()}
-  old["config_reads"] = [p for p in paths if p != "augment.padding"]
-  old["config_known"] = [p for p in old["config_known"] if p != "augment.padding"]
+  old["config_reads"] = [p for p in paths if p != "train.augment.padding"]
+  old["config_known"] = [p for p in old["config_known"] if p != "train.augment.padding"]
   old["fingerprint"] = trained.model_key(config, "data", old["config_reads"])
   (tmp_path / "m" / "summary.json").write_text(json.dumps(old))
   assert trained.load_summary(config, str(tmp_path / "m"), "data") is not None
-  config.augment.padding = 2
+  config.train.augment.padding = 2
   assert trained.load_summary(config, str(tmp_path / "m"), "data") is None
 
 
 def test_bn_momentum_errors_name_the_key(tmp_path):
   config = smoke.get_config()  # cnn3: no batch norm
-  config.bn_momentum = 0.99
-  with pytest.raises(ValueError, match=r"config.bn_momentum=0.99: model 'cnn3' has no batch"):
+  config.model.bn_momentum = 0.99
+  with pytest.raises(ValueError, match=r"config.model.bn_momentum=0.99: model 'cnn3' has no batch"):
     train.build_model(config)
   config.model.name = "resnet20"
   assert train.build_model(config).bn_momentum == 0.99
-  config.bn_momentum = 1.0
-  with pytest.raises(ValueError, match=r"config.bn_momentum must be in \[0, 1\)"):
+  config.model.bn_momentum = 1.0
+  with pytest.raises(ValueError, match=r"config.model.bn_momentum must be in \[0, 1\)"):
     train.build_model(config)
-  proc = run_main("--config.bn_momentum=0.99", workdir=tmp_path)  # before any work
+  proc = run_main("--config.model.bn_momentum=0.99", workdir=tmp_path)  # before any work
   assert proc.returncode != 0 and "has no batch norm" in proc.stderr
   assert not (tmp_path / "base_model").exists()
 
@@ -296,8 +297,8 @@ def test_bn_momentum_errors_name_the_key(tmp_path):
 def test_models_with_random_streams_train(tmp_path):
   """Input dropout (train and eval) and dropout layers get their PRNG streams."""
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 1
-  config.input_keep_prob = 0.8
+  config.train.num_epochs = 1
+  config.model.input_keep_prob = 0.8
   state, metrics = _train(config, ds, tmp_path / "input_dropout")
   assert metrics["count"] == 64 and np.isfinite(metrics["loss"])
   # Evaluation uses a fixed input-dropout key: deterministic.
@@ -318,8 +319,8 @@ def test_models_with_random_streams_train(tmp_path):
 
 def test_bad_input_dropout_value_is_named():
   config = smoke.get_config()
-  config.input_keep_prob = 0.0
-  with pytest.raises(ValueError, match="config.input_keep_prob"):
+  config.model.input_keep_prob = 0.0
+  with pytest.raises(ValueError, match="config.model.input_keep_prob"):
     train.build_model(config)
 
 
@@ -331,8 +332,8 @@ def _ensure(config, ds, workdir, data_fp="data", **kw):
 
 def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):
   config, ds = _smoke_data(tmp_path)
-  config.num_epochs = 2
-  other = trained.variant(config, train_seed=1)
+  config.train.num_epochs = 2
+  other = trained.variant(config, {"train.seed": 1})
   _ensure(config, ds, tmp_path / "m")
   with pytest.raises(ValueError, match="another config"):
     _ensure(other, ds, tmp_path / "m")
@@ -359,6 +360,7 @@ def test_a_model_directory_of_another_config_is_never_resumed(tmp_path):
 
 def test_low_resolution_batch_larger_than_the_data_is_named(tmp_path):
   config, ds = _smoke_data(tmp_path)
-  config.progressive_resizing = ((0.5, 0.5, 16),)  # 32 × 16 > 256 training images
-  with pytest.raises(ValueError, match=r"× 16 in config.progressive_resizing\) exceeds the 256"):
+  config.train.progressive_resizing = ((0.5, 0.5, 16),)  # 32 × 16 > 256 training images
+  with pytest.raises(ValueError,
+                     match=r"× 16 in config.train.progressive_resizing\) exceeds the 256"):
     _train(config, ds, tmp_path / "too_big")

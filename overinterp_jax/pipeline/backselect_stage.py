@@ -223,7 +223,7 @@ def records(ctx, split: str, indices: Optional[tuple] = None,
         seed=int(ctx.config.backselect.noise_seed) + (0 if split == "train" else 10**7),
         indices=chosen, fully_masked=fm, progress=ctx.progress,
         desc=f"backselect {split} ({masking})", mesh=ctx.mesh,
-        compute_dtype=ctx.config.precision, coarse=coarse_args(ctx.config),
+        compute_dtype=ctx.config.model.precision, coarse=coarse_args(ctx.config),
         fitted=ctx.fitted_batches)
   # Shards read later (by this or another stage) count as the owner's reads.
   result.guard = lambda: ctx.owned_by(owner)

@@ -35,8 +35,8 @@ def check_train_split(config, dataset: data_lib.Dataset) -> None:
     return
   stages = config.stages
   needs = []
-  if "train" in stages and not config.pretrained and not config.model.weights:
-    needs.append("stage train without config.pretrained or config.model.weights")
+  if "train" in stages and not config.model.pretrained and not config.model.weights:
+    needs.append("stage train without config.model.pretrained or config.model.weights")
   if "retrain" in stages and config.retrain.kinds:
     needs.append(f"config.retrain.kinds={tuple(config.retrain.kinds)}")
   trained_sis = [m for m in config.sis.models if m != "single"]
@@ -74,7 +74,7 @@ class Context:
     self.fitted_batches: dict = {}
     self._backselections: dict[tuple, record_shards.RecordSet] = {}
     check_train_split(config, dataset)
-    if config.pretrained:
+    if config.model.pretrained:
       shipped_base.check_compatible(config, dataset)
 
   def owned_by(self, stage: str):
@@ -94,8 +94,8 @@ class Context:
   @property
   def augment_fn(self):
     """The device-side crop + flip (``train.config_augment_fn``), or None when
-    ``config.augment.enabled`` is off or the input pipeline crops on the host."""
-    if not self.config.augment.enabled or self.config.augment.crop != "device":
+    ``config.train.augment.enabled`` is off or the input pipeline crops on the host."""
+    if not self.config.train.augment.enabled or self.config.train.augment.crop != "device":
       return None
     return train.config_augment_fn(self.config)
 
@@ -107,9 +107,9 @@ class Context:
     return self.data.feed(split)
 
   def training_feed(self, feed: loader.Feed) -> loader.Feed:
-    """``feed`` with the host-side training crop when ``config.augment.crop`` asks."""
-    host = self.config.augment.enabled and self.config.augment.crop == "inception"
-    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.train_seed))
+    """``feed`` with the host-side training crop when ``config.train.augment.crop`` asks."""
+    host = self.config.train.augment.enabled and self.config.train.augment.crop == "inception"
+    return dataclasses.replace(feed, train_crop=host, seed=int(self.config.train.seed))
 
   def train_model(self, name: str, config, train_feed=None, test_feed=None,
                   data_fp: Optional[str] = None) -> trained.Trained:

@@ -108,7 +108,7 @@ def targeted(ctx) -> dict:
   tau = float(c.sis.threshold)
   indices = sis_stage.sample_indices(ctx)
   own = sis_stage.records_for(ctx, "single")
-  wrong = wrong_targets(own["targets"], int(c.num_classes), int(c.controls.target_seed))
+  wrong = wrong_targets(own["targets"], int(c.model.num_classes), int(c.controls.target_seed))
   rec = sis_stage.selection_records(ctx, "targeted_single", ctx.base.apply,
                                     ctx.base.variables, ctx.base_fp, indices,
                                     target_classes=wrong)

@@ -146,7 +146,7 @@ def run(ctx) -> dict:
   s = {stage: ctx.load_summary(stage) for stage in earlier if stage in c.stages}
   s = {k: v for k, v in s.items() if v is not None}
   view = getattr(ctx.data, "view", None)  # streamed data: the analysis view (data.view)
-  md = [f"# Overinterpretation report: {c.model.name} (seed {c.train_seed})", "",
+  md = [f"# Overinterpretation report: {c.model.name} (seed {c.train.seed})", "",
         f"Data: {c.data.source} ({ctx.data.num_examples('train')} train / "
         f"{ctx.data.num_examples('test')} test images, {ctx.height_width[0]}×{ctx.height_width[1]}"
         f"{'; ' + view.describe() if view is not None and view.size else ''}). "
@@ -173,7 +173,7 @@ def headline(summaries: dict, config) -> list[str]:
   """A few lines for the end of a run: the base model's accuracy and Table 1's numbers."""
   _, row = table1(summaries, config)
   frac = fraction(config)
-  cells = [(f"full images ({config.num_epochs} ep)", row["full"]),
+  cells = [(f"full images ({config.train.num_epochs} ep)", row["full"]),
            ("full images, retrained", row["full_same_budget"]), (f"{frac} BS", row["bs"]),
            (f"{frac} random", row["random"]), ("BS − random", row["bs_minus_random"]),
            (f"{frac} BS mask only", row["mask_only"])]

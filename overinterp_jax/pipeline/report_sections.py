@@ -50,18 +50,18 @@ def table1(s: dict, config) -> tuple[str, dict]:
   full_retrained = models.get("full", {}).get("test_accuracy")
   reference = full_retrained if full_retrained is not None else full
   # Keys name the retrain models, not a fraction: "frac_kept" is the subsets' fraction.
-  row = {"model": config.model.name, "seed": int(config.train_seed),
+  row = {"model": config.model.name, "seed": int(config.train.seed),
          "frac_kept": float(config.subsets.frac_kept), "full": full,
          "full_same_budget": full_retrained, "bs": bs,
          "random": rnd, "mask_only": mask_only, "border": border,
          "bs_minus_random": None if bs is None or rnd is None else bs - rnd,
          "reference_minus_bs": None if bs is None or reference is None else reference - bs}
   frac = fraction(config)
-  retrain_epochs = int(config.retrain.num_epochs) or int(config.num_epochs)
-  headers = ["model", "seed", f"full images ({config.num_epochs} ep)",
+  retrain_epochs = int(config.retrain.num_epochs) or int(config.train.num_epochs)
+  headers = ["model", "seed", f"full images ({config.train.num_epochs} ep)",
              f"full images, retrained ({retrain_epochs} ep)", f"{frac} BS", f"{frac} random",
              "BS − random", f"{frac} BS mask only"]
-  cells = [config.model.name, str(config.train_seed), pct(full), pct(full_retrained), pct(bs),
+  cells = [config.model.name, str(config.train.seed), pct(full), pct(full_retrained), pct(bs),
            pct(rnd), pct(row["bs_minus_random"]), pct(mask_only)]
   if border is not None:
     headers.append(f"{frac} border frame")
@@ -69,7 +69,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
   md = figures.markdown_table(headers, [cells])
   lines = [md, "", "Test accuracy (%); each model trained and tested on the same kind of input. "
            f"Subset models (and the second full-image column) train for {retrain_epochs} epochs."]
-  for ref, which in ((full, f"the full-image model ({config.num_epochs} ep)"),
+  for ref, which in ((full, f"the full-image model ({config.train.num_epochs} ep)"),
                      (full_retrained, f"the full-image model of the same budget "
                                       f"({retrain_epochs} ep)")):
     if bs is not None and ref is not None:
@@ -80,7 +80,7 @@ def table1(s: dict, config) -> tuple[str, dict]:
     lines.append(_gap_line(f"{frac} border frame", border, bs, f"{frac} BS",
                            "ImageNet border pixels alone suffice for training and testing"))
   if mask_only is not None:
-    chance = 1.0 / int(config.num_classes)
+    chance = 1.0 / int(config.model.num_classes)
     verdict = ("the subset **positions alone predict the class** well above chance"
                if mask_only > chance + 0.1 else "positions alone predict little")
     lines.append(f"- Mask only: {pct(mask_only)}% from positions alone (chance "

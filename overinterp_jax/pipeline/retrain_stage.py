@@ -51,9 +51,9 @@ def retrain_config(ctx):
   """The base model's training config, ``retrain.num_epochs`` long, at full resolution
   throughout: resizing would blend kept pixels with masked ones."""
   c = ctx.config
-  epochs = int(c.retrain.num_epochs) or int(c.num_epochs)
-  no_resizing = {"progressive_resizing": ()} if c.progressive_resizing else {}
-  return trained.variant(c, num_epochs=epochs, **no_resizing)
+  epochs = int(c.retrain.num_epochs) or int(c.train.num_epochs)
+  no_resizing = {"train.progressive_resizing": ()} if c.train.progressive_resizing else {}
+  return trained.variant(c, {"train.num_epochs": epochs, **no_resizing})
 
 
 def run(ctx) -> dict:
@@ -78,7 +78,8 @@ def run(ctx) -> dict:
                             data_fp=masks_checksum(masks, kind))
     out["models"][kind] = {"test_accuracy": model.metrics["accuracy"],
                            "test_loss": model.metrics["loss"],
-                           "num_epochs": int(config.num_epochs), "train_seconds": model.seconds}
+                           "num_epochs": int(config.train.num_epochs),
+                           "train_seconds": model.seconds}
   return out
 
 

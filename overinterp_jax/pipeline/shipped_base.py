@@ -1,4 +1,4 @@
-"""A given model as the pipeline's base model: a shipped one (``config.pretrained =
+"""A given model as the pipeline's base model: a shipped one (``config.model.pretrained =
 "<name>"``) or weights from a path (``config.model.weights``: a ``.safetensors`` file in
 torchvision/timm layout, or a training work directory of ours with orbax checkpoints).
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads, train
+from overinterp_jax import config_reads, config_schema, train
 from overinterp_jax.models import shipped, torch_weights
 from overinterp_jax.pipeline import trained
 from overinterp_jax.store import checkpoints, hashing
@@ -25,31 +25,43 @@ def fingerprint(name: str, data_fp: str) -> str:
   return hashing.fingerprint("pretrained", name, shipped.info(name)["sha256"], data_fp)
 
 
-# Keys of a record's ``train_settings`` exported before the config moved them: the
-# model's name was ``config.model`` before ``config.model`` became a section.
-_MOVED_SETTINGS = {"model": "model.name", "seed": "train_seed",
-                   "input_dropout_keep_prob": "input_keep_prob"}
+# Keys of a record's ``train_settings`` renamed before config_schema.MOVED_KEYS: the
+# model's name was ``config.model`` before ``config.model`` became a section; the
+# training seed was ``seed``; the input-dropout keep probability ``input_dropout_keep_prob``.
+_RENAMED_SETTINGS = {"model": "model.name", "seed": "train.seed",
+                     "input_dropout_keep_prob": "model.input_keep_prob"}
+
+
+def setting_path(path: str) -> str:
+  """Today's config path of a ``train_settings`` key of a record exported at any time
+  (``"lr"`` -> ``"train.lr"``, ``"augment.flip"`` -> ``"train.augment.flip"``)."""
+  if path in _RENAMED_SETTINGS:
+    return _RENAMED_SETTINGS[path]
+  return config_schema.moved_path(path) or path
 
 
 def differing_settings(config, record: dict) -> list[str]:
   """The config paths (sorted) whose values differ from those ``record``'s model was
-  trained with (its ``train_settings``: ``{dotted path: value}``)."""
-  settings = {_MOVED_SETTINGS.get(path, path): v for path, v in record["train_settings"].items()}
+  trained with (its ``train_settings``: ``{dotted path: value}``, old paths read at their
+  new places)."""
+  settings = {setting_path(path): v for path, v in record["train_settings"].items()}
   return sorted(path for path, v in settings.items()
                 if _plain(config_reads.value_at(config, path)) != v)
 
 
 def check_compatible(config, dataset, warn: bool = True) -> None:
-  """ValueError naming ``config.pretrained`` unless the model fits the config and the data:
+  """ValueError naming ``config.model.pretrained`` unless the model fits the config and the data:
   same architecture and classes, same class names, image shape and normalisation.
   ``warn``: log the training settings that differ from the config's (once a run: the
   pipeline's context checks, ``load`` does not repeat it)."""
-  name = config.pretrained
+  name = config.model.pretrained
   record = shipped.info(name)
-  where = f"config.pretrained={name!r} (a {record['model']} for {record['num_classes']} classes)"
-  if (config.model.name, int(config.num_classes)) != (record["model"], int(record["num_classes"])):
+  where = (f"config.model.pretrained={name!r} (a {record['model']} for "
+           f"{record['num_classes']} classes)")
+  if ((config.model.name, int(config.model.num_classes))
+      != (record["model"], int(record["num_classes"]))):
     raise ValueError(f"{where} does not match config.model.name={config.model.name!r}, "
-                     f"config.num_classes={config.num_classes}.")
+                     f"config.model.num_classes={config.model.num_classes}.")
   if tuple(dataset.class_names) != tuple(record["class_names"]):
     raise ValueError(f"{where} was trained on classes {record['class_names']}; the data has "
                      f"{list(dataset.class_names)}.")
@@ -75,11 +87,11 @@ def _plain(value):
 
 
 def load(config, dataset, mesh=None) -> trained.Trained:
-  """``trained.Trained`` of ``config.pretrained`` with its loss and accuracy on
+  """``trained.Trained`` of ``config.model.pretrained`` with its loss and accuracy on
   ``dataset``'s test images; ValueError as ``check_compatible`` (whose warning the
   pipeline's context gives)."""
   check_compatible(config, dataset, warn=False)
-  module, variables = shipped.pretrained(config.pretrained)
+  module, variables = shipped.pretrained(config.model.pretrained)
   return measured(trained.Trained(module, variables, {}, 0.0), config, dataset, mesh)
 
 
@@ -123,7 +135,8 @@ def load_weights(config, dataset, mesh=None) -> trained.Trained:
     step, _ = _checkpoint_files(path)
     tx = train.make_optimizer(config, 1)
     template = train.create_train_state(module, tx, dataset.image_shape, jax.random.key(0))
-    manager = checkpoints.manager(os.path.join(path, "checkpoints"), config.checkpoints_to_keep)
+    manager = checkpoints.manager(os.path.join(path, "checkpoints"),
+                                  config.train.checkpoints_to_keep)
     try:
       state = checkpoints.restore_verified(manager, path, step, template)
     finally:
@@ -136,7 +149,7 @@ def load_weights(config, dataset, mesh=None) -> trained.Trained:
     epochs = step  # our training checkpoints one step per epoch
   else:
     variables = torch_weights.load_safetensors(path, config.model.name,
-                                               int(config.num_classes))
+                                               int(config.model.num_classes))
     logging.info("Base model: %s with the weights of %s.", config.model.name, path)
     epochs = 0
   return measured(trained.Trained(module, variables, {}, 0.0, epochs=epochs), config, dataset,

@@ -209,7 +209,7 @@ def selection_records(ctx, name: str, apply: Callable, variables, fingerprint: s
         ctx.path("sis", name), apply, variables, ctx.feed("test"), ctx.config.backselect, key,
         seed=int(ctx.config.backselect.noise_seed) + 2 * 10**7, indices=indices, fully_masked=fm,
         target_classes=target_classes, progress=ctx.progress, desc=f"SIS selection ({name})",
-        mesh=ctx.mesh, compute_dtype=ctx.config.precision)
+        mesh=ctx.mesh, compute_dtype=ctx.config.model.precision)
   return {k: v for k, v in recs.everything().items() if k != "ids"}
 
 
@@ -289,18 +289,19 @@ def size_stats(sizes_px: np.ndarray, exists: np.ndarray, num_pixels: int) -> dic
 def ensemble_members(ctx) -> list:
   c = ctx.config
   members = [ctx.base]
-  epochs = int(c.sis.ensemble_epochs) or int(c.num_epochs)
+  epochs = int(c.sis.ensemble_epochs) or int(c.train.num_epochs)
   for i in range(1, int(c.sis.ensemble_size)):
     members.append(ctx.train_model(f"ensemble_member_{i}", trained.variant(
-        c, train_seed=int(c.train_seed) + i, num_epochs=epochs)))
+        c, {"train.seed": int(c.train.seed) + i, "train.num_epochs": epochs})))
   return members
 
 
 def input_dropout_model(ctx) -> trained.Trained:
   c = ctx.config
-  epochs = int(c.sis.input_dropout_epochs) or int(c.num_epochs)
+  epochs = int(c.sis.input_dropout_epochs) or int(c.train.num_epochs)
   return ctx.train_model("input_dropout_model", trained.variant(
-      c, input_keep_prob=float(c.sis.input_dropout_keep_prob), num_epochs=epochs))
+      c, {"model.input_keep_prob": float(c.sis.input_dropout_keep_prob),
+          "train.num_epochs": epochs}))
 
 
 def predictor(ctx, name: str):
@@ -358,8 +359,8 @@ def training_epochs(ctx, name: str) -> int:
   if name == "single":
     return ctx.base.epochs
   if name == "ensemble":
-    return int(c.sis.ensemble_epochs) or int(c.num_epochs)
-  return int(c.sis.input_dropout_epochs) or int(c.num_epochs)
+    return int(c.sis.ensemble_epochs) or int(c.train.num_epochs)
+  return int(c.sis.input_dropout_epochs) or int(c.train.num_epochs)
 
 
 def records_for(ctx, name: str) -> dict:

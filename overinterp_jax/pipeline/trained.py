@@ -44,14 +44,19 @@ def load_summary(config, workdir: str, data_fp: str) -> Optional[dict]:
   return summary if _matches(summary, config, data_fp) else None
 
 
-def variant(config, **overrides):
-  """A copy of ``config`` with some top-level training keys changed."""
+def variant(config, overrides: dict):
+  """A copy of ``config`` with the keys at some dotted paths changed
+  (``{"train.num_epochs": 3}``)."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    for k, v in overrides.items():
-      if k not in c:
-        raise KeyError(f"config has no key {k!r}.")
-      c[k] = v
+    for path, v in overrides.items():
+      *parents, key = path.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      if key not in node:
+        raise KeyError(f"config has no key {path!r}.")
+      node[key] = v
   return c
 
 
@@ -129,11 +134,11 @@ def ensure_trained(config, workdir: str, train_feed, test_feed, *, augment_fn, d
   # What a finished stage checks before it is trusted: the same files whether the model
   # was trained now or restored (a resumed stage lost fingerprint.json and metrics.jsonl).
   for path in ([summary_path, marker_path, os.path.join(workdir, "metrics.jsonl")]
-               + checkpoints.files(workdir, int(config.num_epochs))):
+               + checkpoints.files(workdir, int(config.train.num_epochs))):
     atomic.note(path)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   return Trained(train.build_model(view), variables, summary["metrics"], summary["seconds"],
-                 summary["fingerprint"], int(config.num_epochs))
+                 summary["fingerprint"], int(config.train.num_epochs))
 
 
 def input_dropout_apply(trained: Trained, num_samples: int, seed: int) -> Callable:
