@@ -3,7 +3,7 @@ model given to the batched SIS API."""
 import numpy as np
 import pytest
 
-from configs import cifar10_cpu
+from configs import cifar10, cifar10_cpu
 from overinterp_jax import data as data_lib
 from overinterp_jax import sis
 from overinterp_jax.pipeline import shipped_base
@@ -19,7 +19,8 @@ def test_the_quick_start_config_gets_no_warning_and_a_changed_setting_gets_one(m
   dataset = data_lib.load_dataset("image_folder", path="")
   said = _warnings(monkeypatch)
   config = cifar10_cpu.get_config("analyze")
-  # The record's settings include the model's name under its old key ``model``.
+  # The record's settings use old paths: the model's name under ``model``, ``seed``, ``lr``,
+  # ``augment.flip``... (config_schema.MOVED_KEYS).
   assert shipped_base.differing_settings(config, shipped_base.shipped.info(
       config.model.pretrained)) == []
   shipped_base.check_compatible(config, dataset)
@@ -27,9 +28,25 @@ def test_the_quick_start_config_gets_no_warning_and_a_changed_setting_gets_one(m
   config.train.lr = 0.1
   config.train.augment.padding = 4
   shipped_base.check_compatible(config, dataset)
-  assert len(said) == 1 and "with other augment.padding, lr than this config's" in said[0]
+  assert len(said) == 1 and "with other train.augment.padding, train.lr than" in said[0]
   shipped_base.check_compatible(config, dataset, warn=False)  # shipped_base.load's check
   assert len(said) == 1
+
+
+def test_record_settings_of_every_age_are_read_at_todays_paths():
+  old = {"model": "resnet20", "seed": 0, "train_seed": 0, "input_dropout_keep_prob": 1.0,
+         "lr": 0.1, "num_epochs": 200, "num_classes": 10, "augment.flip": "random",
+         "bn_momentum": 0.9, "precision": "float32"}
+  new = {"model.name": "resnet20", "train.seed": 0, "model.input_keep_prob": 1.0,
+         "train.lr": 0.1, "train.num_epochs": 200, "model.num_classes": 10,
+         "train.augment.flip": "random", "model.bn_momentum": 0.9, "model.precision": "float32"}
+  assert {shipped_base.setting_path(p) for p in old} == set(new)
+  assert all(shipped_base.setting_path(p) == p for p in new)
+  config = cifar10.get_config()  # the schema's defaults: the values above
+  for settings in (old, new):
+    assert shipped_base.differing_settings(config, {"train_settings": settings}) == []
+  config.train.lr = 0.05
+  assert shipped_base.differing_settings(config, {"train_settings": old}) == ["train.lr"]
 
 
 @pytest.mark.parametrize("select", [sis.batched_backselect, sis.gradient_backselect])
