@@ -64,7 +64,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
   ``config.train.schedule``: ``"multistep"`` (the paper: ``train.lr`` × ``train.lr_decay``
   at each epoch in ``train.lr_milestones``), ``"onecycle"`` (cosine one-cycle peaking at
-  ``lr``, for short budgets) or ``"cosine"`` (cosine decay from ``lr``).
+  ``train.lr``, for short budgets) or ``"cosine"`` (cosine decay from ``train.lr``).
   ``steps_per_epoch`` counts steps of ``config.train.batch_size``; epochs with a larger
   batch (``cpu_budget.epoch_batch_multipliers``) follow ``cpu_budget.scale_schedule``.
   """

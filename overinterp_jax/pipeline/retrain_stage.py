@@ -9,7 +9,7 @@ Kinds (``config.retrain.kinds``):
     constant) — if positions alone predict the class, the BS accuracy
     says little about the pixels' content;
   * ``full``: full images with the same (possibly short) retraining budget,
-    the fair reference when ``retrain.num_epochs`` is below ``num_epochs``.
+    the fair reference when ``retrain.num_epochs`` is below ``train.num_epochs``.
 Each model trains on the train subsets (image and mask cropped/flipped
 together every epoch) and is tested on the matching test subsets. The
 stage also measures the base model on its own BS, random and border test subsets.
