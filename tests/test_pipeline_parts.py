@@ -310,7 +310,7 @@ def test_retraining_on_subsets_is_at_full_resolution():
   config.train.progressive_resizing = ((0.5, 0.25),)
   config.retrain.num_epochs = 3
   retrain = retrain_stage.retrain_config(types.SimpleNamespace(config=config))
-  assert retrain.progressive_resizing == () and retrain.num_epochs == 3
+  assert retrain.train.progressive_resizing == () and retrain.train.num_epochs == 3
   assert config.train.progressive_resizing == ((0.5, 0.25),)  # the base model's own config
 
 
