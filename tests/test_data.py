@@ -102,6 +102,39 @@ def test_load_tar_gz_equals_directory(tree, tmp_path, arcname):
   np.testing.assert_array_equal(only_test.images, loaded["test"].images)
 
 
+@pytest.mark.parametrize("archived", [False, True])
+def test_in_memory_and_streamed_read_the_same_examples(tree, tmp_path, archived):
+  """One loader: data held in memory is the streamed sources read whole, so both give the
+  same images, labels and example ids (``<split>/<class>/<file>``), in the same order."""
+  root, _ = tree
+  path = make_tar(str(tmp_path / "f.tar.gz"), root, "top") if archived else root
+  config = base_config().data
+  config.path, config.source = path, "image_folder"
+  config.cache_dir = str(tmp_path / "cache")
+  held = data_lib.load_for_config(config, str(tmp_path), progress=False)
+  config.in_memory = False
+  streamed = data_lib.load_for_config(config, str(tmp_path), progress=False)
+  for split in ("train", "test"):
+    a, b = held.source(split), streamed.source(split)
+    assert len(a) == len(b) and a.class_names == b.class_names
+    ids = [b.example_id(i) for i in range(len(b))]
+    assert [a.example_id(i) for i in range(len(a))] == ids
+    assert ids[0].startswith(f"{split}/") and ids[0].count("/") == 2
+    images, labels = b.gather(np.arange(len(b)))
+    np.testing.assert_array_equal(a.images, images)
+    np.testing.assert_array_equal(a.labels, labels)
+  # The decoded arrays come back from the .npz cache with their ids; no extraction is left.
+  again = data_lib.load_for_config(dict_to_in_memory(config), str(tmp_path), progress=False)
+  assert again.train.ids == held.train.ids
+  assert not [d for d in os.listdir(config.cache_dir) if d.startswith("extracting-")]
+
+
+def dict_to_in_memory(config):
+  config = config.copy_and_resolve_references()
+  config.in_memory = True
+  return config
+
+
 def test_jpeg_and_grayscale_become_rgb(tmp_path):
   root = tmp_path / "jpg"
   os.makedirs(root / "train" / "a")
