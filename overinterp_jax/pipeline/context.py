@@ -63,7 +63,8 @@ class Context:
     self.data_fp = hashing.fingerprint(config.data, *dataset.fingerprint_parts())
     # The SIS sample, its models (built once per run) and their records, read through
     # stage sis's selection; shared by stages sis and controls and their figures.
-    self.sis_sample = sis_sample.SisSample(self, sis_stage.selection_records)
+    self.sis_sample: sis_sample.SisSample = sis_sample.SisSample(
+        self, sis_stage.selection_records)
     # Caches of this run, held here rather than in modules (they are keyed on function
     # objects, which are this run's): jitted prediction functions (``trained.predict_logits``),
     # memory-fitted gradient batches (``backselect_stage``), and backward selections
