@@ -23,7 +23,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from overinterp_jax import sis
-from overinterp_jax.pipeline import sis_stage
 import workdir_script
 from overinterp_jax.selection import features
 from overinterp_jax.selection.rank_stats import spearman
@@ -41,7 +40,7 @@ def compare(ctx) -> dict:
   frac = float(ctx.config.subsets.frac_kept)
   h, w = ctx.height_width
   fmap = features.patch_feature_map(h, w, FLAGS.patch)
-  idx = sis_stage.test_sample(ctx, FLAGS.num_images)
+  idx = ctx.sis_sample.test_sample(FLAGS.num_images)
   images = ctx.feed("test").batch(idx)[0]
   runs, seconds = {}, {}
   for policy in ("float32", "bfloat16"):

@@ -235,12 +235,12 @@ def validate_with_data(config, dataset) -> None:
   the run is written."""
   # Here: importing the checks loads neither orbax nor matplotlib.
   from overinterp_jax import train
-  from overinterp_jax.pipeline import sis_stage
+  from overinterp_jax.pipeline import sis_sample
   if int(config.model.num_classes) != dataset.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes}, but the data has "
                      f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:12])}"
                      f"{', ...' if dataset.num_classes > 12 else ''}).")
-  sis_stage.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
+  sis_sample.patch_feature_map(int(config.sis.patch_size), dataset.image_shape[:2])
   # Some model is trained: the base (unless a shipped one is loaded), retrained
   # models, or the ensemble's members and the input-dropout model.
   if ((not config.model.pretrained and not config.model.weights) or config.retrain.kinds

@@ -13,7 +13,8 @@ from PIL import Image
 
 from overinterp_jax import cpu_budget, data as data_lib
 from overinterp_jax.config_schema import base_config
-from overinterp_jax.data import augment, image_folder, loader, normalize, synthetic, tfds_source
+from overinterp_jax.data import (augment, image_folder, in_memory, loader, normalize, synthetic,
+                                 tfds_source)
 
 REAL_ARCHIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                             "data", "cifar10_jpeg.tar.gz")
@@ -88,17 +89,50 @@ def check_loaded(loaded, expected):
 
 def test_load_directory(tree):
   root, expected = tree
-  check_loaded(image_folder.load_image_folder_splits(root, progress=False), expected)
+  check_loaded(in_memory.load_image_folder_splits(root, progress=False), expected)
 
 
 @pytest.mark.parametrize("arcname", ["", "top"])
 def test_load_tar_gz_equals_directory(tree, tmp_path, arcname):
   root, expected = tree
   tar = make_tar(str(tmp_path / "folder.tar.gz"), root, arcname)
-  loaded = image_folder.load_image_folder_splits(tar, progress=False)
+  loaded = in_memory.load_image_folder_splits(tar, progress=False)
   check_loaded(loaded, expected)
-  only_test = image_folder.load_image_folder(tar, "test", progress=False)
+  only_test = in_memory.load_image_folder(tar, "test", progress=False)
   np.testing.assert_array_equal(only_test.images, loaded["test"].images)
+
+
+@pytest.mark.parametrize("archived", [False, True])
+def test_in_memory_and_streamed_read_the_same_examples(tree, tmp_path, archived):
+  """One loader: data held in memory is the streamed sources read whole, so both give the
+  same images, labels and example ids (``<split>/<class>/<file>``), in the same order."""
+  root, _ = tree
+  path = make_tar(str(tmp_path / "f.tar.gz"), root, "top") if archived else root
+  config = base_config().data
+  config.path, config.source = path, "image_folder"
+  config.cache_dir = str(tmp_path / "cache")
+  held = data_lib.load_for_config(config, str(tmp_path), progress=False)
+  config.in_memory = False
+  streamed = data_lib.load_for_config(config, str(tmp_path), progress=False)
+  for split in ("train", "test"):
+    a, b = held.source(split), streamed.source(split)
+    assert len(a) == len(b) and a.class_names == b.class_names
+    ids = [b.example_id(i) for i in range(len(b))]
+    assert [a.example_id(i) for i in range(len(a))] == ids
+    assert ids[0].startswith(f"{split}/") and ids[0].count("/") == 2
+    images, labels = b.gather(np.arange(len(b)))
+    np.testing.assert_array_equal(a.images, images)
+    np.testing.assert_array_equal(a.labels, labels)
+  # The decoded arrays come back from the .npz cache with their ids; no extraction is left.
+  again = data_lib.load_for_config(dict_to_in_memory(config), str(tmp_path), progress=False)
+  assert again.train.ids == held.train.ids
+  assert not [d for d in os.listdir(config.cache_dir) if d.startswith("extracting-")]
+
+
+def dict_to_in_memory(config):
+  config = config.copy_and_resolve_references()
+  config.in_memory = True
+  return config
 
 
 def test_jpeg_and_grayscale_become_rgb(tmp_path):
@@ -107,20 +141,20 @@ def test_jpeg_and_grayscale_become_rgb(tmp_path):
   gray = np.full((4, 5), 200, np.uint8)
   (root / "train" / "a" / "0.JPEG").write_bytes(encode(np.stack([gray] * 3, -1), "JPEG"))
   (root / "train" / "a" / "1.png").write_bytes(encode(gray, "PNG"))
-  d = image_folder.load_image_folder(str(root), "train", progress=False)
+  d = in_memory.load_image_folder(str(root), "train", progress=False)
   assert d.images.shape == (2, 4, 5, 3)
   assert abs(int(d.images[0].mean()) - 200) <= 2 and np.all(d.images[1] == 200)
 
 
 def test_expected_counts(tree):
   root, _ = tree
-  image_folder.load_image_folder(root, "test", expected_counts={"test": 3}, progress=False)
-  image_folder.load_image_folder(root, "test", expected_counts={"test": {"ant": 2, "zebra": 1}},
+  in_memory.load_image_folder(root, "test", expected_counts={"test": 3}, progress=False)
+  in_memory.load_image_folder(root, "test", expected_counts={"test": {"ant": 2, "zebra": 1}},
                                  progress=False)
   with pytest.raises(ValueError, match=r"split 'test'.*has 3 images, expected 4"):
-    image_folder.load_image_folder(root, "test", expected_counts={"test": 4}, progress=False)
+    in_memory.load_image_folder(root, "test", expected_counts={"test": 4}, progress=False)
   with pytest.raises(ValueError, match="per-class counts"):
-    image_folder.load_image_folder(root, "test", expected_counts={"test": {"ant": 1, "zebra": 2}},
+    in_memory.load_image_folder(root, "test", expected_counts={"test": {"ant": 1, "zebra": 2}},
                                    progress=False)
 
 
@@ -130,23 +164,23 @@ def test_expected_counts(tree):
 def test_missing_path(tmp_path):
   missing = str(tmp_path / "nowhere.tar.gz")
   with pytest.raises(FileNotFoundError, match="nowhere.tar.gz"):
-    image_folder.load_image_folder(missing, "train")
+    in_memory.load_image_folder(missing, "train")
 
 
 def test_not_an_archive(tmp_path):
   path = tmp_path / "plain.txt"
   path.write_text("hello")
   with pytest.raises(ValueError, match="not a tar archive"):
-    image_folder.load_image_folder(str(path), "train")
+    in_memory.load_image_folder(str(path), "train")
 
 
 def test_missing_split(tree, tmp_path):
   root, _ = tree
   with pytest.raises(ValueError, match=r"Split 'val' not found.*\['test', 'train'\]"):
-    image_folder.load_image_folder(root, "val", progress=False)
+    in_memory.load_image_folder(root, "val", progress=False)
   tar = make_tar(str(tmp_path / "f.tar.gz"), root)
   with pytest.raises(ValueError, match=r"Split 'val' not found in archive.*\['test', 'train'\]"):
-    image_folder.load_image_folder(tar, "val", progress=False)
+    in_memory.load_image_folder(tar, "val", progress=False)
 
 
 def test_corrupt_image_is_named(tree, tmp_path):
@@ -155,12 +189,12 @@ def test_corrupt_image_is_named(tree, tmp_path):
   with open(bad, "wb") as fh:
     fh.write(b"\x89PNG\r\n\x1a\n garbage")
   with pytest.raises(ValueError, match=r"Cannot decode image .*train/zebra/0001\.png"):
-    image_folder.load_image_folder(root, "train", progress=False)
+    in_memory.load_image_folder(root, "train", progress=False)
   tar = make_tar(str(tmp_path / "bad.tar.gz"), root)
   with pytest.raises(ValueError, match=r"Cannot decode image .*bad\.tar\.gz:train/zebra/0001\.png"):
-    image_folder.load_image_folder(tar, "train", progress=False)
+    in_memory.load_image_folder(tar, "train", progress=False)
   # The test split has no corrupt file and still loads from the same archive.
-  assert len(image_folder.load_image_folder(tar, "test", progress=False)) == 3
+  assert len(in_memory.load_image_folder(tar, "test", progress=False)) == 3
 
 
 def test_every_bad_image_of_an_archive_is_listed_and_an_empty_one_named(tree, tmp_path,
@@ -172,7 +206,7 @@ def test_every_bad_image_of_an_archive_is_listed_and_an_empty_one_named(tree, tm
       fh.write(b"not a png")
   tar = make_tar(str(tmp_path / "bad.tar.gz"), root)
   with pytest.raises(ValueError) as err:
-    image_folder.load_image_folder_splits(tar, progress=False)
+    in_memory.load_image_folder_splits(tar, progress=False)
   message = str(err.value)
   assert message.startswith(f"4 image(s) of archive {tar} cannot be decoded:")
   assert "train/ant/0000.png: the file is empty (0 bytes)" in message
@@ -180,17 +214,17 @@ def test_every_bad_image_of_an_archive_is_listed_and_an_empty_one_named(tree, tm
     assert f"test/zebra/bad{i}.png" in message
   monkeypatch.setattr(image_folder, "MAX_LISTED_BAD_FILES", 2)
   with pytest.raises(ValueError, match=r"\.\.\. and 2 more\.$"):
-    image_folder.load_image_folder_splits(tar, progress=False)
+    in_memory.load_image_folder_splits(tar, progress=False)
 
 
 def test_empty_class_folder(tree, tmp_path):
   root, _ = tree
   os.makedirs(os.path.join(root, "train", "mole"))
   with pytest.raises(ValueError, match=r"train/mole has no images"):
-    image_folder.load_image_folder(root, "train", progress=False)
+    in_memory.load_image_folder(root, "train", progress=False)
   tar = make_tar(str(tmp_path / "empty.tar.gz"), root)
-  with pytest.raises(ValueError, match=r"train/mole.*have no images"):
-    image_folder.load_image_folder(tar, "train", progress=False)
+  with pytest.raises(ValueError, match=r"empty\.tar\.gz:train/mole has no images"):
+    in_memory.load_image_folder(tar, "train", progress=False)
 
 
 def test_mixed_image_sizes(tree):
@@ -198,7 +232,7 @@ def test_mixed_image_sizes(tree):
   with open(os.path.join(root, "test", "ant", "0009.png"), "wb") as fh:
     fh.write(encode(np.zeros((7, 6, 3), np.uint8), "PNG"))
   with pytest.raises(ValueError, match=r"0009\.png.*\(7, 6, 3\).*same size"):
-    image_folder.load_image_folder(root, "test", progress=False)
+    in_memory.load_image_folder(root, "test", progress=False)
 
 
 def test_splits_with_different_classes(tree):
@@ -207,7 +241,7 @@ def test_splits_with_different_classes(tree):
   with open(os.path.join(root, "test", "bee", "0.png"), "wb") as fh:
     fh.write(encode(pixel_pattern("test", "bee", 0), "PNG"))
   with pytest.raises(ValueError, match="different classes"):
-    image_folder.load_image_folder_splits(root, progress=False)
+    in_memory.load_image_folder_splits(root, progress=False)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -218,7 +252,7 @@ def cached_tar(tree, tmp_path):
   root, expected = tree
   tar = make_tar(str(tmp_path / "data.tar.gz"), root)
   cache = str(tmp_path / "cache")
-  first = image_folder.load_image_folder_splits(tar, cache_dir=cache, progress=False)
+  first = in_memory.load_image_folder_splits(tar, cache_dir=cache, progress=False)
   return tar, cache, first
 
 
@@ -233,7 +267,7 @@ def test_cache_is_written_atomically_and_reused(cached_tar, monkeypatch):
   files = sorted(os.listdir(cache))
   assert len(files) == 2 and all(f.endswith(".npz") for f in files)  # no temporary leftovers
   no_decoding(monkeypatch)
-  again = image_folder.load_image_folder_splits(tar, cache_dir=cache, progress=False)
+  again = in_memory.load_image_folder_splits(tar, cache_dir=cache, progress=False)
   for split in ("train", "test"):
     np.testing.assert_array_equal(again[split].images, first[split].images)
     np.testing.assert_array_equal(again[split].labels, first[split].labels)
@@ -242,10 +276,10 @@ def test_cache_is_written_atomically_and_reused(cached_tar, monkeypatch):
 
 def test_corrupt_cache_is_rebuilt(cached_tar):
   tar, cache, first = cached_tar
-  path = image_folder.cache_path(cache, tar, "train")
+  path = in_memory.cache_path(cache, tar, "train")
   with open(path, "r+b") as fh:  # truncate the zip: unreadable
     fh.truncate(100)
-  again = image_folder.load_image_folder(tar, "train", cache_dir=cache, progress=False)
+  again = in_memory.load_image_folder(tar, "train", cache_dir=cache, progress=False)
   np.testing.assert_array_equal(again.images, first["train"].images)
   with np.load(path) as z:  # rewritten, valid
     assert z["images"].shape == first["train"].images.shape
@@ -253,30 +287,30 @@ def test_corrupt_cache_is_rebuilt(cached_tar):
 
 def test_cache_with_wrong_counts_or_shape_is_rebuilt(cached_tar, monkeypatch):
   tar, cache, first = cached_tar
-  path = image_folder.cache_path(cache, tar, "train")
+  path = in_memory.cache_path(cache, tar, "train")
   with np.load(path) as z:
     fields = dict(z)
   # Drop one image but keep the source fingerprint: the stored counts no longer match.
   bad = dict(fields, images=fields["images"][:-1], labels=fields["labels"][:-1])
   np.savez(path, **bad)
-  assert len(image_folder.load_image_folder(tar, "train", cache_dir=cache, progress=False)) == 5
+  assert len(in_memory.load_image_folder(tar, "train", cache_dir=cache, progress=False)) == 5
   # Wrong image shape (not [N, H, W, 3]).
   np.savez(path, **dict(fields, images=fields["images"][..., :1]))
-  assert image_folder.load_image_folder(tar, "train", cache_dir=cache,
+  assert in_memory.load_image_folder(tar, "train", cache_dir=cache,
                                         progress=False).images.shape[-1] == 3
   # A valid cache contradicting expected_counts is rebuilt, and then the source is checked too.
   with pytest.raises(ValueError, match="expected 6"):
-    image_folder.load_image_folder(tar, "train", cache_dir=cache, expected_counts={"train": 6},
+    in_memory.load_image_folder(tar, "train", cache_dir=cache, expected_counts={"train": 6},
                                    progress=False)
 
 
 def test_cache_of_a_changed_source_is_rebuilt(tree, tmp_path):
   root, _ = tree
   cache = str(tmp_path / "cache")
-  assert len(image_folder.load_image_folder(root, "test", cache_dir=cache, progress=False)) == 3
+  assert len(in_memory.load_image_folder(root, "test", cache_dir=cache, progress=False)) == 3
   with open(os.path.join(root, "test", "zebra", "0007.png"), "wb") as fh:
     fh.write(encode(pixel_pattern("test", "zebra", 7), "PNG"))
-  assert len(image_folder.load_image_folder(root, "test", cache_dir=cache, progress=False)) == 4
+  assert len(in_memory.load_image_folder(root, "test", cache_dir=cache, progress=False)) == 4
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -461,7 +495,7 @@ def test_tfds_without_prepared_data_fails_fast(tmp_path):
   with pytest.raises(ValueError, match=r"Unsupported TFDS dataset 'mnist'"):
     tfds_source.tfds_data_source("mnist", "train", str(tmp_path))
   with pytest.raises(ValueError, match="too large"):
-    tfds_source.load_tfds_arrays("imagenet2012", str(tmp_path))
+    in_memory.load_tfds_splits("imagenet2012", str(tmp_path))
 
 
 def test_tfds_cifar10_in_memory_checks_counts_and_keeps_its_ids(tmp_path):
@@ -535,7 +569,7 @@ def test_real_cifar10_archive_test_split(tmp_path):
   """Streams the real 19 MB archive and decodes the 10,000 test JPEGs (a few seconds)."""
   if not os.path.exists(REAL_ARCHIVE):
     pytest.skip(f"{REAL_ARCHIVE} not present")
-  test = image_folder.load_image_folder(
+  test = in_memory.load_image_folder(
       REAL_ARCHIVE, "test", cache_dir=str(tmp_path),
       expected_counts={"test": image_folder.CIFAR10_EXPECTED_COUNTS["test"]}, progress=False)
   assert test.images.shape == (10_000, 32, 32, 3) and test.images.dtype == np.uint8

@@ -160,10 +160,9 @@ def test_markdown_table_bad_row():
 def test_sis_grid_rows_spread_over_the_sample():
   """The grid's images come from the whole sample (test-set order is by class in an image
   folder), not only its first rows; a sample no larger than the grid is shown whole."""
-  from overinterp_jax.pipeline import report
-  np.testing.assert_array_equal(report.figure_rows(100, 8), [0, 14, 28, 42, 57, 71, 85, 99])
-  np.testing.assert_array_equal(report.figure_rows(5, 8), np.arange(5))
-  np.testing.assert_array_equal(report.figure_rows(9, 8), [0, 1, 2, 3, 5, 6, 7, 8])
+  np.testing.assert_array_equal(figures.figure_rows(100, 8), [0, 14, 28, 42, 57, 71, 85, 99])
+  np.testing.assert_array_equal(figures.figure_rows(5, 8), np.arange(5))
+  np.testing.assert_array_equal(figures.figure_rows(9, 8), [0, 1, 2, 3, 5, 6, 7, 8])
 
 
 def _drawn_axes(monkeypatch):
@@ -215,10 +214,9 @@ def test_curve_labels_give_their_sample_size(tmp_path, monkeypatch):
 
 
 def test_sample_labels_name_their_sample_and_its_size():
-  from overinterp_jax.pipeline import report
-  assert (report.sample_label("gradient/single (test sample)", "test sample", 1000)
+  assert (figures.sample_label("gradient/single (test sample)", "test sample", 1000)
           == "gradient/single, test sample (n = 1,000)")
-  assert report.sample_label("gradient/single", "SIS sample", 40) == (
+  assert figures.sample_label("gradient/single", "SIS sample", 40) == (
       "gradient/single, SIS sample (n = 40)")
 
 
@@ -226,13 +224,13 @@ def test_smoothed_panels_name_their_sample_size(monkeypatch):
   """The smoothed control's rows: the SIS sample and stage backselect's test sample have
   different sizes (40 and 1,000 on the ImageNet smoke run); each panel title gives its own."""
   from types import SimpleNamespace
-  from overinterp_jax.pipeline import controls, report, sis_stage
-  ctx = SimpleNamespace(config=SimpleNamespace(controls=SimpleNamespace(smoothed_images=1000)))
+  from overinterp_jax.pipeline import controls
+  ctx = SimpleNamespace(config=SimpleNamespace(controls=SimpleNamespace(smoothed_images=1000)),
+                        sis_sample=SimpleNamespace(test_sample=lambda n: np.arange(n),
+                                                   indices=lambda: np.arange(40)))
   monkeypatch.setattr(controls, "backselect_row", lambda ctx: "gradient/single (test sample)")
-  monkeypatch.setattr(sis_stage, "test_sample", lambda ctx, n: np.arange(n))
-  monkeypatch.setattr(sis_stage, "sample_indices", lambda ctx: np.arange(40))
-  titles = report._smoothed_titles(ctx, {"gradient/single": {"count": 40},
-                                         "gradient/single (test sample)": {"count": 990}})
+  titles = controls.smoothed_titles(ctx, {"gradient/single": {"count": 40},
+                                          "gradient/single (test sample)": {"count": 990}})
   assert titles == {
       "gradient/single": "gradient/single\nSIS sample (n = 40)",
       "gradient/single (test sample)":

@@ -182,6 +182,19 @@ def test_the_store_imports_only_core_modules(graph):
           for d in deps if not d.startswith("overinterp_jax/store/")} <= core
 
 
+def test_the_report_and_the_controls_import_no_stage_module(graph):
+  """Stages share services through the context (``ctx.sis_sample``) and draw their own
+  figures (``registry.Stage``): the report imports no stage's module, the controls (and
+  their gradient check) no other stage's."""
+  from overinterp_jax.pipeline import registry
+  stages = {f"{registry.get(name).run.__module__.replace('.', '/')}.py"
+            for name in registry.names()}
+  assert "overinterp_jax/pipeline/sis_stage.py" in stages
+  for path in ("overinterp_jax/pipeline/report.py", "overinterp_jax/pipeline/controls.py",
+               "overinterp_jax/pipeline/gradient_check.py"):
+    assert not graph[path] & stages, (path, sorted(graph[path] & stages))
+
+
 def _write(root: pathlib.Path, files: dict[str, str]) -> None:
   for rel, text in files.items():
     (root / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ from overinterp_jax import main
 from overinterp_jax import sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (backselect_stage, context, controls, masked_data,
-                                     record_shards, report_sections, retrain_stage, sis_stage,
-                                     trained)
+                                     record_shards, report_sections, retrain_stage, sis_sample,
+                                     sis_stage, sis_stats, trained)
 from overinterp_jax.store import hashing, npz
 
 
@@ -105,7 +105,7 @@ def test_shard_check_rejects_non_permutations():
 
 
 class _SisContext:
-  """The part of ``Context`` that ``sis_stage.exact_records`` uses."""
+  """The part of ``Context`` that ``sis_stage.exact_records`` and the SIS sample use."""
 
   def __init__(self, workdir, images, images_per_call):
     self.workdir, self.height_width, self.mesh = str(workdir), images.shape[1:3], None
@@ -114,7 +114,8 @@ class _SisContext:
     self.config.sis.patch_size, self.config.sis.images_per_call = 1, images_per_call
     self.images = images
     self.data = type("D", (), {"num_examples": staticmethod(lambda split: len(images))})
-    self.compiled_predict, self.sis_applies, self.fitted_batches = {}, {}, {}
+    self.compiled_predict, self.fitted_batches = {}, {}
+    self.sis_sample = sis_sample.SisSample(self, sis_stage.selection_records)
 
   predict_logits = context.Context.predict_logits
 
@@ -166,13 +167,13 @@ def test_test_samples_are_seeded_random_and_nested(tmp_path):
   """Image folders are ordered by class: a control on "the first N images" would see only
   the first classes. Samples are seeded, spread over the split, and nested."""
   ctx = _SisContext(tmp_path, np.zeros((100, 2, 2, 3), np.uint8), images_per_call=1)
-  small, large = sis_stage.test_sample(ctx, 10), sis_stage.test_sample(ctx, 40)
+  sample = ctx.sis_sample
+  small, large = sample.test_sample(10), sample.test_sample(40)
   assert len(small) == 10 and np.all(np.diff(small) > 0) and small.max() >= 50
   assert set(small) <= set(large)
-  np.testing.assert_array_equal(small, sis_stage.test_sample(ctx, 10))
-  np.testing.assert_array_equal(sis_stage.test_sample(ctx, 0), np.arange(100))
-  np.testing.assert_array_equal(sis_stage.sample_indices(ctx),
-                                sis_stage.test_sample(ctx, ctx.config.sis.num_images))
+  np.testing.assert_array_equal(small, sample.test_sample(10))
+  np.testing.assert_array_equal(sample.test_sample(0), np.arange(100))
+  np.testing.assert_array_equal(sample.indices(), sample.test_sample(ctx.config.sis.num_images))
 
 
 # ------------------------------------------------------------------------ masked images
@@ -260,7 +261,7 @@ def test_rise_fraction():
 
 
 def test_sis_table_shows_one_dash_for_an_empty_iqr():
-  no_sis = sis_stage.size_stats(np.array([10, 20]), np.array([False, False]), 256)
+  no_sis = sis_stats.size_stats(np.array([10, 20]), np.array([False, False]), 256)
   table = report_sections.sis_table({"models": {"single": {"test_accuracy": 0.5, **no_sis}}})
   assert table.splitlines()[-1] == "| single | 50.00 | — | — | 0 | 0.00 | — | — | — | — |"
 
@@ -327,20 +328,21 @@ def test_sis_sample_can_be_restricted_to_confident_images(tmp_path, monkeypatch)
   ctx = _SisContext(tmp_path, np.zeros((100, 2, 2, 3), np.uint8), images_per_call=1)
   confidence = np.linspace(0, 1, 100)
   predicted = np.arange(100) % 2  # right on the even images only (labels are 0)
-  monkeypatch.setattr(sis_stage, "base_predictions", lambda ctx: (predicted, confidence))
+  sample = ctx.sis_sample
+  monkeypatch.setattr(sample, "base_predictions", lambda: (predicted, confidence))
   ctx.config.sis.num_images, ctx.config.sis.min_confidence = 6, 0.9
-  picked = sis_stage.sample_indices(ctx)
+  picked = sample.indices()
   assert len(picked) == 6 and np.all(np.diff(picked) > 0) and np.all(confidence[picked] >= 0.9)
-  order = sis_stage.test_sample_order(ctx)  # the first 6 eligible of the seeded permutation
+  order = sample.test_sample_order()  # the first 6 eligible of the seeded permutation
   np.testing.assert_array_equal(picked, np.sort(order[confidence[order] >= 0.9][:6]))
   ctx.config.sis.only_correct = True  # and right: the even ones of the 10 images >= 0.9
-  picked = sis_stage.sample_indices(ctx)
+  picked = sample.indices()
   np.testing.assert_array_equal(picked, [90, 92, 94, 96, 98])
   ctx.config.sis.num_images = 0  # 0: every qualifying image
-  np.testing.assert_array_equal(sis_stage.sample_indices(ctx), [90, 92, 94, 96, 98])
+  np.testing.assert_array_equal(sample.indices(), [90, 92, 94, 96, 98])
   ctx.config.sis.num_images, ctx.config.sis.only_correct = 6, False
   ctx.config.sis.min_confidence = 0.0  # 0: any image, as before
-  np.testing.assert_array_equal(sis_stage.sample_indices(ctx), sis_stage.test_sample(ctx, 6))
+  np.testing.assert_array_equal(sample.indices(), sample.test_sample(6))
 
 
 def test_gradient_vs_exact_control_on_a_linear_model(tmp_path, monkeypatch):
@@ -357,8 +359,8 @@ def test_gradient_vs_exact_control_on_a_linear_model(tmp_path, monkeypatch):
   ctx.base_fp = "linear"
   ctx.config.sis.patch_size, ctx.config.sis.num_images = 1, 6
   ctx.config.subsets.frac_kept = 0.25
-  monkeypatch.setattr(sis_stage, "records_for", lambda c, name: sis_stage.exact_records(
-      c, name, apply, w, "linear", np.arange(6)))
+  monkeypatch.setattr(ctx.sis_sample, "records", lambda name: sis_stage.exact_records(
+      ctx, name, apply, w, "linear", np.arange(6)))
   out = gradient_check.run(ctx)
   assert out["num_images"] == 6 and out["num_features"] == 16 and out["kept_features"] == 4
   # Log-softmax of 2 linear logits is concave, not linear: the ranks still agree closely.

@@ -1,6 +1,6 @@
 """A stage is one unit in one registry: a toy stage registered from this file runs, resumes,
 is invalidated by the config keys it reads (and by its changed files), and has its section
-in the report."""
+and its figure in the report."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 
 from overinterp_jax import config_schema
 from overinterp_jax import data as data_lib
-from overinterp_jax.pipeline import registry, runner
+from overinterp_jax.pipeline import figures, registry, runner
 from overinterp_jax.store import atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Toy:
   """A stage owning section ``config.toy``: the mean test label times ``toy.scale``, kept in
-  ``toy/value.json``."""
+  ``toy/value.json``; its figure draws the test labels."""
   name, section = "toy", "toy"
 
   def __init__(self):
@@ -37,6 +37,13 @@ class Toy:
     if "toy" not in summaries:
       return []
     return ["## Toy", "", f"Scaled mean label: {summaries['toy']['value']:.4f}.", ""]
+
+  def figures(self, ctx, summaries: dict) -> dict:
+    if "toy" not in summaries:
+      return {}
+    labels = ctx.labels("test").astype(np.float64)
+    return {"toy_labels": figures.confidence_curves(
+        ctx.path("figures", "toy.png"), {"labels": labels[None] / labels.max()})}
 
 
 def _config():
@@ -66,8 +73,11 @@ def test_a_registered_stage_runs_resumes_reruns_and_is_reported(toy, tmp_path):
   report = (tmp_path / "report.md").read_text()
   assert "Stages run: toy." in report
   assert f"## Toy\n\nScaled mean label: {first['toy']['value']:.4f}." in report
-  stages = json.loads((tmp_path / "report.json").read_text())["stages"]
-  assert stages["toy"] == {"value": first["toy"]["value"]}
+  assert "- toy_labels: ![toy_labels](figures/toy.png)" in report
+  assert (tmp_path / "figures" / "toy.png").read_bytes()[:4] == b"\x89PNG"
+  stored = json.loads((tmp_path / "report.json").read_text())
+  assert stored["stages"]["toy"] == {"value": first["toy"]["value"]}
+  assert stored["figures"] == {"toy_labels": "figures/toy.png"}
 
   again = runner.run_pipeline(config, str(tmp_path), dataset)  # resumes: nothing to do
   assert toy.runs == 1 and again == first
@@ -96,6 +106,13 @@ def test_the_builtin_stages_are_the_schemas_default_and_own_its_sections():
     assert stage.section is None or isinstance(schema[stage.section], ml_collections.ConfigDict)
   with pytest.raises(ValueError, match="already registered"):
     registry.register(registry.Unit("sis", None, lambda ctx: {}))
+
+
+def test_a_unit_draws_no_figures_unless_given_them():
+  unit = registry.Unit("plain", None, lambda ctx: {})
+  assert registry.figures(unit, None, {"plain": {}}) == {}
+  assert registry.figure_order()[0] == "sis"  # the paper's figures first, as before
+  assert sorted(registry.figure_order()) == sorted(registry.names())
 
 
 def test_importing_the_config_checks_loads_no_stage():

@@ -25,15 +25,16 @@ from typing import Optional
 
 import numpy as np
 
-from overinterp_jax.data import (augment, cifar10_slice, image_folder, loader, normalize, sources,
-                                 synthetic, tfds_source, transforms)
+from overinterp_jax.data import (augment, cifar10_slice, image_folder, in_memory, loader, normalize,
+                                 sources, synthetic, tfds_source, transforms)
 from overinterp_jax.data.augment import augment_batch, augment_images, random_crop_flip
-from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS,
-                                              load_image_folder, load_image_folder_splits)
+from overinterp_jax.data.image_folder import CIFAR10_CLASSES, CIFAR10_EXPECTED_COUNTS
+from overinterp_jax.data.in_memory import (load_image_folder, load_image_folder_splits,
+                                           load_tfds_splits)
 from overinterp_jax.data.labelled import LabelledImages
 from overinterp_jax.data.normalize import CIFAR10, Normalization, channel_stats
 from overinterp_jax.data.synthetic import make_synthetic
-from overinterp_jax.data.tfds_source import load_tfds_arrays, tfds_data_source
+from overinterp_jax.data.tfds_source import tfds_data_source
 from overinterp_jax.store import hashing
 
 SOURCES = ("image_folder", "tfds", "synthetic")
@@ -180,7 +181,7 @@ def load_dataset(source: str, *, path: Optional[str] = None, name: str = "cifar1
       _check_counts({split: len(tfds_data_source(name, tfds_split, data_dir))
                      for split, tfds_split in zip(("train", "test"), tfds_splits)},
                     expected_counts)
-    loaded = load_tfds_arrays(name, data_dir, tfds_splits, progress=progress)
+    loaded = load_tfds_splits(name, data_dir, tfds_splits, progress=progress)
     splits = {"train": loaded[tfds_splits[0]], "test": loaded[tfds_splits[1]]}
   elif source == "synthetic":
     splits = make_synthetic(num_train, num_test, image_size=image_size,
@@ -297,8 +298,9 @@ def load_for_config(data_config, workdir: str, progress: bool = True,
 __all__ = [
     "Dataset", "LabelledImages", "NORMALIZATIONS", "Normalization", "SOURCES", "load_dataset",
     "load_for_config", "view_for_config",
-    "load_image_folder", "load_image_folder_splits", "load_tfds_arrays", "tfds_data_source",
+    "load_image_folder", "load_image_folder_splits", "load_tfds_splits", "tfds_data_source",
     "make_synthetic", "channel_stats", "CIFAR10", "CIFAR10_CLASSES", "CIFAR10_EXPECTED_COUNTS",
     "augment_batch", "augment_images", "random_crop_flip",
-    "augment", "cifar10_slice", "image_folder", "normalize", "synthetic", "tfds_source",
+    "augment", "cifar10_slice", "image_folder", "in_memory", "normalize", "synthetic",
+    "tfds_source",
 ]

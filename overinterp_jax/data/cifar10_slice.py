@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from overinterp_jax.data.image_folder import (CIFAR10_CLASSES, ExpectedCounts,
-                                              load_image_folder_splits)
+from overinterp_jax.data.image_folder import CIFAR10_CLASSES, ExpectedCounts
+from overinterp_jax.data.in_memory import load_image_folder_splits
 from overinterp_jax.data.labelled import LabelledImages
 from overinterp_jax.store import hashing
 

@@ -21,11 +21,13 @@ Sources are picklable, so grain's worker processes can read them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tarfile
+import tempfile
 import zlib
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -70,12 +72,14 @@ class _ReadsOneByOne:
     return np.stack([im for im, _ in examples]), np.array([y for _, y in examples], np.int32)
 
 
-def cache(source: Source, split: str = "data") -> "ArraySource":
+def cache(source: Source, split: str = "data", progress: bool = False) -> "ArraySource":
   """Every example of ``source`` (images of one size) decoded into memory, as an
-  ``ArraySource`` with its ids."""
-  images, labels = source.gather(np.arange(len(source)))
-  return ArraySource(images, labels, source.class_names, split,
-                     [source.example_id(i) for i in range(len(source))])
+  ``ArraySource`` with its ids; ValueError naming every image that cannot be decoded."""
+  bad = image_folder.BadImages()
+  decoded = decode_all(source, split, bad, progress)
+  bad.raise_if_any(f"split {split!r}")
+  images, labels, ids = decoded
+  return ArraySource(images, labels, source.class_names, split, ids)
 
 
 class ArraySource:
@@ -113,34 +117,71 @@ class ArraySource:
 
 
 class FileSource(_ReadsOneByOne):
-  """Image files, decoded lazily. ``paths[i]`` has label ``labels[i]``."""
+  """Image files, decoded lazily. ``paths[i]`` has label ``labels[i]``; ``origin``: the
+  archive the files were extracted from ("" = none), named in errors instead of the
+  extracted copy."""
 
   def __init__(self, root: str, paths: Sequence[str], labels: Sequence[int],
-               class_names: Sequence[str], image_shape: Optional[tuple] = None):
+               class_names: Sequence[str], image_shape: Optional[tuple] = None,
+               origin: str = ""):
     self.root, self.paths = root, list(paths)
     self.labels = np.asarray(labels, np.int32)
     self.class_names, self.image_shape = tuple(class_names), image_shape
+    self.origin = origin
 
   @classmethod
-  def from_folder(cls, root: str, split: str, image_shape: Optional[tuple] = None
-                  ) -> "FileSource":
+  def from_folder(cls, root: str, split: str, image_shape: Optional[tuple] = None,
+                  origin: str = "") -> "FileSource":
     """``root/split/<class>/<image>``, classes sorted by name (= label order), files sorted."""
-    files = image_folder.split_files(root, split)
+    files = image_folder.split_files(root, split, origin)
     classes = tuple(sorted(files))
     paths = [p for c in classes for p in files[c]]
     labels = [i for i, c in enumerate(classes) for _ in files[c]]
-    return cls(root, paths, labels, classes, image_shape)
+    return cls(root, paths, labels, classes, image_shape, origin)
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
     path = self.paths[i]
+    where = f"{self.origin}:{self.example_id(i)}" if self.origin else path
     with open(path, "rb") as fh:
-      return image_folder.decode_image(fh.read(), path), int(self.labels[i])
+      return image_folder.decode_image(fh.read(), where), int(self.labels[i])
 
   def example_id(self, i: int) -> str:
     return os.path.relpath(self.paths[i], self.root)
+
+
+def _extract_into(path: str, dest: str, progress: bool,
+                  splits: Optional[Sequence[str]] = None) -> None:
+  """The image members of tar archive ``path`` written to ``dest`` as
+  ``<split>/<class>/<image>`` (any top folder dropped), and its class folders that hold
+  no image created empty (so a listing finds them and names them). ``splits``: only
+  these split folders (None = all)."""
+  class_dirs = set()
+  try:
+    with tarfile.open(path, mode="r|*") as archive:
+      for member in progress_bar(archive, desc=f"extracting {os.path.basename(path)}",
+                                 unit="file", show=progress):
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+          continue
+        if member.isdir() and len(parts) >= 2 and not parts[-1].startswith("."):
+          class_dirs.add(tuple(parts[-2:]))
+        if not member.isfile() or len(parts) < 3 or not image_folder.is_image_name(member.name):
+          continue
+        if splits is not None and parts[-3] not in splits:
+          os.makedirs(os.path.join(dest, parts[-3]), exist_ok=True)  # listed, left empty
+          continue
+        out = os.path.join(dest, *parts[-3:])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with archive.extractfile(member) as src, open(out, "wb") as dst:
+          shutil.copyfileobj(src, dst)
+  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    raise ValueError(f"Cannot read archive {path}: {e}") from e
+  for split, cls in class_dirs:  # a folder <split>/<class> under a split that has images
+    if os.path.isdir(os.path.join(dest, split)) and (splits is None or split in splits):
+      os.makedirs(os.path.join(dest, split, cls), exist_ok=True)
 
 
 def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
@@ -161,30 +202,65 @@ def extract_archive(path: str, cache_dir: str, progress: bool = True) -> str:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    with tarfile.open(path, mode="r|*") as archive:
-      for member in progress_bar(archive, desc=f"extracting {os.path.basename(path)}",
-                                 unit="file", show=progress):
-        parts = [p for p in member.name.split("/") if p not in ("", ".")]
-        if (not member.isfile() or ".." in parts or len(parts) < 3
-            or not image_folder.is_image_name(member.name)):
-          continue
-        out = os.path.join(tmp, *parts[-3:])  # <split>/<class>/<image>, any top folder dropped
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with archive.extractfile(member) as src, open(out, "wb") as dst:
-          shutil.copyfileobj(src, dst)
-  except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    _extract_into(path, tmp, progress)
+  except ValueError:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise ValueError(f"Cannot read archive {path}: {e}") from e
+    raise
   os.replace(tmp, target)
   return target
 
 
+@contextlib.contextmanager
+def extracted(path: str, parent: Optional[str] = None, progress: bool = True,
+              splits: Optional[Sequence[str]] = None) -> Iterator[str]:
+  """The ``splits`` (None = all) of tar archive ``path`` extracted into a temporary folder
+  under ``parent`` (None = the system's), removed when the block ends: for reading an
+  archive once."""
+  image_folder.check_source(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=parent or None, prefix="extracting-") as tmp:
+    _extract_into(path, tmp, progress, splits)
+    yield tmp
+
+
 def folder_source(path: str, split: str, cache_dir: str, progress: bool = True,
                   image_shape: Optional[tuple] = None) -> FileSource:
-  """A ``FileSource`` of ``split`` of an image folder or tar archive at ``path``."""
+  """A ``FileSource`` of ``split`` of an image folder or tar archive at ``path`` (an
+  archive is extracted once into ``cache_dir``)."""
   image_folder.check_source(path)
-  root = extract_archive(path, cache_dir, progress) if os.path.isfile(path) else path
-  return FileSource.from_folder(root, split, image_shape)
+  if os.path.isfile(path):
+    return FileSource.from_folder(extract_archive(path, cache_dir, progress), split,
+                                  image_shape, origin=path)
+  return FileSource.from_folder(path, split, image_shape)
+
+
+def decode_all(source: Source, split: str, bad: image_folder.BadImages,
+               progress: bool = True) -> Optional[tuple[np.ndarray, np.ndarray, list[str]]]:
+  """Every example of ``source`` decoded: images ``[N, H, W, 3]`` uint8, labels ``[N]``
+  int32 and example ids; None when an image cannot be decoded (noted in ``bad``, so one
+  error can name every bad image of several splits). ValueError when images differ in
+  size."""
+  images, labels, failed = [], [], False
+  for i in progress_bar(range(len(source)), desc=f"decoding {split}", unit="img",
+                        show=progress):
+    try:
+      image, label = source[i]
+      images.append(image)
+      labels.append(label)
+    except ValueError as e:
+      bad.note(e)
+      failed = True
+  if failed:
+    return None
+  ids = [source.example_id(i) for i in range(len(source))]
+  for i, image in enumerate(images):
+    if image.shape != images[0].shape:
+      raise ValueError(f"Image {ids[i]} of split {split!r} has shape {image.shape}, but "
+                       f"{ids[0]} has {images[0].shape}; all images must have the same size.")
+  stacked = (np.stack(images) if images
+             else np.zeros((0,) + tuple(source.image_shape or (0, 0, 3)), np.uint8))
+  return stacked, np.asarray(labels, np.int32), ids
 
 
 class TfdsSource(_ReadsOneByOne):

@@ -12,12 +12,7 @@ downloads (``download=False``). Prepare the data once, with the ``prepare`` extr
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
-
-import numpy as np
-
-from overinterp_jax.data.labelled import LabelledImages
-from overinterp_jax.progress import progress_bar
+from typing import Any, Optional
 
 SUPPORTED = ("cifar10", "imagenet2012")
 # The split used as the test set: ImageNet's test labels are not public.
@@ -75,30 +70,3 @@ def example_key(example: dict) -> Optional[str]:
     if value is not None:
       return value.decode() if isinstance(value, bytes) else str(value)
   return None
-
-
-def load_tfds_arrays(name: str, data_dir: str, splits: Sequence[str] = ("train", "test"),
-                     progress: bool = True) -> dict[str, LabelledImages]:
-  """Small prepared datasets (CIFAR-10) as in-memory arrays.
-
-  Returns ``{split: LabelledImages}`` with images ``[N, H, W, 3]`` uint8, labels
-  ``[N]`` int32 and each record's ``example_key`` as ``ids``. ImageNet (1.28M images
-  of varied sizes) does not fit this form: use ``tfds_data_source`` with a grain pipeline.
-  """
-  if name == "imagenet2012":
-    raise ValueError("imagenet2012 is too large (and its images vary in size) to load as "
-                     "arrays; use tfds_data_source(name, split, data_dir) with grain.")
-  names = class_names(name, data_dir)
-  out = {}
-  for split in splits:
-    source = tfds_data_source(name, split, data_dir)
-    images, labels, ids = [], [], []
-    for i in progress_bar(range(len(source)), desc=f"{name} {split}", unit="img",
-                          show=progress):
-      ex = source[i]
-      images.append(np.asarray(ex["image"], np.uint8))
-      labels.append(int(ex["label"]))
-      ids.append(example_key(ex))
-    out[split] = LabelledImages(np.stack(images), np.array(labels, np.int32), names,
-                                None if None in ids else tuple(ids))
-  return out

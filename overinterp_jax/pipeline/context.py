@@ -1,8 +1,10 @@
 """What every stage shares: config, work directory, data, mesh, and cached results.
 
-Stages ask the context for what they build on (``base_model()``,
-``backselect(split)``, ``subsets()``...); each is computed once per process
-and read back from the work directory on a re-run.
+Stages ask the context for what they build on (``base``, ``backselect(split)``,
+``kept_count()``, ``sis_sample``...); each is computed once per process and read back
+from the work directory on a re-run. Services several stages share are typed members:
+``sis_sample`` (``sis_sample.SisSample``) is the SIS sample, its models and its records,
+shared by stages sis and controls and their figures.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from overinterp_jax import sharding
 from overinterp_jax import train
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (backselect_stage, masked_data, record_shards, shipped_base,
-                                     train_stage, trained)
+                                     sis_sample, sis_stage, subsets_stage, train_stage, trained)
 from overinterp_jax.store import atomic, hashing
 
 # Written by the runner into each stage's marker (``stages/<stage>.json``), beside what the
@@ -59,18 +61,15 @@ class Context:
     self.mesh = mesh if mesh is not None else sharding.data_mesh()
     self.progress = bool(config.runtime.progress)
     self.data_fp = hashing.fingerprint(config.data, *dataset.fingerprint_parts())
-    # The SIS models, built once per run and shared by stages sis, controls and report
-    # (``sis_stage.predictor``): {name: (apply, variables, fingerprint, test accuracy)};
-    # and their predictions on the full test images (``sis_stage.model_predictions``):
-    # {name: ([N] predicted class, [N] softmax confidence in it)}.
-    self.sis_predictors: dict[str, tuple] = {}
-    self.sis_predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # The SIS sample, its models (built once per run) and their records, read through
+    # stage sis's selection; shared by stages sis and controls and their figures.
+    self.sis_sample: sis_sample.SisSample = sis_sample.SisSample(
+        self, sis_stage.selection_records)
     # Caches of this run, held here rather than in modules (they are keyed on function
     # objects, which are this run's): jitted prediction functions (``trained.predict_logits``),
-    # the SIS models' apply functions (``sis_stage``), memory-fitted gradient batches
-    # (``backselect_stage``), and backward selections (``backselect``).
+    # memory-fitted gradient batches (``backselect_stage``), and backward selections
+    # (``backselect``).
     self.compiled_predict: dict = {}
-    self.sis_applies: dict = {}
     self.fitted_batches: dict = {}
     self._backselections: dict[tuple, record_shards.RecordSet] = {}
     check_train_split(config, dataset)
@@ -144,6 +143,11 @@ class Context:
     if key not in self._backselections:
       self._backselections[key] = backselect_stage.records(self, split, indices, masking)
     return self._backselections[key]
+
+  def kept_count(self) -> int:
+    """Pixels every pixel-subset keeps (``subsets_stage.kept_count``: ``subsets.frac_kept``
+    of the image, in whole removal steps of stage backselect's records)."""
+    return subsets_stage.kept_count(self)
 
   def predict_logits(self, apply, variables, images) -> np.ndarray:
     """``trained.predict_logits`` on this run's mesh, ``config.eval_batch_size`` images per

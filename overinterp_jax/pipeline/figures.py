@@ -33,6 +33,8 @@ from overinterp_jax.store import atomic
 
 DPI = 120
 PANEL_INCHES = 1.6
+# Test images (a seeded sample) whose backselect curves the stages' figures draw.
+FIGURE_SAMPLE = 1000
 _KINDS = {
     "bool": (lambda dt: dt == np.bool_, "bool"),
     "uint8": (lambda dt: dt == np.uint8, "uint8"),
@@ -463,6 +465,22 @@ def rise_curves(path: str | os.PathLike, values: Mapping[str, ArrayLike],
   ax.set_title("images whose confidence rose above the full-image value", fontsize=9)
   ax.legend(fontsize=8)
   return _save(fig, path)
+
+
+def figure_rows(num_images: int, num_rows: int) -> np.ndarray:
+  """Positions of the images a grid shows: ``num_rows`` spread evenly over the sample, first
+  and last included. The sample is in test-set order, which in a folder of class
+  subfolders is by class, so the first rows alone would show a single class."""
+  if num_images <= num_rows:
+    return np.arange(num_images)
+  return np.unique(np.round(np.linspace(0, num_images - 1, num_rows)).astype(int))
+
+
+def sample_label(row: str, sample: str, n: int, sep: str = ", ") -> str:
+  """A figure's label of a record row naming its sample and the sample's size, e.g.
+  ``"gradient/single, test sample (n = 1,000)"``: rows of different samples never share
+  a label. ``sep``: between the row and its sample (a newline in panel titles)."""
+  return f"{row.replace(' (test sample)', '')}{sep}{sample} (n = {n:,})"
 
 
 def _cell(value) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from overinterp_jax import sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import sis_stage, trained
+from overinterp_jax.pipeline import trained
 from overinterp_jax.selection import rank_stats, records
 
 
@@ -52,9 +52,9 @@ def run(ctx) -> dict:
   """The comparison on the SIS sample (needs ``sis.selection == "exact"``)."""
   frac = float(ctx.config.subsets.frac_kept)
   tau = float(ctx.config.sis.threshold)
-  fmap = sis_stage.feature_map(ctx)
-  indices = sis_stage.sample_indices(ctx)
-  exact = sis_stage.records_for(ctx, "single")
+  fmap = ctx.sis_sample.feature_map()
+  indices = ctx.sis_sample.indices()
+  exact = ctx.sis_sample.records("single")
   n, d = exact["order"].shape
   if n == 0:
     return {"num_images": 0}

@@ -1,25 +1,17 @@
 """Stage ``sis``: SISes at τ for a sample of test images, per model (paper §5).
 
 Selection (``config.sis.selection``): ``"exact"`` backward selection of every
-feature (CIFAR), or ``"backselect"``: the selection of stage backselect
-(``config.backselect``, e.g. Batched Gradient SIS at ImageNet size), whose test
-records are reused for the base model. The sample (``sample_indices``) can be
-restricted to images the base model classifies correctly (``sis.only_correct``)
-with at least ``sis.min_confidence``.
+feature (CIFAR), ``"coarse_to_fine"``, or ``"backselect"``: the selection of stage
+backselect (``config.backselect``, e.g. Batched Gradient SIS at ImageNet size), whose
+test records are reused for the base model. The sample, its models
+(``config.sis.models``) and its features (pixels, ``patch_size=1``, or ``p × p``
+patches) are the context's ``ctx.sis_sample`` (``sis_sample.SisSample``), which reads
+the records through ``selection_records``. Each model's backward-selection record is
+stored in ``sis/<model>.npz`` (built from ``images_per_call`` images per compiled call,
+each call's record kept in ``sis/<model>.parts/`` until the whole record is written, so
+a killed run resumes at the first missing call).
 
-Models (``config.sis.models``):
-  * ``single``: the base model;
-  * ``ensemble``: mean-logit ensemble of the base model and
-    ``ensemble_size - 1`` replicates trained with other seeds (optionally
-    shorter, ``ensemble_epochs``);
-  * ``input_dropout``: a model trained with input dropout (keep prob
-    ``sis.input_dropout_keep_prob``), evaluated deterministically: logits averaged
-    over ``input_dropout_samples`` fixed dropout masks (paper §6.4).
-Features are pixels (``patch_size=1``) or ``p × p`` patches. Each model's
-backward-selection record is stored in ``sis/<model>.npz`` (built from
-``images_per_call`` images per compiled call, each call's record kept in
-``sis/<model>.parts/`` until the whole record is written, so a killed run resumes
-at the first missing call).
+Figures (``figures``): SIS examples, SIS sizes, confidence along the selection.
 """
 from __future__ import annotations
 
@@ -30,121 +22,20 @@ from typing import Callable, Optional
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads, config_schema, sis
-from overinterp_jax.pipeline import (backselect_stage, record_shards, registry, report_sections,
-                                     sis_stats, trained)
-from overinterp_jax.selection import features
+from overinterp_jax import config_reads, sis
+from overinterp_jax.data import class_names
+from overinterp_jax.pipeline import (backselect_stage, figures, record_shards, registry,
+                                     report_sections, sis_stats)
 from overinterp_jax.store import hashing, npz
 
-MODELS = config_schema.SIS_MODELS
-SELECTIONS = config_schema.SIS_SELECTIONS
+FIGURES = {"sis_examples": "figures/sis_examples.png",
+           "confidence_curves": "figures/confidence_vs_pixels_removed.png",
+           "sis_sizes": "figures/sis_size_histograms.png"}
 
 
 def coarse(ctx) -> bool:
   """Whether SISes come from coarse-to-fine selection (``sis.selection``)."""
   return ctx.config.sis.selection == "coarse_to_fine"
-
-
-def selection_name(ctx) -> str:
-  """How the SIS records were selected, as figures and tables label them."""
-  if ctx.config.sis.selection in ("exact", "coarse_to_fine"):
-    return ctx.config.sis.selection
-  return ctx.config.backselect.method
-
-
-def reuses_backselect(ctx) -> bool:
-  """True when the base model's SIS records are stage backselect's own test records (then a
-  control's separate backselect row would repeat them)."""
-  return ctx.config.sis.selection == "backselect"
-
-
-def test_sample(ctx, count: int) -> np.ndarray:
-  """Sorted indices of ``count`` test images (0 = all), the first ``count`` of one permutation
-  seeded by ``sis.sample_seed``: smaller samples are subsets of larger ones. Never the first
-  ``count`` images (image folders are ordered by class)."""
-  n = ctx.data.num_examples("test")
-  k = n if int(count) <= 0 else min(int(count), n)
-  return np.sort(test_sample_order(ctx)[:k])
-
-
-def test_sample_order(ctx) -> np.ndarray:
-  """``[N]`` a permutation of the test images seeded by ``sis.sample_seed``."""
-  return np.random.default_rng(int(ctx.config.sis.sample_seed)).permutation(
-      ctx.data.num_examples("test"))
-
-
-def qualifying(ctx) -> np.ndarray:
-  """``[N]`` bool: test images the SIS sample may draw from: the base model's confidence
-  ``>= sis.min_confidence`` (and right when ``sis.only_correct``); with
-  ``sis.sample_all_models``, every model of ``sis.models``'s."""
-  c = ctx.config.sis
-  names = tuple(c.models) if c.sample_all_models else ("single",)
-  ok = np.ones(ctx.data.num_examples("test"), bool)
-  for name in names:
-    predicted, confidence = model_predictions(ctx, name)
-    ok &= confidence >= float(c.min_confidence)
-    if c.only_correct:
-      ok &= predicted == ctx.labels("test")
-  return ok
-
-
-def _restricted(c) -> bool:
-  return float(c.min_confidence) > 0 or c.only_correct or c.sample_all_models
-
-
-def sample_indices(ctx) -> np.ndarray:
-  """The test images of the SIS sample (sorted): the first ``sis.num_images`` (0 = all) of
-  one seeded permutation among those ``qualifying``."""
-  c = ctx.config.sis
-  if not _restricted(c):
-    return test_sample(ctx, int(c.num_images))
-  order = test_sample_order(ctx)
-  chosen = order[qualifying(ctx)[order]]
-  return np.sort(chosen[:int(c.num_images)] if int(c.num_images) > 0 else chosen)
-
-
-def base_predictions(ctx) -> tuple[np.ndarray, np.ndarray]:
-  """``([N] predicted class, [N] softmax confidence in it)`` of the base model on each full
-  test image: from stage backselect's records (their targets are the predictions) when
-  ``sis.selection == "backselect"``, else by inference (computed once per run)."""
-  if reuses_backselect(ctx):
-    small = ctx.backselect("test").small()
-    return small["targets"], small["original_scores"]
-  if "single" not in ctx.sis_predictions:
-    logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables, ctx.feed("test"))
-    p = trained.softmax(logits.astype(np.float64))
-    ctx.sis_predictions["single"] = (p.argmax(-1), p.max(axis=-1))
-  return ctx.sis_predictions["single"]
-
-
-def model_predictions(ctx, name: str) -> tuple[np.ndarray, np.ndarray]:
-  """``([N] predicted class, [N] confidence)`` of SIS model ``name`` on the full test
-  images."""
-  if name == "single":
-    return base_predictions(ctx)
-  predictor(ctx, name)  # computes them with the model's test accuracy
-  return ctx.sis_predictions[name]
-
-
-def feature_map(ctx) -> Optional[np.ndarray]:
-  """``[H, W]`` feature ids of ``p × p`` patches (``config.sis.patch_size``), or None for
-  pixels."""
-  return patch_feature_map(int(ctx.config.sis.patch_size), ctx.height_width)
-
-
-def patch_feature_map(p: int, height_width) -> Optional[np.ndarray]:
-  """``[H, W]`` feature ids of ``p × p`` patches, or None for ``p == 1`` (pixels);
-  ValueError naming ``config.sis.patch_size`` unless ``p`` divides both sides."""
-  h, w = height_width
-  if p == 1:
-    return None
-  if h % p or w % p:
-    raise ValueError(f"config.sis.patch_size={p} must divide the image size {h}x{w}.")
-  return features.patch_feature_map(h, w, p)
-
-
-def pixels_per_feature(ctx) -> int:
-  return int(ctx.config.sis.patch_size) ** 2
 
 
 def exact_records(ctx, name: str, apply: Callable, variables, fingerprint: str,
@@ -165,8 +56,8 @@ def exact_records(ctx, name: str, apply: Callable, variables, fingerprint: str,
     coarse_args = None
     if method == "coarse_to_fine":
       coarse_args = (float(ctx.config.sis.threshold), ctx.config.coarse_to_fine)
-    fmap = feature_map(ctx)
-    d = int(np.prod(ctx.height_width)) // pixels_per_feature(ctx)
+    fmap = ctx.sis_sample.feature_map()
+    d = int(np.prod(ctx.height_width)) // ctx.sis_sample.pixels_per_feature()
     # Each method's records have their own file: switching back reuses the other's.
     if method != "exact":
       name = f"{name}.{method}"
@@ -269,89 +160,6 @@ def dense_check(n: int, d: int) -> Callable[[dict], Optional[str]]:
   return check
 
 
-def sis_of(rec: dict, threshold: float) -> sis.SISBatch:
-  return sis.sis_from_backselect(
-      sis.BackselectResult(rec["targets"], rec["original_scores"], rec["order"], rec["values"]),
-      threshold)
-
-
-def size_stats(sizes_px: np.ndarray, exists: np.ndarray, num_pixels: int) -> dict:
-  s = sizes_px[exists]
-  if len(s) == 0:
-    return {"count": 0, "fraction_with_sis": 0.0}
-  q1, med, q3 = np.percentile(s, [25, 50, 75])
-  return {"count": int(len(s)), "fraction_with_sis": float(exists.mean()),
-          "median_pixels": float(med), "q1_pixels": float(q1), "q3_pixels": float(q3),
-          "median_percent": float(100 * med / num_pixels),
-          "mean_percent": float(100 * s.mean() / num_pixels)}
-
-
-def ensemble_members(ctx) -> list:
-  c = ctx.config
-  members = [ctx.base]
-  epochs = int(c.sis.ensemble_epochs) or int(c.train.num_epochs)
-  for i in range(1, int(c.sis.ensemble_size)):
-    members.append(ctx.train_model(f"ensemble_member_{i}", trained.variant(
-        c, {"train.seed": int(c.train.seed) + i, "train.num_epochs": epochs})))
-  return members
-
-
-def input_dropout_model(ctx) -> trained.Trained:
-  c = ctx.config
-  epochs = int(c.sis.input_dropout_epochs) or int(c.train.num_epochs)
-  return ctx.train_model("input_dropout_model", trained.variant(
-      c, {"model.input_keep_prob": float(c.sis.input_dropout_keep_prob),
-          "train.num_epochs": epochs}))
-
-
-def predictor(ctx, name: str):
-  """``(apply, variables, fingerprint, test_accuracy)`` of SIS model ``name``, built once per run
-  (the ensemble's and input-dropout model's test-set evaluation is not repeated)."""
-  if name not in ctx.sis_predictors:
-    ctx.sis_predictors[name] = _build_predictor(ctx, name)
-  return ctx.sis_predictors[name]
-
-
-def _build_predictor(ctx, name: str):
-  c = ctx.config.sis
-  if name == "single":
-    return ctx.base.apply, ctx.base.variables, ctx.base_fp, ctx.base.metrics["accuracy"]
-  if name == "ensemble":
-    members = ensemble_members(ctx)
-    key = ("ensemble", ctx.base.apply)
-    if key not in ctx.sis_applies:
-      ctx.sis_applies[key] = trained.ensemble_apply(ctx.base.apply)
-    apply = ctx.sis_applies[key]
-    stacked = trained.stack_variables(members)
-    fp = hashing.fingerprint("ensemble", [m.key for m in members])
-    logits = ctx.predict_logits(apply, stacked, ctx.feed("test"))
-    acc = _keep_predictions(ctx, name, logits)
-    return apply, stacked, fp, acc
-  if name == "input_dropout":
-    model = input_dropout_model(ctx)
-    key = ("input_dropout", model.module, int(c.input_dropout_samples),
-           int(c.input_dropout_seed))
-    if key not in ctx.sis_applies:
-      ctx.sis_applies[key] = trained.input_dropout_apply(model, int(c.input_dropout_samples),
-                                                         int(c.input_dropout_seed))
-    apply = ctx.sis_applies[key]
-    # the model's key and the arguments of its apply function
-    fp = hashing.fingerprint("input_dropout", model.key, int(c.input_dropout_samples),
-                             int(c.input_dropout_seed))
-    logits = ctx.predict_logits(apply, model.variables, ctx.feed("test"))
-    acc = _keep_predictions(ctx, name, logits)
-    return apply, model.variables, fp, acc
-  raise ValueError(f"config.sis.models: unknown model {name!r}; known: {list(MODELS)}.")
-
-
-def _keep_predictions(ctx, name: str, logits: np.ndarray) -> float:
-  """Caches model ``name``'s predictions and confidences on the test images from its
-  ``logits [N, K]``; returns its test accuracy."""
-  p = trained.softmax(logits.astype(np.float64))
-  ctx.sis_predictions[name] = (p.argmax(-1), p.max(axis=-1))
-  return float((p.argmax(-1) == ctx.labels("test")).mean())
-
-
 def training_epochs(ctx, name: str) -> int:
   """Epochs model ``name`` trained for (each ensemble member's; 0 where not known: weights
   from a file or the shipped model; a training directory of ours says its own)."""
@@ -363,43 +171,37 @@ def training_epochs(ctx, name: str) -> int:
   return int(c.sis.input_dropout_epochs) or int(c.train.num_epochs)
 
 
-def records_for(ctx, name: str) -> dict:
-  """The stored exact record of SIS model ``name`` (stage ``sis``'s result)."""
-  with ctx.owned_by("sis"):
-    apply, variables, fp, _ = predictor(ctx, name)
-    return selection_records(ctx, name, apply, variables, fp, sample_indices(ctx))
-
-
 def run(ctx) -> dict:
   c = ctx.config.sis
+  sample = ctx.sis_sample
   tau = float(c.threshold)
-  indices = sample_indices(ctx)
+  indices = sample.indices()
   num_pixels = int(np.prod(ctx.height_width))
-  out = {"threshold": tau, "num_images": int(len(indices)), "selection": selection_name(ctx),
+  out = {"threshold": tau, "num_images": int(len(indices)), "selection": sample.selection_name(),
          "patch_size": int(c.patch_size), "models": {}}
   if coarse(ctx):
     cf = ctx.config.coarse_to_fine
     out["coarse_to_fine"] = {"patch_sizes": [int(p) for p in cf.patch_sizes],
                              "margin": float(cf.margin), "min_pixels": int(cf.min_pixels),
                              "how": backselect_stage.coarse_words(cf), "median_start": {}}
-  if _restricted(c):
-    out["qualifying"] = int(qualifying(ctx).sum())
+  if sample.restricted():
+    out["qualifying"] = int(sample.qualifying().sum())
     out["only_correct"], out["min_confidence"] = bool(c.only_correct), float(c.min_confidence)
     out["all_models"] = bool(c.sample_all_models)
   boot = dict(num=int(c.bootstrap_samples), seed=int(c.bootstrap_seed))
   sizes, exists = {}, {}
   for name in c.models:
-    apply, variables, fp, acc = predictor(ctx, name)
+    apply, variables, fp, acc = sample.predictor(name)
     rec = selection_records(ctx, name, apply, variables, fp, indices)
-    batch = sis_of(rec, tau)
-    sizes[name], exists[name] = batch.size * pixels_per_feature(ctx), batch.exists
+    batch = sis_stats.sis_of(rec, tau)
+    sizes[name], exists[name] = batch.size * sample.pixels_per_feature(), batch.exists
     if coarse(ctx):
       out["coarse_to_fine"]["median_start"][name] = float(np.median(rec["fine_start"]))
-    _, confidence = model_predictions(ctx, name)
+    _, confidence = sample.predictions(name)
     out["models"][name] = {
         "test_accuracy": acc, "epochs": training_epochs(ctx, name),
         "fraction_full_image_reaches_threshold": float((confidence >= tau).mean()),
-        **size_stats(sizes[name], exists[name], num_pixels),
+        **sis_stats.size_stats(sizes[name], exists[name], num_pixels),
         "median_interval": sis_stats.median_interval(sizes[name][exists[name]], **boot)}
   if "single" in sizes:
     out["differences"] = {}
@@ -410,4 +212,47 @@ def run(ctx) -> dict:
   return out
 
 
-STAGE = registry.Unit("sis", "sis", run, report_sections.sis_section)
+def draw_figures(ctx, s: dict) -> dict:
+  """The SIS figures, when stage sis ran on images (``s``: the stages' summaries): a grid of
+  SISes of ``report.num_figure_images`` images of the sample, the SIS sizes of each model,
+  and the target confidence along the selection (with stage backselect's on a test sample
+  of ``figures.FIGURE_SAMPLE`` images). ``{name: path}`` of the files written."""
+  if "sis" not in s or not s["sis"]["num_images"]:
+    return {}
+  made = {}
+  sample = ctx.sis_sample
+  tau = float(ctx.config.sis.threshold)
+  h, w = ctx.height_width
+  n_fig = int(ctx.config.report.num_figure_images)
+  idx = sample.indices()
+  rows = figures.figure_rows(len(idx), n_fig)
+  fmap = sample.feature_map()
+  recs = {name: sample.records(name) for name in s["sis"]["models"]}
+  masks, exists, sizes, curves = {}, {}, {}, {}
+  for name, rec in recs.items():
+    b = sis_stats.sis_of(rec, tau)
+    masks[name] = sis.feature_mask_to_pixels(b.mask[rows], fmap, (h, w))
+    exists[name] = b.exists[rows]
+    sizes[name] = (b.size * sample.pixels_per_feature())[b.exists]
+    curves[f"{sample.selection_name()}/{name}, SIS sample"] = rec["values"]
+  single = next(iter(recs.values()))
+  names = class_names.display_names(ctx.data.class_names)
+  labels = ctx.labels("test")
+  titles = [f"{names[labels[i]]}\n→ {names[t]} {p:.3f}"
+            for i, t, p in zip(idx[rows], single["targets"][rows],
+                               single["original_scores"][rows])]
+  made["sis_examples"] = figures.sis_grid(ctx.path(FIGURES["sis_examples"]),
+                                          ctx.feed("test").images(idx[rows]), masks,
+                                          titles=titles, exists_by_model=exists,
+                                          max_images=n_fig)
+  made["sis_sizes"] = figures.size_histograms(ctx.path(FIGURES["sis_sizes"]), sizes,
+                                              num_features=h * w)
+  if "backselect" in s:
+    curves[f"{ctx.config.backselect.method}/single, test sample"] = ctx.backselect("test").rows(
+        sample.test_sample(figures.FIGURE_SAMPLE))["values"]
+  made["confidence_curves"] = figures.confidence_curves(
+      ctx.path(FIGURES["confidence_curves"]), curves, threshold=tau)
+  return made
+
+
+STAGE = registry.Unit("sis", "sis", run, report_sections.sis_section, draw_figures)

@@ -1,6 +1,7 @@
-"""Medians of SIS sizes with bootstrap intervals, and paired differences between models.
+"""SISes from records, the statistics of their sizes: medians with bootstrap intervals,
+paired differences between models.
 
-Pure functions of arrays of sizes (pixels), one entry per image; the same images
+Pure functions of records and of arrays of sizes (pixels), one entry per image; the same images
 in the same order for every model when differences are taken. Intervals are
 percentile bootstrap intervals over images: resample the images with replacement
 ``num`` times (seeded), recompute the statistic, take the ``(1 - level) / 2`` and
@@ -9,6 +10,29 @@ percentile bootstrap intervals over images: resample the images with replacement
 from __future__ import annotations
 
 import numpy as np
+
+from overinterp_jax import sis
+
+
+def sis_of(rec: dict, threshold: float) -> sis.SISBatch:
+  """The SISes at ``threshold`` of backward-selection records (``order``, ``values [n, d]``,
+  ``targets``, ``original_scores``)."""
+  return sis.sis_from_backselect(
+      sis.BackselectResult(rec["targets"], rec["original_scores"], rec["order"], rec["values"]),
+      threshold)
+
+
+def size_stats(sizes_px: np.ndarray, exists: np.ndarray, num_pixels: int) -> dict:
+  """Count, fraction with a SIS, median and quartiles (pixels and percent of
+  ``num_pixels``) of the sizes ``sizes_px [n]`` of the images with a SIS (``exists [n]``)."""
+  s = sizes_px[exists]
+  if len(s) == 0:
+    return {"count": 0, "fraction_with_sis": 0.0}
+  q1, med, q3 = np.percentile(s, [25, 50, 75])
+  return {"count": int(len(s)), "fraction_with_sis": float(exists.mean()),
+          "median_pixels": float(med), "q1_pixels": float(q1), "q3_pixels": float(q3),
+          "median_percent": float(100 * med / num_pixels),
+          "mean_percent": float(100 * s.mean() / num_pixels)}
 
 
 def _resampled(n: int, num: int, seed: int) -> np.ndarray:

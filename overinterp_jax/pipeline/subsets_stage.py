@@ -17,7 +17,8 @@ same positions in every image, ``border_mask``): the paper's evidence that
 ImageNet border pixels alone suffice. The stage also measures where the BS
 subsets' pixels lie (``border_analysis``): how often each position is kept, and
 the fraction of kept pixels inside the outer band as wide as that frame against
-the band's share of the image (what uniformly placed pixels would give).
+the band's share of the image (what uniformly placed pixels would give); its figure
+(``draw_figures``) maps those frequencies.
 """
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ from absl import logging
 
 from overinterp_jax import config_reads, sis
 from overinterp_jax.data import loader
-from overinterp_jax.pipeline import backselect_stage, record_shards, registry, report_sections
+from overinterp_jax.pipeline import (backselect_stage, figures, record_shards, registry,
+                                     report_sections)
 from overinterp_jax.selection import records
 from overinterp_jax.store import atomic, hashing, npz
 
 KINDS = ("bs", "random")  # per-image mask files; "border" is one mask for every image
 ALL_KINDS = KINDS + ("border",)
+FIGURES = {"kept_positions": "figures/kept_positions.png"}
 
 
 def kept_count(ctx) -> int:
@@ -243,4 +246,21 @@ def run(ctx) -> dict:
           "mask_sha256": digests}
 
 
-STAGE = registry.Unit("subsets", "subsets", run, report_sections.subsets_section)
+def draw_figures(ctx, s: dict) -> dict:
+  """How often each position is kept in the BS subsets of each split (``s``: the stages'
+  summaries), when the stage analysed them; ``{name: path}`` of the files written."""
+  border = (s.get("subsets") or {}).get("border_analysis")
+  if not border:
+    return {}
+  freq = npz.load(analysis_path(ctx), analysis_key(s["subsets"]["mask_sha256"]))
+  if freq is None:
+    return {}
+  maps = {f"{report_sections.fraction(ctx.config)} BS, {split} ({v['num_images']} images)":
+          freq[f"bs_{split}/frequency"] / max(v["num_images"], 1)
+          for split, v in border.items()}
+  return {"kept_positions": figures.position_heatmaps(
+      ctx.path(FIGURES["kept_positions"]), maps, band=int(s["subsets"]["border_width"]))}
+
+
+STAGE = registry.Unit("subsets", "subsets", run, report_sections.subsets_section,
+                      draw_figures)
