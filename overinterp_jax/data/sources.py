@@ -217,11 +217,24 @@ def extracted(path: str, parent: Optional[str] = None, progress: bool = True,
   under ``parent`` (None = the system's), removed when the block ends: for reading an
   archive once."""
   image_folder.check_source(path)
+  created = None  # the topmost folder of parent's that this call creates (removed after)
   if parent:
+    parent = os.path.abspath(parent)
+    d = parent
+    while not os.path.exists(d):
+      created, d = d, os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=parent or None, prefix="extracting-") as tmp:
-    _extract_into(path, tmp, progress, splits)
-    yield tmp
+  try:
+    with tempfile.TemporaryDirectory(dir=parent or None, prefix="extracting-") as tmp:
+      _extract_into(path, tmp, progress, splits)
+      yield tmp
+  finally:
+    d = parent
+    while created is not None and not os.listdir(d):  # a failed load leaves no folder
+      os.rmdir(d)
+      if d == created:
+        break
+      d = os.path.dirname(d)
 
 
 def folder_source(path: str, split: str, cache_dir: str, progress: bool = True,
