@@ -247,3 +247,22 @@ def test_base_on_subsets_table_has_no_repeated_column(tau, columns):
   assert len(header.strip("|").split(" | ")) == columns
   assert len(row.strip("|").split(" | ")) == columns
   assert ("≥ τ" in header) == (tau != 0.99)
+
+
+def test_smoothed_table_rows_name_their_sample_and_its_size():
+  """The smoothed control's table: stage backselect's row says which test sample and how
+  many images (it said "(test sample)" for 40 images here and for 1,000 in a figure)."""
+  from overinterp_jax.pipeline import report_sections
+  row = {"count": 38, "dilation": 3, "median_pixels_sis": 320.0, "median_pixels_dilated": 1532.0,
+         "median_confidence_sis": 0.95, "median_confidence_dilated": 0.99,
+         "fraction_dilated_below_threshold": 0.0}
+  s = {"threshold": 0.9, "smoothed": {
+      "gradient/single": dict(row, sample="SIS sample", images=40),
+      "gradient/single (test sample)": dict(row, sample="test sample", images=1000)}}
+  md = report_sections.controls_md(s, "10%")
+  assert "| gradient/single, SIS sample (n = 40) | 38 |" in md
+  assert "| gradient/single, test sample (n = 1,000) | 38 |" in md
+  assert "(test sample) |" not in md
+  # A summary written before rows recorded their sample keeps its row as it was.
+  old = {"threshold": 0.9, "smoothed": {"gradient/single (test sample)": row}}
+  assert "| gradient/single (test sample) | 38 |" in report_sections.controls_md(old, "10%")

@@ -51,7 +51,10 @@ def target_confidence(ctx, apply, variables, images, targets) -> np.ndarray:
   return trained.softmax(logits.astype(np.float64))[np.arange(len(targets)), targets]
 
 
-def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
+def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k, sample):
+  """The smoothed control on the records ``rec`` of the test images ``indices`` (the
+  sample named ``sample``: "SIS sample" or "test sample"): its summary and the target
+  confidences on the SISes and on the dilated SISes."""
   batch = sis.sis_from_backselect(
       sis.BackselectResult(rec["targets"], rec["original_scores"], rec["order"], rec["values"]),
       tau)
@@ -64,7 +67,8 @@ def _smoothed_source(ctx, apply, variables, indices, rec, fmap, tau, k):
   conf_sis = target_confidence(ctx, apply, variables, masked(pixels), targets)
   dilated = dilate(pixels, k)
   conf_dil = target_confidence(ctx, apply, variables, masked(dilated), targets)
-  summary = {"count": int(keep.sum()), "dilation": k,
+  summary = {"sample": sample, "images": int(len(indices)), "count": int(keep.sum()),
+             "dilation": k,
              "median_confidence_sis": float(np.median(conf_sis)) if len(conf_sis) else None,
              "median_confidence_dilated": float(np.median(conf_dil)) if len(conf_dil) else None,
              "fraction_dilated_below_threshold": float((conf_dil < tau).mean())
@@ -91,12 +95,13 @@ def smoothed(ctx) -> tuple[dict, dict]:
     apply, variables, _, _ = ctx.sis_sample.predictor(name)
     rec = ctx.sis_sample.records(name)
     s, a, b = _smoothed_source(ctx, apply, variables, indices, rec,
-                               ctx.sis_sample.feature_map(), tau, k)
+                               ctx.sis_sample.feature_map(), tau, k, "SIS sample")
     row = f"{ctx.sis_sample.selection_name()}/{name}"
     out[row], arrays[f"{row}/sis"], arrays[f"{row}/dilated"] = s, a, b
   sample = ctx.sis_sample.test_sample(int(c.controls.smoothed_images))
   rec = ctx.backselect("test").rows(sample)
-  s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, sample, rec, None, tau, k)
+  s, a, b = _smoothed_source(ctx, ctx.base.apply, ctx.base.variables, sample, rec, None, tau, k,
+                             "test sample")
   name = backselect_row(ctx)
   out[name], arrays[f"{name}/sis"], arrays[f"{name}/dilated"] = s, a, b
   return out, arrays

@@ -205,6 +205,15 @@ def sis_md(s: dict, config) -> list[str]:
   return out + [sis_table(s), ""] + differences_md(s)
 
 
+def _smoothed_row(row: str, summary: dict) -> str:
+  """A smoothed-control row's label naming its sample and the sample's size (rows of
+  different samples never share a label), e.g. ``gradient/single, test sample (n = 40)``;
+  the bare row for summaries written before they recorded their sample."""
+  if "sample" not in summary:
+    return row
+  return figures.sample_label(row, summary["sample"], int(summary["images"]))
+
+
 def controls_md(s: dict, frac: str) -> str:
   """The controls' section; ``frac``: the kept fraction as shown (``fraction``)."""
   tau = s["threshold"]
@@ -215,7 +224,7 @@ def controls_md(s: dict, frac: str) -> str:
             figures.markdown_table(
                 ["SIS source", "SISes", "median px SIS → dilated", "median conf SIS",
                  "median conf dilated", f"dilated < τ={tau} (%)"],
-                [[k, str(v["count"]), f"{_num(v['median_pixels_sis'])} → "
+                [[_smoothed_row(k, v), str(v["count"]), f"{_num(v['median_pixels_sis'])} → "
                   f"{_num(v['median_pixels_dilated'])}",
                   f"{v['median_confidence_sis']:.4f}" if v["count"] else "—",
                   f"{v['median_confidence_dilated']:.4f}" if v["count"] else "—",
