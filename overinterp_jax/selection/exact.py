@@ -12,8 +12,9 @@ per step. Memory is that of one chunk, independent of the number of features.
 
 ``exact_backselect_program`` runs all steps as one compiled loop;
 ``stepped_backselect`` runs the same parts (``_step_parts``) with the loop over steps on
-the host, one top-level call per step, where a model call inside a compiled loop would
-get one CPU core only.
+the host, one top-level call per step (opt-in: it was built when a model call inside a
+compiled loop appeared to get one CPU core only; a later quiet-machine check found both
+cores in use, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -237,9 +238,9 @@ def stepped_backselect(score_fn: ScoreFn, *, eval_batch: int, mask_shape: tuple[
   same selection as ``exact_backselect_program``, bit for bit, with the loop over steps
   on the host.
 
-  Inside a compiled loop XLA's CPU runtime runs each model call on one thread; at top
-  level (and inside a ``cond``) on every core (docs/benchmarks.md, "Exact backselect of
-  one image"). So each step is one top-level call: its calls of ``call_schedule``
+  Built for XLA CPU runtimes that run a model call inside a compiled loop on one thread
+  (first measurement; rechecked on jaxlib 0.10.2 the loop used both cores:
+  docs/benchmarks.md, "Exact backselect of one image"). Each step is one top-level call: its calls of ``call_schedule``
   as conditionals, the selection, and the next step's candidates; only a step with
   more than ``eval_batch`` candidates adds one top-level call per full chunk. The host
   knows every step's number of candidates from ``present0`` (each step removes one
