@@ -16,6 +16,7 @@ RUNTIME = "runtime"
 # read the keys take them from here, so the checks import no stage).
 BACKSELECT_METHODS = ("exact", "gradient", "hybrid", "coarse_to_fine")  # backselect.method
 RETRAIN_KINDS = ("bs", "random", "border", "mask_only", "full")   # retrain.kinds
+SUBSET_KINDS = ("bs", "random", "border")  # the pixel-subset masks stage subsets writes
 SIS_SELECTIONS = ("exact", "coarse_to_fine", "backselect")        # sis.selection
 SIS_MODELS = ("single", "ensemble", "input_dropout")               # sis.models
 MASKING_VALUES = ("mean", "blur", "noise")                        # controls.masking_values

@@ -144,6 +144,12 @@ class Context:
       self._backselections[key] = backselect_stage.records(self, split, indices, masking)
     return self._backselections[key]
 
+  def pixel_subsets(self) -> dict:
+    """Stage subsets' masks of every test and train image (``subsets_stage.load_or_compute``:
+    ``{"<kind>_<split>": mask}`` for kinds ``subsets_stage.ALL_KINDS``), computed where
+    missing or invalid."""
+    return subsets_stage.load_or_compute(self)
+
   def kept_count(self) -> int:
     """Pixels every pixel-subset keeps (``subsets_stage.kept_count``: ``subsets.frac_kept``
     of the image, in whole removal steps of stage backselect's records)."""

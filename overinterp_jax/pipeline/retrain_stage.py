@@ -4,7 +4,7 @@ Kinds (``config.retrain.kinds``):
   * ``bs``: 5% backward-selection subsets (pixel values kept, rest masked);
   * ``random``: 5% random subsets;
   * ``border``: a frame of the same pixel count at the image edge, the same
-    positions in every image (``subsets_stage.border_mask``);
+    positions in every image (stage subsets' ``border_mask``);
   * ``mask_only``: the BS subsets' *positions* only (kept pixels set to a
     constant) — if positions alone predict the class, the BS accuracy
     says little about the pixels' content;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from overinterp_jax import config_schema
-from overinterp_jax.pipeline import registry, subsets_stage, trained
+from overinterp_jax.pipeline import registry, trained
 from overinterp_jax.data import loader
 from overinterp_jax.store import hashing
 
@@ -57,12 +57,12 @@ def retrain_config(ctx):
 
 
 def run(ctx) -> dict:
-  masks = subsets_stage.load_or_compute(ctx)
+  masks = ctx.pixel_subsets()
   out = {"models": {}, "base_on_subsets": {}}
   labels = ctx.labels("test")
   targets = ctx.backselect("test").targets
   tau = float(ctx.config.sis.threshold)
-  for kind in subsets_stage.ALL_KINDS:
+  for kind in config_schema.SUBSET_KINDS:
     logits = ctx.predict_logits(ctx.base.apply, ctx.base.variables,
                                 masked_split(ctx, masks, kind, "test"))
     m = trained.accuracy_and_confidence(logits, labels, targets)

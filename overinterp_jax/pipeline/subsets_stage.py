@@ -27,15 +27,16 @@ import os
 import numpy as np
 from absl import logging
 
-from overinterp_jax import config_reads, sis
+from overinterp_jax import config_reads, config_schema, sis
 from overinterp_jax.data import loader
 from overinterp_jax.pipeline import (backselect_stage, figures, record_shards, registry,
                                      report_sections)
 from overinterp_jax.selection import records
 from overinterp_jax.store import atomic, hashing, npz
 
-KINDS = ("bs", "random")  # per-image mask files; "border" is one mask for every image
-ALL_KINDS = KINDS + ("border",)
+ALL_KINDS = config_schema.SUBSET_KINDS
+# Per-image mask files; "border" is one mask for every image.
+KINDS = tuple(kind for kind in ALL_KINDS if kind != "border")
 FIGURES = {"kept_positions": "figures/kept_positions.png"}
 
 
