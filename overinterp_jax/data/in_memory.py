@@ -82,12 +82,14 @@ def _write_cache(path: str, data: LabelledImages, fingerprint: str) -> None:
 
 
 def _decode_splits(root: str, splits: Sequence[str], origin: str, path: str,
-                   progress: bool) -> dict[str, LabelledImages]:
+                   progress: bool, listed: Optional[dict] = None) -> dict[str, LabelledImages]:
   """``splits`` of the folder ``root`` decoded through ``sources.FileSource``; one error
-  names every bad image of them all."""
+  names every bad image of them all. ``listed``: ``{split: split_files listing}`` already
+  made."""
   bad, decoded = image_folder.BadImages(), {}
   for split in splits:
-    src = sources.FileSource.from_folder(root, split, origin=origin)
+    src = sources.FileSource.from_folder(root, split, origin=origin,
+                                         files=(listed or {}).get(split))
     out = sources.decode_all(src, split, bad, progress)
     if out is not None:
       decoded[split] = LabelledImages(out[0], out[1], src.class_names, tuple(out[2]))
@@ -126,11 +128,13 @@ def load_image_folder_splits(path: str, splits: Sequence[str] = ("train", "test"
   image_folder.check_source(path)
   archive = os.path.isfile(path)
   out: dict[str, LabelledImages] = {}
-  fingerprints = {}
+  fingerprints, listed = {}, {}
   for split in splits:
-    fingerprints[split] = (image_folder.archive_fingerprint(path) if archive else
-                           image_folder.directory_fingerprint(
-                               image_folder.split_files(path, split)))
+    if archive:
+      fingerprints[split] = image_folder.archive_fingerprint(path)
+    else:
+      listed[split] = image_folder.split_files(path, split)
+      fingerprints[split] = image_folder.directory_fingerprint(listed[split])
     if cache_dir:
       cached = _read_cache(cache_path(cache_dir, path, split), fingerprints[split], split, path,
                            expected_counts)
@@ -143,7 +147,7 @@ def load_image_folder_splits(path: str, splits: Sequence[str] = ("train", "test"
     with sources.extracted(path, cache_dir, progress, todo) as root:
       decoded = _decode_splits(root, todo, path, path, progress)
   elif todo:
-    decoded = _decode_splits(path, todo, "", path, progress)
+    decoded = _decode_splits(path, todo, "", path, progress, listed)
   for split in todo:
     check_split(decoded[split], split, path, expected_counts)
     out[split] = decoded[split]

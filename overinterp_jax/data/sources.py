@@ -131,9 +131,10 @@ class FileSource(_ReadsOneByOne):
 
   @classmethod
   def from_folder(cls, root: str, split: str, image_shape: Optional[tuple] = None,
-                  origin: str = "") -> "FileSource":
-    """``root/split/<class>/<image>``, classes sorted by name (= label order), files sorted."""
-    files = image_folder.split_files(root, split, origin)
+                  origin: str = "", files: Optional[dict] = None) -> "FileSource":
+    """``root/split/<class>/<image>``, classes sorted by name (= label order), files sorted.
+    ``files``: that split's listing when the caller has it (``image_folder.split_files``)."""
+    files = image_folder.split_files(root, split, origin) if files is None else files
     classes = tuple(sorted(files))
     paths = [p for c in classes for p in files[c]]
     labels = [i for i, c in enumerate(classes) for _ in files[c]]
@@ -158,7 +159,7 @@ def _extract_into(path: str, dest: str, progress: bool,
   ``<split>/<class>/<image>`` (any top folder dropped), and its class folders that hold
   no image created empty (so a listing finds them and names them). ``splits``: only
   these split folders (None = all)."""
-  class_dirs = set()
+  class_dirs, skipped = set(), set()  # skipped: split folders left empty (still listed)
   try:
     with tarfile.open(path, mode="r|*") as archive:
       for member in progress_bar(archive, desc=f"extracting {os.path.basename(path)}",
@@ -171,7 +172,7 @@ def _extract_into(path: str, dest: str, progress: bool,
         if not member.isfile() or len(parts) < 3 or not image_folder.is_image_name(member.name):
           continue
         if splits is not None and parts[-3] not in splits:
-          os.makedirs(os.path.join(dest, parts[-3]), exist_ok=True)  # listed, left empty
+          skipped.add(parts[-3])
           continue
         out = os.path.join(dest, *parts[-3:])
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -179,6 +180,8 @@ def _extract_into(path: str, dest: str, progress: bool,
           shutil.copyfileobj(src, dst)
   except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
     raise ValueError(f"Cannot read archive {path}: {e}") from e
+  for split in skipped:
+    os.makedirs(os.path.join(dest, split), exist_ok=True)
   for split, cls in class_dirs:  # a folder <split>/<class> under a split that has images
     if os.path.isdir(os.path.join(dest, split)) and (splits is None or split in splits):
       os.makedirs(os.path.join(dest, split, cls), exist_ok=True)
